@@ -1,0 +1,287 @@
+"""One typed config for the training job, loaded from YAML with `key.path=value` overrides.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo in a YAML key is an error that names
+the key, and every validation error names the dotted field and the bad value (see `ConfigError`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message is meant to be printed as is."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "sami"
+    output_dir: str = "runs/sami"
+    seed: int = 0
+    iterations: int = Field(2, ge=1)
+
+
+class ModelConfig(Section):
+    # A hub name ("mistralai/Mistral-7B-v0.1") or a local folder written by `save_pretrained`.
+    name_or_path: str = "builtin:world"
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    max_prompt_tokens: int = Field(512, ge=8)
+    max_response_tokens: int = Field(350, ge=1)
+
+
+class DataConfig(Section):
+    # hf: datasets.load_dataset(dataset, subset, split); jsonl: a local file; world: the built-in world.
+    source: Literal["hf", "jsonl", "world"] = "world"
+    task: Literal["dialogue", "summarization", "world"] = "world"
+    dataset: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "train"
+    path: Optional[str] = None
+    query_field: Optional[str] = None  # defaults per task (first Human turn, post, ...)
+    max_queries: Optional[int] = Field(None, ge=1)
+    heldout_queries: int = Field(0, ge=0)  # kept out of training for the evaluation job
+
+    @model_validator(mode="after")
+    def _source_needs_location(self):
+        if self.source == "hf" and not self.dataset:
+            raise ValueError("data.source is 'hf' but data.dataset is not set (e.g. Anthropic/hh-rlhf)")
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.source is 'jsonl' but data.path is not set")
+        return self
+
+
+class WriterConfig(Section):
+    """The principle writer: an instruct LM that writes principles with their antitheses (paper A.12)."""
+
+    backend: Literal["hf", "vllm", "openai"] = "openai"
+    model: Optional[str] = None
+    base_url: Optional[str] = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the config
+    task_description: str = "respond to a human's request in a dialogue"
+    seed_principles: list[str] = Field(default_factory=list)
+    num_principles: int = Field(4, ge=1)
+    max_retries: int = Field(3, ge=0)
+    temperature: float = Field(0.7, ge=0.0)
+    max_new_tokens: int = Field(1024, ge=16)
+
+
+class PrinciplesConfig(Section):
+    source: Literal["file", "writer", "world"] = "world"
+    path: Optional[str] = None  # YAML/JSON principle library (source: file)
+    writer: WriterConfig = Field(default_factory=WriterConfig)
+    # How the C constitutions of a query differ: the positive one first, then contrasts.
+    #   antithesis_one: one principle flipped to its antithesis per contrast
+    #   antithesis_all: every principle flipped (the paper's HH setting)
+    #   sample_k: k of the training principles per query, random stances (diverse-principle runs)
+    mode: Literal["antithesis_one", "antithesis_all", "sample_k"] = "antithesis_all"
+    num_constitutions: int = Field(2, ge=2)
+    principles_per_constitution: Optional[int] = Field(None, ge=1)  # k for sample_k
+    heldout: list[str] = Field(default_factory=list)  # principle names never used in training
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)  # prompts per generate call on one engine
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per vLLM engine
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    cpus_per_engine: float = Field(1.0, gt=0.0)
+    enable_prefix_caching: bool = True
+    sync_bucket_mb: int = Field(256, ge=1)
+    probe_tolerance: float = Field(1e-3, gt=0.0)  # |rollout - learner| mean log-prob after a sync
+
+
+class FilterConfig(Section):
+    leak_patterns: list[str] = Field(default_factory=lambda: ["[insert", "Human:", "###"])
+    min_response_chars: int = Field(1, ge=0)
+    drop_identical: bool = True
+
+
+class SamiObjectiveConfig(Section):
+    direction: Literal["both", "row", "column"] = "both"
+    reduction: Literal["mean", "sum"] = "mean"  # per-token mean is the paper's length normalisation
+    include_eos: bool = True
+
+
+class DpoObjectiveConfig(Section):
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+
+
+class ObjectiveConfig(Section):
+    name: Literal["sami", "sft", "dpo", "sft_then_sami"] = "sami"
+    sami: SamiObjectiveConfig = Field(default_factory=SamiObjectiveConfig)
+    dpo: DpoObjectiveConfig = Field(default_factory=DpoObjectiveConfig)
+    kl_beta: float = Field(0.0, ge=0.0)  # beta * KL(pi || pi_ref) on response tokens; 0 = no reference model
+    sft_weight: float = Field(0.0, ge=0.0)  # loss = sami + sft_weight * sft (weighted combination)
+    sft_iterations: int = Field(1, ge=0)  # sft_then_sami: iterations of SFT before SAMI
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "rmsprop"] = "adamw"
+    lr: float = Field(5e-7, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0.0)
+    groups_per_step: int = Field(128, ge=1)  # query groups per optimiser step, all learners together
+    micro_batch_groups: int = Field(1, ge=1)  # query groups per forward pass on one learner
+
+
+class ScheduleConfig(Section):
+    # base: every iteration re-trains the base weights (the paper); previous: plain continuation.
+    init: Literal["base", "previous"] = "previous"
+    steps_per_iteration: int = Field(2, ge=1)
+    # paper: iteration k trains steps_per_iteration * k steps (2, 4, 6 with the default 2)
+    grow_steps: bool = False
+    # alternate two disjoint query splits so a model never trains on queries it generated for
+    alternate_splits: bool = False
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: Literal["auto", True, False] = "auto"  # auto: on where there is a GPU
+
+
+class ScalingConfig(Section):
+    num_learners: int = Field(1, ge=1)
+    gpus_per_learner: float = Field(0.0, ge=0.0)
+    # Fractional CPUs leave room for Ray Data and the actors on small machines (2 cores).
+    cpus_per_learner: float = Field(0.5, gt=0.0)
+
+
+class CheckpointConfig(Section):
+    deepspeed: bool = True
+    export_hf: bool = True
+
+
+class TrainConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    principles: PrinciplesConfig = Field(default_factory=PrinciplesConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        p = self.principles
+        if p.source == "file" and not p.path:
+            raise ValueError("principles.source is 'file' but principles.path is not set")
+        if p.mode == "sample_k" and p.principles_per_constitution is None:
+            raise ValueError("principles.mode is 'sample_k' but principles.principles_per_constitution is not set")
+        if self.rollout.engine == "vllm" and self.scaling.gpus_per_learner == 0:
+            raise ValueError("rollout.engine is 'vllm' (GPU only) but scaling.gpus_per_learner is 0")
+        if self.optim.groups_per_step % self.scaling.num_learners:
+            raise ValueError(
+                f"optim.groups_per_step ({self.optim.groups_per_step}) must be a multiple of "
+                f"scaling.num_learners ({self.scaling.num_learners})"
+            )
+        return self
+
+    def steps_for_iteration(self, iteration: int) -> int:
+        """Optimiser steps in 1-based `iteration` (the paper's 2η when grow_steps)."""
+        s = self.schedule
+        return s.steps_per_iteration * (iteration if s.grow_steps else 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-4", "run.iterations=3"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field (check the spelling)")
+        elif e["type"] == "missing":
+            lines.append(f"  {field}: required field is missing")
+        else:
+            lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_config(model_cls: type[BaseModel], data: dict[str, Any], overrides: list[str], source: str):
+    merged = _deep_merge(data, parse_overrides(overrides))
+    try:
+        return model_cls.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
+                model_cls: type[BaseModel] = TrainConfig):
+    """Load `path` (or the defaults when None), apply overrides, validate. Raises ConfigError."""
+    data = load_yaml(path) if path is not None else {}
+    return build_config(model_cls, data, overrides or [], str(path) if path else "defaults")
+
+
+def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
