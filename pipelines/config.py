@@ -6,6 +6,7 @@ the key, and every validation error names the dotted field and the bad value (se
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -210,6 +211,9 @@ class TrainConfig(Section):
 # Loading
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["optim.lr=1e-4", "run.iterations=3"]` -> nested dict; values are parsed as YAML scalars/lists."""
     nested: dict[str, Any] = {}
@@ -223,6 +227,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        if isinstance(value, str) and _FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e-4" as a string
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

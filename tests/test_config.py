@@ -1,0 +1,62 @@
+"""The typed training config: YAML + overrides, and errors that name the field and the bad value."""
+import pytest
+
+from pipelines.config import ConfigError, TrainConfig, dump_config, load_config, parse_overrides
+
+
+def test_overrides_parse_yaml_scalars_into_nested_keys():
+    assert parse_overrides(["optim.lr=1e-4", "run.iterations=3", "principles.heldout=[a, b]", "run.name=x"]) == {
+        "optim": {"lr": 1e-4},
+        "run": {"iterations": 3, "name": "x"},
+        "principles": {"heldout": ["a", "b"]},
+    }
+
+
+def test_file_values_are_overridden_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  iterations: 5\noptim:\n  lr: 0.001\n  name: rmsprop\n")
+    cfg = load_config(path, ["optim.lr=2e-4"])
+    assert (cfg.run.iterations, cfg.optim.lr, cfg.optim.name) == (5, 2e-4, "rmsprop")
+    dump_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=-1", "optim.lr: Input should be greater than 0 (got -1)"),
+        ("objective.name=ppo", "objective.name"),
+        ("optim.lrr=1", "optim.lrr: unknown field"),
+        ("run.iterations=zero", "run.iterations"),
+        ("optim.groups_per_step=3", "optim.groups_per_step (3) must be a multiple of scaling.num_learners (2)"),
+    ],
+)
+def test_errors_name_the_field_and_the_bad_value(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["scaling.num_learners=2", override])
+    assert expected in str(err.value)
+    if "unknown" not in expected and "multiple" not in expected:
+        assert override.split("=", 1)[1] in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="principles.path is not set"):
+        load_config(None, ["principles.source=file"])
+    with pytest.raises(ConfigError, match="data.dataset is not set"):
+        load_config(None, ["data.source=hf"])
+
+
+def test_paper_schedule_grows_steps():
+    cfg = TrainConfig.model_validate({"schedule": {"steps_per_iteration": 2, "grow_steps": True}})
+    assert [cfg.steps_for_iteration(k) for k in (1, 2, 3)] == [2, 4, 6]
+    assert TrainConfig().steps_for_iteration(3) == TrainConfig().schedule.steps_per_iteration
