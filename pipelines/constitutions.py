@@ -1,0 +1,77 @@
+"""Constitutions: which principles a prompt states, each in its positive or antithesis form.
+
+`sample_constitutions` draws the C constitutions of one query (element 0 is always the positive one; the
+rest are contrasts); `render_constitution` writes one as a numbered list in a shuffled order, so a model
+cannot key on principle position.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pipelines.principles import Principle
+
+
+@dataclass(frozen=True)
+class Constitution:
+    stances: tuple[tuple[str, bool], ...]  # (principle name, positive?) in canonical order
+
+    @property
+    def positive_names(self) -> list[str]:
+        return [name for name, positive in self.stances if positive]
+
+    @property
+    def is_fully_positive(self) -> bool:
+        return all(positive for _, positive in self.stances)
+
+
+def sample_constitutions(
+    principles: list[Principle],
+    num: int,
+    mode: str,
+    rng: random.Random,
+    k: int | None = None,
+    heldout: tuple[str, ...] | list[str] = (),
+) -> list[Constitution]:
+    """C constitutions for one query over the non-held-out principles.
+
+    - `antithesis_all`: all principles stated; contrast(s) flip every principle (C must be 2).
+    - `antithesis_one`: all principles stated; each contrast flips a different single principle.
+    - `sample_k`: k principles drawn per query; contrasts flip a distinct non-empty subset of them.
+    """
+    unknown = set(heldout) - {p.name for p in principles}
+    if unknown:
+        raise ValueError(f"held-out principle(s) {sorted(unknown)} are not in the library")
+    names = [p.name for p in principles if p.name not in set(heldout)]
+    if not names:
+        raise ValueError("no principles left for training after removing the held-out ones")
+    if num < 2:
+        raise ValueError(f"num_constitutions must be >= 2, got {num}")
+    if mode == "antithesis_all":
+        if num != 2:
+            raise ValueError(f"mode antithesis_all makes exactly one contrast, so C must be 2, got {num}")
+        flips = [frozenset(names)]
+    elif mode == "antithesis_one":
+        if num - 1 > len(names):
+            raise ValueError(f"mode antithesis_one has {len(names)} principles to flip, cannot make {num - 1} contrasts")
+        flips = [frozenset([n]) for n in rng.sample(names, num - 1)]
+    elif mode == "sample_k":
+        if k is None or not 1 <= k <= len(names):
+            raise ValueError(f"sample_k needs 1 <= k <= {len(names)} training principles, got k={k}")
+        names = rng.sample(names, k)
+        subsets = (1 << k) - 1  # non-empty subsets of the k stated principles
+        if num - 1 > subsets:
+            raise ValueError(f"with k={k} there are only {subsets} distinct contrasts, cannot make {num - 1}")
+        masks = rng.sample(range(1, subsets + 1), num - 1)
+        flips = [frozenset(n for bit, n in enumerate(names) if mask >> bit & 1) for mask in masks]
+    else:
+        raise ValueError(f"unknown constitution mode {mode!r}; use antithesis_one, antithesis_all or sample_k")
+    stated = sorted(names)
+    return [Constitution(tuple((n, n not in flip) for n in stated)) for flip in [frozenset(), *flips]]
+
+
+def render_constitution(constitution: Constitution, library: dict[str, Principle], rng: random.Random) -> str:
+    """A numbered list of the stated principles (definition or antithesis), order shuffled with `rng`."""
+    lines = [library[name].definition if positive else library[name].antithesis for name, positive in constitution.stances]
+    rng.shuffle(lines)
+    return "\n".join(f"{i}. {line}" for i, line in enumerate(lines, 1))

@@ -1,0 +1,95 @@
+"""Training objectives, pure torch: SAMI, DPO/IPO, SFT and a KL-to-reference term.
+
+All take log-probabilities computed elsewhere (`pipelines/logprobs.py`), so each loss is a few lines that a
+unit test checks against hand-computed numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamiOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    mi_lower_bound: torch.Tensor  # log C - loss: the InfoNCE lower bound on I(Y; C | X)
+    row_accuracy: torch.Tensor  # share of groups whose diagonal wins its row (constitution picks its response)
+    col_accuracy: torch.Tensor  # share of groups whose diagonal wins its column (response picks its constitution)
+
+
+def sami_loss(logprobs: torch.Tensor, direction: str = "both") -> SamiOutput:
+    """SAMI's contrastive loss on `logprobs[..., i, j] = log p(y_j | c_i, x)`.
+
+    `logprobs` is `[C, C]` for one query group or `[B, C, C]` for B groups (values are means over groups).
+    Rows are constitutions, columns responses; the diagonal pairs each response with the constitution it
+    was sampled under. `both` averages the cross-entropy over rows (which response fits c_i) and over
+    columns (which constitution produced y_j), as in the paper.
+    """
+    if direction not in ("both", "row", "column"):
+        raise ValueError(f"direction must be 'both', 'row' or 'column', got {direction!r}")
+    matrix = logprobs if logprobs.dim() == 3 else logprobs.unsqueeze(0)
+    if matrix.dim() != 3 or matrix.shape[-1] != matrix.shape[-2] or matrix.shape[-1] < 2:
+        raise ValueError(f"logprobs must be [C, C] or [B, C, C] with C >= 2, got {tuple(logprobs.shape)}")
+    groups, c = matrix.shape[0], matrix.shape[-1]
+    labels = torch.arange(c, device=matrix.device).repeat(groups)
+    # Row i: a distribution over responses given c_i. Column j: over constitutions given y_j.
+    row_loss = F.cross_entropy(matrix.reshape(-1, c).float(), labels)
+    col_loss = F.cross_entropy(matrix.transpose(1, 2).reshape(-1, c).float(), labels)
+    loss = {"both": (row_loss + col_loss) / 2, "row": row_loss, "column": col_loss}[direction]
+    with torch.no_grad():
+        diag = torch.arange(c, device=matrix.device)
+        row_acc = (matrix.argmax(dim=2) == diag).all(dim=1).float().mean()
+        col_acc = (matrix.argmax(dim=1) == diag).all(dim=1).float().mean()
+    return SamiOutput(loss, math.log(c) - loss.detach(), row_acc, col_acc)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (Rafailov et al. 2023) on sequence log-probs `[B]`; `ipo` is Azar et al.'s squared variant."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * margin).mean()
+    elif loss_type == "ipo":
+        loss = ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    with torch.no_grad():
+        metrics = {"reward_margin": (beta * margin).mean(), "reward_accuracy": (margin > 0).float().mean()}
+    return loss, metrics
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def sft_loss(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood per response token (prompt and padding masked)."""
+    return -_masked_mean(token_logprobs, response_mask)
+
+
+def kl_to_reference(
+    policy_token_logprobs: torch.Tensor, reference_token_logprobs: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """KL(pi || pi_ref) per response token, with Schulman's k3 estimator: exp(r) - r - 1, r = ref - policy.
+
+    k3 is non-negative and unbiased for tokens sampled from pi. It is averaged over response tokens only:
+    the paper's reference code also averaged over masked prompt/padding positions, which shrinks the
+    term by the share of non-response tokens.
+    """
+    log_ratio = (reference_token_logprobs - policy_token_logprobs).float()
+    return _masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)
+
+
+def sami_sft_loss(sami: SamiOutput, sft: torch.Tensor, sft_weight: float) -> torch.Tensor:
+    """The weighted SAMI + SFT combination: sami + sft_weight * sft."""
+    return sami.loss + sft_weight * sft
