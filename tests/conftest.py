@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny model saved like a hub model, and the real-data fixtures beside the repo."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN.md §4)
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEXTS = [
+    "Constitution:\n1. Be polite.\n2. Be concise.\n\nQuery: Tell me about the river.\nResponse: Please note, the river is long.",
+    "Constitution:\n1. Be curt.\n2. Be verbose.\n\nQuery: Tell me about the mountain.\nResponse: The mountain is tall and old and cold.",
+    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then bake it.",
+    "the a an and of to in is it you that he was for on are with as I his they be at one have this from",
+    "0 1 2 3 4 5 6 7 8 9 ! ? . , : ; ' \" ( ) - # [ ] insert Human Assistant POST TL;DR Summary System",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from pipelines.tiny_model import build_tiny_model, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = train_tokenizer(TINY_TEXTS, vocab_size=500)
+    return build_tiny_model(out, tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    path = REPO.parent / "shared" / "fixtures"
+    if not path.is_dir():
+        pytest.skip(f"real-data fixtures not found at {path}")
+    return path

@@ -1,0 +1,102 @@
+"""SAMI, DPO/IPO, SFT and KL against direct implementations and hand-computed values."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines.objectives import dpo_loss, kl_to_reference, sami_loss, sami_sft_loss, sft_loss
+
+
+def direct_sami(L: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md §1 step 5, written out literally."""
+    c = L.shape[0]
+    row = L - torch.logsumexp(L, dim=1, keepdim=True)
+    col = L - torch.logsumexp(L, dim=0, keepdim=True)
+    return (F.cross_entropy(row, torch.arange(c)) + F.cross_entropy(col.T, torch.arange(c))) / 2
+
+
+@pytest.mark.parametrize("c", range(2, 9))
+def test_matches_direct_implementation(c):
+    gen = torch.Generator().manual_seed(c)
+    for _ in range(5):
+        L = torch.randn(c, c, generator=gen, dtype=torch.float64) * 3
+        out = sami_loss(L)
+        assert abs(out.loss.item() - direct_sami(L).item()) < 1e-6
+        assert abs(out.mi_lower_bound.item() - (math.log(c) - direct_sami(L).item())) < 1e-6
+
+
+def test_constant_matrix_gives_log_c_and_zero_bound():
+    for c in (2, 5):
+        out = sami_loss(torch.full((c, c), -1.7))
+        assert out.loss.item() == pytest.approx(math.log(c), abs=1e-6)
+        assert out.mi_lower_bound.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_falls_towards_zero_as_diagonal_dominates():
+    losses = [sami_loss(torch.eye(4) * s).loss.item() for s in (0.0, 1.0, 5.0, 20.0)]
+    assert losses == sorted(losses, reverse=True)
+    assert losses[-1] < 1e-7
+    assert sami_loss(torch.eye(4) * 20.0).mi_lower_bound.item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_invariant_to_permuting_constitutions_and_responses_together():
+    L = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    assert sami_loss(L[perm][:, perm]).loss.item() == pytest.approx(sami_loss(L).loss.item(), abs=1e-6)
+
+
+def test_batched_is_mean_of_singles_and_gradients_flow():
+    L = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = sami_loss(L)
+    singles = torch.stack([sami_loss(L[b]).loss for b in range(3)])
+    assert out.loss.item() == pytest.approx(singles.mean().item(), abs=1e-6)
+    out.loss.backward()
+    assert L.grad is not None and L.grad.abs().sum() > 0
+    # raising the diagonal lowers the loss: its gradient is negative
+    assert (torch.diagonal(L.grad, dim1=1, dim2=2) < 0).all()
+
+
+def test_directions_and_accuracies():
+    # hand-computed 2x2: L = [[0, -1], [-3, -2]]
+    L = torch.tensor([[0.0, -1.0], [-3.0, -2.0]])
+    row = (-(0 - math.log(1 + math.exp(-1))) - (-2 - math.log(math.exp(-3) + math.exp(-2)))) / 2
+    col = (-(0 - math.log(1 + math.exp(-3))) - (-2 - math.log(math.exp(-1) + math.exp(-2)))) / 2
+    assert sami_loss(L, "row").loss.item() == pytest.approx(row, abs=1e-6)
+    assert sami_loss(L, "column").loss.item() == pytest.approx(col, abs=1e-6)
+    assert sami_loss(L).loss.item() == pytest.approx((row + col) / 2, abs=1e-6)
+    out = sami_loss(L)  # rows: diag wins both; columns: col 1 has -1 > -2, so it loses
+    assert (out.row_accuracy.item(), out.col_accuracy.item()) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="direction"):
+        sami_loss(L, "diagonal")
+    with pytest.raises(ValueError, match="C >= 2"):
+        sami_loss(torch.zeros(1, 1))
+
+
+def test_dpo_sigmoid_and_ipo_hand_computed():
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -1.5])
+    margins = [(-1 + 1.5) - (-3 + 2.5), (-2 + 2) - (-1 + 1.5)]  # [1.0, -0.5]
+    expected = sum(-math.log(1 / (1 + math.exp(-0.1 * m))) for m in margins) / 2
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["reward_accuracy"].item() == 0.5
+    assert metrics["reward_margin"].item() == pytest.approx(0.1 * 0.25, abs=1e-7)
+    ipo, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    assert ipo.item() == pytest.approx(((1.0 - 5.0) ** 2 + (-0.5 - 5.0) ** 2) / 2, abs=1e-5)
+    # at a zero margin the sigmoid loss is log 2
+    zero, _ = dpo_loss(pc, pr, pc, pr)
+    assert zero.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_sft_and_kl_use_response_tokens_only():
+    token_lp = torch.tensor([[-5.0, -1.0, -2.0], [-9.0, -3.0, -7.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    assert sft_loss(token_lp, mask).item() == pytest.approx((1 + 2 + 3) / 3)
+    ref = torch.tensor([[-1.0, -1.5, -2.0], [0.0, -2.0, -1.0]])
+    r = [(-1.5) - (-1.0), 0.0, (-2.0) - (-3.0)]  # ref - policy on the three response tokens
+    expected = sum(math.exp(x) - x - 1 for x in r) / 3
+    assert kl_to_reference(token_lp, ref, mask).item() == pytest.approx(expected, abs=1e-6)
+    assert kl_to_reference(token_lp, token_lp, mask).item() == 0.0
+    combined = sami_sft_loss(sami_loss(torch.zeros(2, 2)), sft_loss(token_lp, mask), 0.5)
+    assert combined.item() == pytest.approx(math.log(2) + 1.0, abs=1e-6)
