@@ -50,6 +50,8 @@ class DataConfig(Section):
     query_field: Optional[str] = None  # defaults per task (first Human turn, post, ...)
     max_queries: Optional[int] = Field(None, ge=1)
     heldout_queries: int = Field(0, ge=0)  # kept out of training for the evaluation job
+    # queries sampled per iteration; default: steps x groups_per_step (every group trained on once)
+    queries_per_iteration: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _source_needs_location(self):

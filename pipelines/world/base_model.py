@@ -28,7 +28,7 @@ WORLD_VERSION = 1  # bump when the grammar or principles change, to invalidate c
 @dataclass(frozen=True)
 class BaseModelSpec:
     num_docs: int = 12000
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 48
     lr: float = 3e-3
     hidden_size: int = 64

@@ -1,0 +1,98 @@
+"""Queries for the training job: from the hub (`datasets.load_dataset`), a local JSONL file, or the world.
+
+Every source yields rows `{"query_id": str, "query": str, "subject": str}` (`subject` is only meaningful in
+the built-in world, whose judge needs it). Held-out queries are cut off first, so the evaluation job can
+use exactly the queries training never saw.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from pipelines.config import ConfigError, DataConfig
+
+
+def first_human_turn(dialogue: str) -> str:
+    """HH-RLHF stores whole dialogues ("\n\nHuman: ... \n\nAssistant: ..."); SAMI uses the first query."""
+    text = dialogue.split("Human:", 1)[-1]
+    return text.split("\n\nAssistant:", 1)[0].strip()
+
+
+def _rows_from_records(records, cfg: DataConfig) -> list[dict]:
+    rows, seen = [], set()
+    for index, record in enumerate(records):
+        if cfg.query_field:
+            if cfg.query_field not in record:
+                raise ConfigError(f"data.query_field {cfg.query_field!r} is not a field of record {index} "
+                                  f"(fields: {sorted(record)})")
+            query, key = str(record[cfg.query_field]), str(record.get("id", index))
+        elif cfg.task == "dialogue" and "chosen" in record:  # Anthropic/hh-rlhf
+            query, key = first_human_turn(record["chosen"]), str(index)
+        elif cfg.task == "summarization" and "info" in record:  # openai/summarize_from_feedback
+            query, key = record["info"]["post"], str(record["info"]["id"])
+        elif "query" in record:
+            query, key = str(record["query"]), str(record.get("id", index))
+        else:
+            raise ConfigError(f"record {index} has no query: set data.query_field (fields: {sorted(record)})")
+        if key in seen or not query.strip():  # TL;DR has several comparisons per post: dedupe by post id
+            continue
+        seen.add(key)
+        rows.append({"query_id": key, "query": query.strip(), "subject": record.get("subject", "")})
+    return rows
+
+
+def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
+    if cfg.source == "world":
+        from pipelines.world.grammar import sample_query
+
+        rng = random.Random(f"world-queries-{seed}")
+        n = cfg.max_queries or 1024
+        return [{"query_id": f"w{i}", "query": q.text, "subject": q.subject} for i, q in
+                ((i, sample_query(rng)) for i in range(n + cfg.heldout_queries))]
+    if cfg.source == "jsonl":
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise ConfigError(f"data.path: file not found: {path}")
+        records = []
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"data.path {path}: line {line_no} is not JSON ({e})") from None
+    else:
+        import datasets
+
+        try:
+            records = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+        except Exception as e:  # the hub or a local path: either way the user's setting is what failed
+            raise ConfigError(f"data.dataset {cfg.dataset!r} (subset {cfg.subset!r}, split {cfg.split!r}) "
+                              f"could not be loaded: {e}") from None
+    rows = _rows_from_records(records, cfg)
+    if not rows:
+        raise ConfigError(f"no queries found in {cfg.path or cfg.dataset}")
+    limit = (cfg.max_queries or len(rows)) + cfg.heldout_queries
+    return rows[:limit]
+
+
+def split_queries(rows: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
+    """(training queries, held-out queries): the held-out ones are the last `heldout` rows."""
+    if heldout >= len(rows):
+        raise ConfigError(f"data.heldout_queries ({heldout}) leaves no training queries out of {len(rows)}")
+    return rows[: len(rows) - heldout], rows[len(rows) - heldout :]
+
+
+def iteration_queries(train_rows: list[dict], iteration: int, count: int, alternate_splits: bool) -> list[dict]:
+    """The queries iteration k (1-based) generates for: consecutive chunks, wrapping around the pool.
+
+    With `alternate_splits`, odd iterations draw from the first half and even ones from the second, so a
+    model never trains on queries it generated responses for in the previous iteration (the paper's scheme).
+    """
+    pool = train_rows
+    if alternate_splits:
+        half = len(train_rows) // 2
+        pool = train_rows[:half] if iteration % 2 == 1 else train_rows[half:]
+        iteration = (iteration + 1) // 2
+    start = (iteration - 1) * count
+    return [pool[(start + i) % len(pool)] for i in range(min(count, len(pool)))]
