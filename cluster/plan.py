@@ -18,7 +18,6 @@ KNOWN_PARAMETERS = {
     "mistral-7b": 7_241_732_096,
     "llama-2-7b": 6_738_415_616,
 }
-DRIVER_CPUS = 1.0  # the job's driver process (pipelines.train) on the head node
 WRITER_CPUS = 0.1  # pipelines/train.py starts the principle writer with num_cpus=0.1; it calls an endpoint
 
 
@@ -104,7 +103,7 @@ def resource_plan(cfg: TrainConfig) -> dict:
               if cfg.principles.source != "writer" else f"writer ({cfg.principles.writer.backend})"}
     groups = {"learners": learners, "rollout": rollout, "principle_writer": writer}
     total_gpus = sum(g["count"] * g["gpus_each"] for g in groups.values())
-    total_cpus = DRIVER_CPUS + sum(g["count"] * g["cpus_each"] for g in groups.values())
+    total_cpus = sum(g["count"] * g["cpus_each"] for g in groups.values())
 
     params, params_source = parameter_count(cfg.model.name_or_path)
     per_iteration = checkpoint_bytes(params, cfg) if params is not None else None
@@ -115,7 +114,7 @@ def resource_plan(cfg: TrainConfig) -> dict:
         "groups_per_step": cfg.optim.groups_per_step,
         "queries_per_iteration": [cfg.data.queries_per_iteration or n * cfg.optim.groups_per_step for n in steps],
         "groups": groups,
-        "total": {"gpus": total_gpus, "cpus": total_cpus, "driver_cpus": DRIVER_CPUS},
+        "total": {"gpus": total_gpus, "cpus": total_cpus},
         "parameters": params, "parameters_source": params_source,
         "checkpoints": {
             "per_iteration": per_iteration,
@@ -135,6 +134,10 @@ def _size(nbytes: int | None) -> str:
         nbytes /= 1024
 
 
+def _count(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params:,}"
+
+
 def _bundles(pg: dict | None) -> str:
     if not pg:
         return ""
@@ -149,8 +152,8 @@ def format_plan(cfg: TrainConfig) -> str:
         f"run {plan['run']}: {plan['iterations']} iteration(s) of {plan['objective']} on {plan['model']}",
         f"  optimiser steps per iteration: {plan['optimizer_steps']} x {plan['groups_per_step']} query groups;"
         f" queries sampled per iteration: {plan['queries_per_iteration']}",
-        f"  parameters: {f'{params / 1e9:.2f}B' if params and params >= 1e8 else params or 'unknown'}"
-        f" ({plan['parameters_source']})",
+        f"  parameters: {_count(params)} ({plan['parameters_source']})" if params else
+        f"  parameters: {plan['parameters_source']}",
         "resources:",
         f"  learners:         {g['learners']['count']} x ({g['learners']['gpus_each']:g} GPU, "
         f"{g['learners']['cpus_each']:g} CPU), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}{_bundles(g['learners']['placement_group'])}",
@@ -159,8 +162,8 @@ def format_plan(cfg: TrainConfig) -> str:
         f"{_bundles(g['rollout']['placement_group'])}",
         f"  principle writer: 1 x (0 GPU, {g['principle_writer']['cpus_each']:g} CPU), principles from "
         f"{g['principle_writer']['backend']}",
-        f"  driver:           {plan['total']['driver_cpus']:g} CPU (head node)",
-        f"  total:            {plan['total']['gpus']:g} GPU, {plan['total']['cpus']:g} CPU",
+        f"  total:            {plan['total']['gpus']:g} GPU, {plan['total']['cpus']:g} CPU reserved in Ray (the job's "
+        f"driver runs on the head node and reserves none)",
         f"checkpoints in {plan['checkpoints']['directory']} (estimates):",
     ]
     per = plan["checkpoints"]["per_iteration"]

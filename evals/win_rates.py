@@ -15,9 +15,11 @@ Three estimators:
 The paper's judge outputs (fixtures/sami-paper-hh-winrates, from janphilippfranken/typo) use this same
 convention: each file is a list of [score, baseline_len, test_len] with score 1 when GPT-4 preferred the test
 model (the judge saw the two in a random order; the script mapped the verdict back to the test model).
-"balanced" reproduces the paper's length-controlled figures when truncated to a whole percent, which is how
-the paper rounds (`paper_percent`): iteration 3 vs base 66.9% -> 66 (helpful), 77.8% -> 77 (harmless);
-vs mistral-7b-instruct 57.9% -> 57 (harmless), 55.0% -> 55 (helpful).
+"balanced" is the estimator behind the paper's length-controlled figures (iteration 3): vs base 66.92% (paper
+66, helpful) and 77.78% (paper 77, harmless); vs mistral-7b-instruct 54.98% (paper 55, helpful) and 57.93%
+(paper 57, harmless). The paper mostly truncates to a whole percent (54.98 is the exception, printed as 55);
+every published figure is within one point of "balanced", while raw (80.6 / 90.4 / 59.2 / 62.0) and logistic
+(67.7 / 83.3 / 54.0 / 57.9) are not. The strata "test >= baseline" vs "shorter" give 66.0 / 78.1 / 53.4 / 57.4.
 
 The A/B protocol helpers put the test response in position A or B at random per item (seeded), map the
 judge's "A wins" outputs back to test-model scores, and optionally judge a second time with the order
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -145,9 +146,12 @@ def bootstrap_interval(judgements: Judgements, estimator: str = "raw", num_resam
     return float(low), float(high)
 
 
-def summarise(judgements: Judgements, num_resamples: int = 2000, seed: int = 0) -> dict:
+def summarise(judgements: Judgements | list, num_resamples: int = 2000, seed: int = 0) -> dict:
     """{"n", "raw", "balanced", "logistic"}, each estimator as {"win_rate", "ci": [low, high]};
-    plus "by_category" (raw win rate and n per category) when the items carry categories."""
+    plus "by_category" (raw win rate and n per category) when the items carry categories.
+    Takes Judgements or [score, baseline_len, test_len] rows."""
+    if not isinstance(judgements, Judgements):
+        judgements = Judgements.from_rows(judgements)
     summary: dict = {"n": len(judgements)}
     for name in ESTIMATORS:
         low, high = bootstrap_interval(judgements, name, num_resamples, seed)
@@ -158,11 +162,6 @@ def summarise(judgements: Judgements, num_resamples: int = 2000, seed: int = 0) 
             groups[category].append(float(score))
         summary["by_category"] = {c: {"n": len(s), "win_rate": float(np.mean(s))} for c, s in sorted(groups.items())}
     return summary
-
-
-def paper_percent(rate: float) -> int:
-    """A win rate as the SAMI paper prints it: truncated to a whole percent."""
-    return math.floor(rate * 100 + 1e-9)
 
 
 # ---- the A/B protocol ----

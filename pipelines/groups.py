@@ -76,6 +76,7 @@ def build_iteration_dataset(queries: list[dict], writer, actors: list, cfg: Trai
                             tokenizer_path: str):
     """The iteration's query groups as a materialised Ray Dataset, plus the filter counts."""
     rows_per_batch = max(1, cfg.sampling.batch_size // cfg.principles.num_constitutions)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line per phase instead
     ds = ray.data.from_items(queries)
     # The UDFs mostly wait on actors: a small CPU share keeps them from starving the learners (DESIGN §4).
     ds = ds.map_batches(add_constitutions, fn_kwargs={"writer": writer, "cfg": cfg, "iteration": iteration},

@@ -1,14 +1,17 @@
 """Win-rate estimators, bootstrap intervals, the A/B protocol, the CLI, and the SAMI paper's published figures."""
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 
 from evals.win_rates import (Judgements, assign_order, bootstrap_interval, combine_swapped, judge_against_baseline,
-                             main, paper_percent, summarise, to_test_scores, win_rate)
+                             main, summarise, to_test_scores, win_rate)
 
 PAPER_LENGTH_CONTROLLED = {  # SAMI paper, mistral-7b iteration 3 (DESIGN.md §1)
     "3-vs-base-epoch-0.38-helpful.json": 66,
@@ -77,6 +80,8 @@ def test_summary_has_per_category_rates():
     j = Judgements([1, 0, 1, 0.5], [1, 1, 1, 1], [2, 2, 2, 2], categories=["math", "math", "coding", "coding"])
     s = summarise(j, num_resamples=50)
     assert s["by_category"] == {"coding": {"n": 2, "win_rate": 0.75}, "math": {"n": 2, "win_rate": 0.5}}
+    rows = summarise([[1, 10, 20], [0, 10, 5]], num_resamples=50)  # plain rows work too
+    assert rows["n"] == 2 and rows["raw"]["win_rate"] == 0.5
     with pytest.raises(ValueError, match="scores must be 0, 0.5 or 1"):
         Judgements([2], [1], [1])
 
@@ -107,8 +112,20 @@ class PositionJudge:
         return [1.0] * len(items)  # always picks A: pure position bias
 
 
-def test_judge_against_baseline_maps_back_and_swap_cancels_position_bias():
-    pytest.importorskip("evals.judges")
+@pytest.fixture
+def judge_item_module(monkeypatch):
+    """evals.judges when it exists; until then a stand-in with JudgeItem's documented fields (ARCHITECTURE.md)."""
+    try:
+        import evals.judges  # noqa: F401
+    except ImportError:
+        module = types.ModuleType("evals.judges")
+        module.JudgeItem = dataclasses.make_dataclass(
+            "JudgeItem", ["query", "constitution", "response_a", "response_b", ("reference", object, None),
+                          ("metadata", dict, dataclasses.field(default_factory=dict))])
+        monkeypatch.setitem(sys.modules, "evals.judges", module)
+
+
+def test_judge_against_baseline_maps_back_and_swap_cancels_position_bias(judge_item_module):
     queries = [f"q{i}" for i in range(40)]
     test = ["a long answer"] * 30 + ["short"] * 10
     base = ["medium one"] * 40
@@ -158,6 +175,9 @@ def test_paper_length_controlled_win_rates(fixtures_dir):
     for name, percent in PAPER_LENGTH_CONTROLLED.items():
         j = Judgements.from_rows(json.loads((folder / name).read_text()))
         assert len(j) == 250
-        assert paper_percent(win_rate(j, "balanced")) == percent, name
+        balanced = 100 * win_rate(j, "balanced")
+        # The paper truncates (66.92 -> 66, 77.78 -> 77, 57.93 -> 57) except 54.98, printed as 55.
+        assert percent in (math.floor(balanced), round(balanced)), (name, balanced)
+        assert abs(balanced - percent) < 1.0
         # Raw win rates are higher: iteration 3 writes longer answers than either baseline.
         assert win_rate(j, "raw") > win_rate(j, "balanced")
