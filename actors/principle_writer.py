@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import ray
+
 from pipelines.config import PrinciplesConfig, WriterConfig
 from pipelines.constitutions import Constitution, sample_constitutions
 from pipelines.principles import Principle, PrincipleError, load_principles, save_principles, validate_principles
@@ -30,28 +32,56 @@ Principle: <short name>
 Definition: <one sentence>
 Antithesis: <one sentence saying the opposite>"""
 
-_BLOCK = re.compile(r"Principle:\s*(.+?)\s*\n\s*Definition:\s*(.+?)\s*\n\s*Antithesis:\s*(.+?)\s*(?:\n|$)", re.S)
+_FIELDS = ("Principle", "Definition", "Antithesis")
 
 
 class WriterError(RuntimeError):
-    pass
+    """The writer could not produce usable principles (endpoint down, or malformed answers only)."""
 
 
 def parse_principles(text: str, expected: int) -> list[Principle]:
-    """Strictly parse the writer's answer; raise PrincipleError on anything malformed."""
-    blocks = _BLOCK.findall(text)
+    """Strictly parse the writer's answer; raise PrincipleError on anything malformed.
+
+    Every line that starts with a field label must come in the order Principle, Definition, Antithesis;
+    other lines (a polite preamble, blank lines) are ignored. Names become snake_case identifiers.
+    """
+    blocks: list[dict] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        label, sep, value = line.strip().strip("*").partition(":")
+        label = label.strip("* ")
+        if not sep or label not in _FIELDS:
+            continue
+        want = _FIELDS[len(blocks[-1])] if blocks and len(blocks[-1]) < 3 else "Principle"
+        if label != want:
+            raise PrincipleError(f"writer answer line {number}: expected '{want}:', got '{label}:'")
+        if label == "Principle":
+            blocks.append({})
+        blocks[-1][label] = value.strip().strip("*").strip()
+    if blocks and len(blocks[-1]) < 3:
+        raise PrincipleError(f"writer answer: the last block ({blocks[-1].get('Principle')!r}) is incomplete")
     if len(blocks) != expected:
         raise PrincipleError(f"writer answer: expected {expected} principle blocks, found {len(blocks)}")
-    entries = [{"name": n.strip().lower().replace(" ", "_"), "definition": d, "antithesis": a} for n, d, a in blocks]
+    entries = [{"name": re.sub(r"\W+", "_", b["Principle"].lower()).strip("_"), "definition": b["Definition"],
+                "antithesis": b["Antithesis"]} for b in blocks]
     return validate_principles(entries, "writer answer")
 
 
 class OpenAIChatClient:
-    """POST /chat/completions on an OpenAI-compatible server; the key comes from the environment, never logs."""
+    """POST {base_url}/chat/completions on an OpenAI-compatible server (a hosted API, `vllm serve`, ...).
 
-    def __init__(self, base_url: str, model: str, api_key_env: str, timeout: float = 60.0, retries: int = 3):
+    The key is read from the environment variable named `api_key_env` at call time and only ever goes into
+    the Authorization header: no error message, log line or repr contains it. Connection failures, timeouts,
+    429 and 5xx answers are retried with exponential backoff; other 4xx answers fail at once.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 1.0):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key_env, self.timeout, self.retries = model, api_key_env, timeout, retries
+        self.model, self.api_key_env = model, api_key_env
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatClient(url={self.url!r}, model={self.model!r}, key from ${self.api_key_env})"
 
     def complete(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
@@ -60,24 +90,25 @@ class OpenAIChatClient:
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        last = None
+        problem = ""
         for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read())["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
-                last = e
-                if isinstance(e, urllib.error.HTTPError) and e.code in (400, 401, 403, 404):
+            except urllib.error.HTTPError as e:
+                problem = f"HTTP {e.code} {e.reason}"
+                if e.code in (401, 403):
+                    problem += f" (is ${self.api_key_env} set to a valid key?)"
+                if e.code != 429 and e.code < 500:
                     break  # a request or credential problem: retrying will not help
-                time.sleep(min(2**attempt * 0.5, 8.0))
-        raise WriterError(f"chat endpoint {self.url} failed after {self.retries + 1} attempt(s): {_safe(last)}")
-
-
-def _safe(error) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code} {error.reason}"
-    return type(error).__name__ + (f": {error.reason}" if hasattr(error, "reason") else f": {error}")
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                problem = f"cannot reach the endpoint ({getattr(e, 'reason', e)})"
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+                problem = "the answer is not an OpenAI chat completion (no choices[0].message.content)"
+        raise WriterError(f"principle writer: {self.url} failed after {attempt + 1} attempt(s): {problem}")
 
 
 class HFChatClient:
@@ -101,13 +132,15 @@ class HFChatClient:
 
 
 def make_chat_client(cfg: WriterConfig):
+    """openai: any OpenAI-compatible endpoint; vllm: a `vllm serve` endpoint (the same protocol); hf: a local model."""
     if not cfg.model:
-        raise WriterError("principles.writer.model is not set")
-    if cfg.backend == "openai":
+        raise WriterError("principles.writer.model is not set (the writer model's name or path)")
+    if cfg.backend in ("openai", "vllm"):
         if not cfg.base_url:
-            raise WriterError("principles.writer.backend is 'openai' but principles.writer.base_url is not set")
+            raise WriterError(f"principles.writer.backend is {cfg.backend!r} but principles.writer.base_url is not "
+                              f"set (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIChatClient(cfg.base_url, cfg.model, cfg.api_key_env)
-    return HFChatClient(cfg.model)  # "vllm" writers are served over HTTP (vllm serve / cluster.serve_app)
+    return HFChatClient(cfg.model)
 
 
 def write_principles(cfg: WriterConfig, client) -> tuple[list[Principle], int]:
@@ -122,7 +155,8 @@ def write_principles(cfg: WriterConfig, client) -> tuple[list[Principle], int]:
         except PrincipleError as e:
             rejected += 1
             problems.append(str(e))
-    raise WriterError(f"the principle writer gave {rejected} malformed answer(s) in a row; last problem: {problems[-1]}")
+    raise WriterError(f"the principle writer gave {rejected} malformed answer(s) (principles.writer.max_retries="
+                      f"{cfg.max_retries}), none used; last problem: {problems[-1]}")
 
 
 class PrincipleWriterCore:
@@ -172,7 +206,9 @@ class PrincipleWriterCore:
         ]
 
 
-def principle_writer_actor():
-    import ray
+PrincipleWriterActor = ray.remote(PrincipleWriterCore)
 
-    return ray.remote(PrincipleWriterCore)
+
+def principle_writer_actor():
+    """The Ray actor class (kept for callers that ask for it by function)."""
+    return PrincipleWriterActor

@@ -18,10 +18,12 @@ class RolloutWorker:
         self.engine = make_engine(model_path, rollout_cfg, model_cfg)
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[dict]:
+        """Completions as plain dicts (`text`, `token_ids`, `finish_reason`), cheap to ship through Ray."""
         return [c.__dict__ for c in self.engine.generate(prompts, sampling, seed)]
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> dict:
-        """One control call per sync: all buckets arrive in one object-store reference."""
+        """One control call per sync: the caller passes ONE object ref holding all buckets (Ray resolves it
+        to the list here, zero-copy for numpy). Returns the time spent loading and the bytes moved."""
         start = time.perf_counter()
         self.engine.update_weights(buckets)
         self.engine.reset_prefix_cache()
@@ -34,25 +36,50 @@ class RolloutWorker:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
+    # GPU path (vLLM only): see actors/vllm_sync.py
+    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.engine.init_weight_transfer(master_address, master_port, rank_offset, world_size)
+
+    def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> dict:
+        start = time.perf_counter()
+        self.engine.receive_weights(names, dtype_names, shapes)
+        return {"seconds": time.perf_counter() - start}
+
 
 RolloutActor = ray.remote(RolloutWorker)
 
 
-def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig) -> list:
-    """One actor per engine; a vLLM engine with tensor parallelism gets a placement group of TP GPU bundles."""
-    actors = []
-    for index in range(rollout_cfg.num_engines):
-        options = {"num_cpus": rollout_cfg.cpus_per_engine, "name": None, "max_concurrency": 1}
-        if rollout_cfg.engine == "vllm":
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
+    """Ray options for one engine's actor.
 
-            bundles = [{"GPU": 1, "CPU": 1}] * rollout_cfg.tensor_parallel_size
-            pg = placement_group(bundles, strategy="PACK")
-            ray.get(pg.ready())
-            # the actor takes the first bundle; vLLM's Ray executor places the other TP workers in the group
-            options.update(num_cpus=0, num_gpus=0 if rollout_cfg.tensor_parallel_size > 1 else 1,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True))
-        options.pop("name")
-        actors.append(RolloutActor.options(**options).remote(model_path, rollout_cfg, model_cfg))
-    return actors
+    hf: `cpus_per_engine` CPUs. vllm: a placement group of `tensor_parallel_size` bundles of one GPU; with
+    TP = 1 the actor itself holds the GPU, with TP > 1 it holds none and vLLM's Ray executor starts one
+    worker per bundle (VLLM_RAY_BUNDLE_INDICES), capturing the group as the child tasks' placement.
+    """
+    if rollout_cfg.engine != "vllm":
+        return {"num_cpus": rollout_cfg.cpus_per_engine}
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    tp = rollout_cfg.tensor_parallel_size
+    pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=600)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(f"rollout: could not reserve {tp} GPU(s) for one vLLM engine (rollout.tensor_parallel_size="
+                           f"{tp}) in 10 minutes; the cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s)") from None
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
+                                                placement_group_bundle_index=0)
+    if tp == 1:
+        return {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": strategy}
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy,
+            "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}}}
+
+
+def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig) -> list:
+    """`rollout.num_engines` actors, each holding one engine (one control call per call, one at a time)."""
+    return [
+        RolloutActor.options(max_concurrency=1, **rollout_actor_options(rollout_cfg)).remote(model_path, rollout_cfg, model_cfg)
+        for _ in range(rollout_cfg.num_engines)
+    ]

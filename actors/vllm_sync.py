@@ -1,57 +1,58 @@
-"""GPU weight sync into vLLM workers: learner rank 0 broadcasts parameter buckets over NCCL.
+"""Learner -> vLLM weight sync on GPU, through vLLM's native weight-transfer API (vLLM >= 0.22; 0.33 here).
 
-Written against vLLM 0.33's worker-extension API (`worker_extension_cls` + `LLM.collective_rpc`) and its
-stateless NCCL group (`StatelessProcessGroup` + `PyNcclCommunicator`), the pattern of vLLM's own RLHF
-examples. The group spans learner rank 0 (rank 0) and every vLLM worker of every engine (ranks 1..N), so
-one sync is one control call per engine plus one broadcast per bucket. Needs CUDA; nothing here runs on CPU.
+One NCCL group spans learner rank 0 (rank 0) and every vLLM worker of every engine (engine e's workers
+take ranks `1 + e * tensor_parallel_size ...`). A sync is one control call per engine (`receive_weights`,
+which blocks in the workers) while rank 0 broadcasts all parameters in packed buffers. Needs CUDA and vLLM;
+nothing here runs on CPU, where the object-store path (`RolloutEngine.update_weights`) is used instead.
+
+Learner rank 0, once:
+    group = trainer_group(address, port, world_size=1 + num_engines * tp)   # with every engine's
+                                                                             # init_weight_transfer, concurrently
+then per sync (under ZeRO-3 inside a GatheredParameters context):
+    refs = [actor.receive_weights.remote(*weight_metadata(model.named_parameters())) for actor in actors]
+    broadcast_weights(group, model.named_parameters()); ray.get(refs)
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import numpy as np
 import torch
 
 
-def nccl_group(host: str, port: int, rank: int, world_size: int, device):
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
-    return PyNcclCommunicator(group, device=device)
-
-
-def pack_bucket(named: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, str, list[int]]]]:
-    """One flat tensor per bucket (one broadcast) plus the metadata the receivers need to unpack it."""
-    dtype = named[0][1].dtype
-    flat = torch.cat([t.detach().to(dtype).reshape(-1) for _, t in named])
-    return flat, [(name, str(dtype).removeprefix("torch."), list(t.shape)) for name, t in named]
+def weight_metadata(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], list[str], list[list[int]]]:
+    """Names, dtype names and shapes the receivers need to allocate the broadcast buffers."""
+    names, dtypes, shapes = [], [], []
+    for name, tensor in named_tensors:
+        names.append(name)
+        dtypes.append(str(tensor.dtype).removeprefix("torch."))
+        shapes.append(list(tensor.shape))
+    return names, dtypes, shapes
 
 
-def unpack_bucket(flat: torch.Tensor, meta: list[tuple[str, str, list[int]]]) -> list[tuple[str, torch.Tensor]]:
-    out, offset = [], 0
-    for name, _, shape in meta:
-        n = int(np.prod(shape)) if shape else 1
-        out.append((name, flat[offset : offset + n].view(shape)))
-        offset += n
-    return out
+def trainer_group(master_address: str, master_port: int, world_size: int):
+    """Learner rank 0's end of the NCCL group (always rank 0), on the current CUDA device."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+    return NCCLWeightTransferEngine.trainer_init(
+        {"master_address": master_address, "master_port": master_port, "world_size": world_size}
+    )
 
 
-class WeightSyncExtension:
-    """Mixed into every vLLM worker (`worker_extension_cls="actors.vllm_sync.WeightSyncExtension"`)."""
+def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Broadcast every parameter in packed buffers; the same order as `weight_metadata` listed them."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-    def init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        from vllm.distributed.parallel_state import get_world_group
+    NCCLWeightTransferEngine.trainer_send_weights(iterator=iter(named_tensors), trainer_args={"group": group, "packed": True})
 
-        rank = get_world_group().rank + rank_offset
-        self.weight_update_group = nccl_group(host, port, rank, world_size, self.device)
 
-    def receive_bucket(self, meta: list[tuple[str, str, list[int]]]) -> None:
-        numel = sum(int(np.prod(shape)) if shape else 1 for _, _, shape in meta)
-        flat = torch.empty(numel, dtype=getattr(torch, meta[0][1]), device=self.device)
-        self.weight_update_group.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-        self.model_runner.model.load_weights(weights=unpack_bucket(flat, meta))
+class WorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls="actors.vllm_sync.WorkerExtension"`), so the engine can
+    call `LLM.collective_rpc("load_numpy_bucket", ...)` by name (vLLM refuses pickled callables by default)."""
 
-    def load_weights_from_arrays(self, bucket: dict[str, np.ndarray]) -> None:
-        """The object-store path: numpy arrays shipped through Ray."""
-        self.model_runner.model.load_weights(
-            weights=[(name, torch.from_numpy(array).to(self.device)) for name, array in bucket.items()]
-        )
+    def load_numpy_bucket(self, bucket: dict[str, np.ndarray]) -> None:
+        """The object-store path: load one bucket in place. `load_weights` takes checkpoint (HF) names and
+        shards them for tensor parallelism itself."""
+        model = self.model_runner.model
+        device = next(model.parameters()).device
+        model.load_weights(weights=[(name, torch.from_numpy(array).to(device)) for name, array in bucket.items()])

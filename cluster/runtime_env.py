@@ -24,6 +24,9 @@ def job_env_vars(uses_gpu: bool, environ: Mapping[str, str] = os.environ) -> dic
         defaults["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise look for CUDA and fail
     env = {key: environ.get(key, value) for key, value in defaults.items()}
     env.update({key: value for key, value in environ.items() if key.startswith(FORWARDED_PREFIXES)})
+    # pipelines.train's ray.init passes LOCAL_ENV again; Ray refuses a driver runtime env that repeats a job's
+    # keys unless told to combine them.
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     return env
 
 

@@ -5,7 +5,6 @@ Validates the config here first (a typo fails on your machine, not after an uplo
 http://127.0.0.1:8265, e.g. the port `ray dashboard ray_cluster.yaml` forwards). The same job by hand:
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
-        --runtime-env-json '{"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}' \\
         -- python -m pipelines.train --config configs/hh_mistral7b.yaml
 
 `--eval` submits `python -m evals.run --config X` (an evaluation config) the same way. `--dry-run` prints
@@ -141,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"entry point: {command}")
         print(f"runtime env: {json.dumps(runtime_env)}")
         print(f"equivalent: ray job submit --address {args.address} --working-dir {args.working_dir} "
-              f"--runtime-env-json '{json.dumps({'env_vars': runtime_env['env_vars']})}' -- {command}")
+              f"--runtime-env-json {shlex.quote(json.dumps({k: v for k, v in runtime_env.items() if k != 'working_dir'}))}"
+              f" -- {command}")
         return 0
 
     mode = enable_token_auth_if_available()

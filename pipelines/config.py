@@ -52,6 +52,9 @@ class DataConfig(Section):
     heldout_queries: int = Field(0, ge=0)  # kept out of training for the evaluation job
     # queries sampled per iteration; default: steps x groups_per_step (every group trained on once)
     queries_per_iteration: Optional[int] = Field(None, ge=1)
+    # Train on the query groups another run generated (<dir>/iteration-<k>/groups.parquet) instead of
+    # generating: baselines compared on the same data with the same budget of steps.
+    replay_groups_from: Optional[str] = None
 
     @model_validator(mode="after")
     def _source_needs_location(self):

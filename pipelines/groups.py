@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+from pathlib import Path
 
 import pandas as pd
 import ray
@@ -90,6 +91,14 @@ def build_iteration_dataset(queries: list[dict], writer, actors: list, cfg: Trai
     counts = {f"filtered_{r}": int((reasons == r).sum()) for r in REASONS}
     kept = ds.filter(expr="reject_reason == ''").materialize()
     return kept, counts
+
+
+def replay_iteration_dataset(source_run: Path, iteration: int):
+    """Iteration k's groups as another run generated them (filtering already applied there)."""
+    path = source_run / f"iteration-{iteration}" / "groups.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"data.replay_groups_from: {path} does not exist (did that run reach iteration {iteration}?)")
+    return ray.data.read_parquet(str(path)).materialize(), {f"filtered_{r}": 0 for r in REASONS}
 
 
 def row_constitutions(row: dict) -> list[Constitution]:

@@ -267,11 +267,14 @@ def train_loop_per_worker(config: dict) -> None:
             phase(metrics, "generate")
             t = time.perf_counter()
             from pipelines.data import iteration_queries
-            from pipelines.groups import build_iteration_dataset
+            from pipelines.groups import build_iteration_dataset, replay_iteration_dataset
 
             queries = iteration_queries(train_rows, iteration, cfg.data.queries_per_iteration or steps * cfg.optim.groups_per_step,
                                         cfg.schedule.alternate_splits)
-            kept, counts = build_iteration_dataset(queries, writer, actors, cfg, iteration, config["tokenizer_path"])
+            if cfg.data.replay_groups_from:
+                kept, counts = replay_iteration_dataset(Path(cfg.data.replay_groups_from), iteration)
+            else:
+                kept, counts = build_iteration_dataset(queries, writer, actors, cfg, iteration, config["tokenizer_path"])
             it_dir.mkdir(parents=True, exist_ok=True)
             frame = kept.to_pandas()
             frame.to_parquet(it_dir / "groups.parquet")

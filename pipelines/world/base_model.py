@@ -35,6 +35,11 @@ class BaseModelSpec:
     num_layers: int = 2
     num_heads: int = 2
     p_follow: float = 0.6
+    # Pretraining first on documents that follow their constitution closely teaches the model to read
+    # constitutions; the rest of training, at p_follow, calibrates it to follow them only weakly. Like a
+    # real base model, it then knows what principles mean without reliably obeying them.
+    warmup_p_follow: float = 0.95
+    warmup_fraction: float = 0.5
     seed: int = 0
 
     @classmethod
@@ -72,15 +77,19 @@ def pretrain(out_dir: Path, spec: BaseModelSpec, log=print) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out_dir)
-    docs = [grammar.corpus_document(rng, spec.p_follow) for _ in range(spec.num_docs)]
+    warmup_docs = int(spec.num_docs * spec.warmup_fraction)
+    docs = [grammar.corpus_document(rng, spec.warmup_p_follow if i < warmup_docs else spec.p_follow)
+            for i in range(spec.num_docs)]
     prompts = tokenizer([p for p, _ in docs], add_special_tokens=False).input_ids
     responses = [r + [tokenizer.eos_token_id] for r in tokenizer([" " + r for _, r in docs], add_special_tokens=False).input_ids]
+    warmup_steps = int(spec.steps * spec.warmup_fraction)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
     model.train()
     start = time.time()
     for step in range(1, spec.steps + 1):
-        idx = rng.sample(range(len(docs)), spec.batch_size)
+        pool = range(warmup_docs) if step <= warmup_steps else range(warmup_docs, len(docs))
+        idx = rng.sample(pool, spec.batch_size)
         batch = collate_sequences([prompts[i] for i in idx], [responses[i] for i in idx], tokenizer.pad_token_id)
         # Only the response is learned: the model must map constitutions to (weak) behaviour.
         loss = sft_loss(token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["response_mask"])

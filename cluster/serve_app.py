@@ -1,0 +1,214 @@
+"""Serve an exported checkpoint as an OpenAI-compatible endpoint (for people, or as another job's judge or
+principle writer):
+
+    serve run cluster.serve_app:build_app model_path=/mnt/shared/sami/runs/hh_mistral7b/iteration-3/hf
+    curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "How do I bake bread?"}], "max_tokens": 64}'
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models. The constitution travels as the
+`system` message (chat) or a `system` field (completions); `constitution=...` (text or a file) is the default
+when a request brings none. A model with a chat template (an instruct model) gets its template; a base or
+SAMI-trained model gets the project's generation prompt for `task` (pipelines/prompts.py). Engines are the
+rollout engines (actors/rollout_engines.py): vLLM on a GPU (`engine=vllm`, import-guarded), HF generate on
+CPU; `engine=auto` picks vLLM where a GPU and vLLM are present. Serve's HTTP proxy binds 127.0.0.1 unless
+the cluster's Serve config says otherwise.
+"""
+# No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations at runtime.
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig, format_validation_error
+
+
+class ServeArgs(BaseModel):
+    """`serve run cluster.serve_app:build_app key=value ...` arguments (strings, validated here)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_path: str
+    model_name: Optional[str] = None  # the name clients send as "model"; defaults to model_path
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    task: Literal["dialogue", "summarization", "world"] = "dialogue"
+    constitution: Optional[str] = None  # default system text, or a path to a file holding it
+    max_prompt_tokens: int = Field(2048, ge=8)
+    max_tokens_limit: int = Field(1024, ge=1)
+    num_replicas: int = Field(1, ge=1)
+    trust_remote_code: bool = False
+
+
+def pick_engine(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+class RequestError(ValueError):
+    """A bad request; answered with HTTP 400 and this message."""
+
+
+class CompletionCore:
+    """Request dicts in, OpenAI-shaped response dicts out; no web framework (unit-testable as is)."""
+
+    def __init__(self, args: ServeArgs, engine=None):
+        from actors.rollout_engines import make_engine
+
+        self.args = args
+        self.name = args.model_name or args.model_path
+        constitution = args.constitution
+        if constitution and Path(constitution).is_file():
+            constitution = Path(constitution).read_text().strip()
+        self.constitution = constitution
+        model_cfg = ModelConfig(name_or_path=args.model_path, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
+                                max_response_tokens=args.max_tokens_limit, trust_remote_code=args.trust_remote_code)
+        rollout_cfg = RolloutConfig(engine=pick_engine(args.engine), tensor_parallel_size=args.tensor_parallel_size,
+                                    gpu_memory_utilization=args.gpu_memory_utilization)
+        self.engine = engine or make_engine(args.model_path, rollout_cfg, model_cfg)
+        self.tokenizer = self.engine.tokenizer
+        self.lock = threading.Lock()  # one generate at a time per replica; replicas scale out
+
+    # --- prompts ---
+    def chat_prompt(self, messages: list[dict]) -> str:
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise RequestError("messages must be a non-empty list of {role, content} objects with string content")
+        system = next((m["content"] for m in messages if m.get("role") == "system"), self.constitution)
+        turns = [m for m in messages if m.get("role") != "system"]
+        if not turns or turns[-1].get("role") != "user":
+            raise RequestError("the last message must have role 'user'")
+        if getattr(self.tokenizer, "chat_template", None):
+            if system:
+                # Templates without a system role (e.g. Mistral-Instruct) get it in the first user turn.
+                try:
+                    return self.tokenizer.apply_chat_template([{"role": "system", "content": system}, *turns],
+                                                              tokenize=False, add_generation_prompt=True)
+                except Exception:
+                    turns = [{"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}, *turns[1:]]
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return self.plain_prompt(system, turns[-1]["content"])
+
+    def plain_prompt(self, system: Optional[str], text: str) -> str:
+        if not system:
+            return text
+        from pipelines.prompts import generation_prompt
+
+        return generation_prompt(self.args.task, system, text)
+
+    # --- generation ---
+    def _generate(self, prompts: list[str], request: dict, seed: int) -> list:
+        try:
+            sampling = SamplingConfig(temperature=request.get("temperature", 1.0), top_p=request.get("top_p", 1.0),
+                                      max_new_tokens=min(int(request.get("max_tokens", 128)), self.args.max_tokens_limit),
+                                      batch_size=max(len(prompts), 1))
+        except (ValidationError, TypeError, ValueError) as e:
+            message = format_validation_error(e, "request") if isinstance(e, ValidationError) else str(e)
+            raise RequestError(message) from None
+        with self.lock:
+            completions = self.engine.generate(prompts, sampling, seed)
+        stops = request.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        results = []
+        for c in completions:
+            text, reason = c.text, c.finish_reason
+            cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            results.append((text, reason, len(c.token_ids)))
+        return results
+
+    def _envelope(self, kind: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"id": f"{kind}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": self.name,
+                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                              "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _count(self, prompts: list[str]) -> int:
+        return sum(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts)
+
+    def chat(self, request: dict) -> dict:
+        prompt = self.chat_prompt(request.get("messages"))
+        n = int(request.get("n", 1))
+        results = self._generate([prompt] * n, request, int(request.get("seed", 0)))
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for i, (text, reason, _) in enumerate(results)]
+        return self._envelope("chat.completion", choices, self._count([prompt]), sum(r[2] for r in results))
+
+    def complete(self, request: dict) -> dict:
+        raw = request.get("prompt")
+        prompts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError("prompt must be a string or a non-empty list of strings")
+        system = request.get("system", self.constitution)
+        prompts = [self.plain_prompt(system, p) for p in prompts]
+        results = self._generate(prompts, request, int(request.get("seed", 0)))
+        choices = [{"index": i, "text": text, "finish_reason": reason} for i, (text, reason, _) in enumerate(results)]
+        return self._envelope("text_completion", choices, self._count(prompts), sum(r[2] for r in results))
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "sami-on-ray"}]}
+
+
+def _deployment():
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI(title="SAMI checkpoint")
+
+    @serve.deployment(max_ongoing_requests=16)
+    @serve.ingress(api)
+    class OpenAICompatible:
+        def __init__(self, args: ServeArgs):
+            self.core = CompletionCore(args)
+
+        async def _call(self, method, request: Request):
+            try:
+                body = await request.json()
+            except ValueError:
+                return JSONResponse({"error": {"message": "the body is not JSON"}}, status_code=400)
+            try:
+                import asyncio
+
+                return await asyncio.to_thread(method, body)
+            except RequestError as e:
+                return JSONResponse({"error": {"message": str(e)}}, status_code=400)
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request):
+            return await self._call(self.core.chat, request)
+
+        @api.post("/v1/completions")
+        async def completions(self, request: Request):
+            return await self._call(self.core.complete, request)
+
+        @api.get("/v1/models")
+        def models(self):
+            return self.core.models()
+
+    return OpenAICompatible
+
+
+def build_app(raw_args: dict):
+    """Serve's app builder: `serve run cluster.serve_app:build_app model_path=...`."""
+    try:
+        args = ServeArgs.model_validate(raw_args)
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e, "serve arguments")) from None
+    options = {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": 1}}
+    if pick_engine(args.engine) == "vllm":
+        if args.tensor_parallel_size == 1:
+            options["ray_actor_options"]["num_gpus"] = 1
+        else:
+            # vLLM's Ray executor puts one worker on each GPU bundle of the replica's placement group.
+            options["placement_group_bundles"] = [{"CPU": 1}] + [{"GPU": 1}] * args.tensor_parallel_size
+            options["placement_group_strategy"] = "STRICT_PACK"
+    return _deployment().options(**options).bind(args)

@@ -1,0 +1,183 @@
+"""HFEngine and RolloutActor on the tiny model: generation, batching, seeds, weight sync, probe log-probs."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.rollout_engines import Completion, HFEngine, make_engine, state_dict_buckets
+from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig
+from pipelines.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+
+PROMPTS = [
+    "Query: Tell me about the river.\nResponse:",
+    "Human: How do I bake bread?",
+    "Constitution:\n1. Be polite.\n2. Be concise.\n\nQuery: Tell me about the mountain.\nResponse: Please",
+    "Assistant:",
+]
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8, batch_size=4)
+TARGET = " the river is long"  # what the trained model must say after any prompt, then EOS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model on a shared 2-core machine: one thread is 10-40x faster than two fighting for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return HFEngine(str(tiny_model_dir), ModelConfig(dtype="auto"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir):
+    """A copy of the tiny model trained to answer TARGET + EOS after every prompt (a few Adam steps)."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    target = tok(TARGET, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    prompts = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    batch = collate_sequences(prompts, [target] * len(prompts), tok.pad_token_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(30):
+        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        loss = -sequence_logprobs(lp, batch["response_mask"]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2, f"the tiny model did not learn the target (loss {loss.item():.3f})"
+    return model.eval(), tok, target[:-1]
+
+
+def direct_logprob(model, prompt_ids, response_ids, pad_id) -> float:
+    batch = collate_sequences([prompt_ids], [response_ids], pad_id)
+    with torch.no_grad():
+        return sequence_logprobs(token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]).item()
+
+
+def test_generate_shapes_and_length_finish(engine):
+    # fp32 on CPU (dtype auto), random weights: 8 tokens of noise, no EOS
+    assert engine.model.dtype == torch.float32
+    out = engine.generate(PROMPTS, GREEDY, seed=0)
+    assert len(out) == len(PROMPTS) and all(isinstance(c, Completion) for c in out)
+    for c in out:
+        assert c.finish_reason == "length" and len(c.token_ids) == 8
+        assert engine.tokenizer.eos_token_id not in c.token_ids
+        assert c.text == engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_stop_cuts_at_first_eos(engine):
+    eos, pad = engine.tokenizer.eos_token_id, engine.tokenizer.pad_token_id
+    assert engine._completion([10, 11, eos, pad, pad]) == Completion(engine.tokenizer.decode([10, 11]), [10, 11], "stop")
+    assert engine._completion([eos, 12]).token_ids == [] and engine._completion([eos]).finish_reason == "stop"
+    assert engine._completion([10, 11, 12]).finish_reason == "length"
+
+
+def test_left_padded_batch_equals_one_by_one_greedy(engine):
+    batched = engine.generate(PROMPTS, GREEDY, seed=0)
+    single = [engine.generate([p], GREEDY, seed=0)[0] for p in PROMPTS]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    # a batch_size smaller than the prompt count splits the call and changes nothing
+    split = engine.generate(PROMPTS, GREEDY.model_copy(update={"batch_size": 3}), seed=0)
+    assert [c.token_ids for c in split] == [c.token_ids for c in batched]
+
+
+def test_sampling_is_deterministic_per_seed(engine):
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=4)
+    first = engine.generate(PROMPTS, sampling, seed=7)
+    torch.rand(100)  # global RNG activity in between must not matter
+    again = engine.generate(PROMPTS, sampling, seed=7)
+    other = engine.generate(PROMPTS, sampling, seed=8)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+    # a tiny nucleus (top_p) leaves only the argmax token, so sampling turns greedy
+    nucleus = engine.generate(PROMPTS, sampling.model_copy(update={"top_p": 1e-6}), seed=7)
+    assert [c.token_ids for c in nucleus] == [c.token_ids for c in engine.generate(PROMPTS, GREEDY, seed=0)]
+
+
+def test_long_prompt_keeps_its_end(tiny_model_dir):
+    engine = HFEngine(str(tiny_model_dir), ModelConfig(max_prompt_tokens=8))
+    long_prompt = "the a an and of to in is it you that he was for on are " + PROMPTS[0]
+    tail = engine.tokenizer(long_prompt, add_special_tokens=False).input_ids[-8:]
+    assert engine.generate([long_prompt], GREEDY, 0)[0].token_ids == engine.generate(
+        [engine.tokenizer.decode(tail)], GREEDY, 0)[0].token_ids
+
+
+def test_update_weights_changes_outputs_and_probe_matches(tiny_model_dir, trained):
+    model, tok, target = trained
+    engine = HFEngine(str(tiny_model_dir), ModelConfig())
+    prompt_ids = tok(PROMPTS[0], add_special_tokens=False).input_ids
+    before = engine.sequence_logprob(prompt_ids, target)
+    assert engine.generate(PROMPTS, GREEDY, 0)[0].text != TARGET.strip()
+
+    engine.update_weights(state_dict_buckets(model.named_parameters(), bucket_mb=1))
+
+    for c in engine.generate(PROMPTS, GREEDY, 0):
+        assert (c.text, c.token_ids, c.finish_reason) == (TARGET.strip(), target, "stop")
+    after = engine.sequence_logprob(prompt_ids, target)
+    assert after == pytest.approx(direct_logprob(model, prompt_ids, target, tok.pad_token_id), abs=1e-6)
+    assert after > -0.1 > before  # the trained model is sure of the target; the random one is not
+
+
+def test_update_weights_rejects_bad_buckets(tiny_model_dir):
+    engine = HFEngine(str(tiny_model_dir), ModelConfig())
+    buckets = state_dict_buckets(engine.model.named_parameters(), bucket_mb=1)
+    with pytest.raises(KeyError, match="no parameter 'nope'"):
+        engine.update_weights([{**buckets[0], "nope": np.zeros(1, np.float32)}])
+    name = "model.embed_tokens.weight"
+    with pytest.raises(ValueError, match=name):
+        engine.update_weights([{**buckets[0], name: buckets[0][name][:-1]}])
+    with pytest.raises(KeyError, match="not in the buckets"):
+        engine.update_weights([{k: v for k, v in buckets[0].items() if k != name}])
+
+
+def test_buckets_respect_the_size_limit_and_round_trip():
+    mib = 2**20
+    tensors = [(f"w{i}", torch.randn(mib // 4 * 2 // 5)) for i in range(5)]  # 0.4 MiB each (float32)
+    tensors.insert(2, ("big", torch.randn(mib // 4 * 3 // 2).to(torch.bfloat16)))  # 1.5 MiB once float32
+    buckets = state_dict_buckets(tensors, bucket_mb=1)
+    assert [list(b) for b in buckets] == [["w0", "w1"], ["big"], ["w2", "w3"], ["w4"]]
+    for bucket in buckets:
+        assert sum(a.nbytes for a in bucket.values()) <= mib or len(bucket) == 1
+    merged = {k: v for b in buckets for k, v in b.items()}
+    for name, tensor in tensors:
+        assert merged[name].dtype == np.float32
+        np.testing.assert_array_equal(merged[name], tensor.float().numpy())
+
+
+def test_make_engine_picks_and_guards(tiny_model_dir):
+    assert isinstance(make_engine(str(tiny_model_dir), RolloutConfig(engine="hf"), ModelConfig()), HFEngine)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="install the `vllm` extra"):
+            make_engine(str(tiny_model_dir), RolloutConfig(engine="vllm"), ModelConfig())
+
+
+@pytest.mark.timeout(120)
+def test_rollout_actor_syncs_through_one_object_ref(tiny_model_dir, trained):
+    ray = pytest.importorskip("ray")
+    from actors.rollout import RolloutActor, rollout_actor_options
+
+    model, tok, target = trained
+    cfg = RolloutConfig(engine="hf", cpus_per_engine=1)
+    assert rollout_actor_options(cfg) == {"num_cpus": 1}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = RolloutActor.options(**rollout_actor_options(cfg)).remote(str(tiny_model_dir), cfg, ModelConfig())
+        prompt_ids = tok(PROMPTS[1], add_special_tokens=False).input_ids
+        buckets = state_dict_buckets(model.named_parameters(), bucket_mb=1)
+        ref = ray.put(buckets)  # all buckets in one object: one control call per sync
+        result = ray.get(actor.update_weights.remote(ref), timeout=60)
+        assert result["bytes"] == sum(p.numel() * 4 for p in model.parameters())
+        assert 0 < result["seconds"] < 10
+        probe = ray.get(actor.sequence_logprob.remote(prompt_ids, target), timeout=60)
+        assert probe == pytest.approx(direct_logprob(model, prompt_ids, target, tok.pad_token_id), abs=1e-5)
+        out = ray.get(actor.generate.remote(PROMPTS[:2], GREEDY, 0), timeout=60)
+        assert [c["text"] for c in out] == [TARGET.strip()] * 2 and out[0]["finish_reason"] == "stop"
+        ray.get(actor.reset_prefix_cache.remote(), timeout=30)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,101 @@
+"""The OpenAI-compatible Serve app: its core on a tiny checkpoint (fast), then over HTTP under Ray Serve (slow)."""
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster.serve_app import CompletionCore, RequestError, ServeArgs, build_app
+from pipelines.prompts import generation_prompt
+
+CONSTITUTION = "1. Be polite.\n2. Be concise."
+
+
+@pytest.fixture(scope="module")
+def core(tiny_model_dir):
+    return CompletionCore(ServeArgs(model_path=str(tiny_model_dir), engine="hf", model_name="tiny",
+                                    constitution=CONSTITUTION, max_tokens_limit=16))
+
+
+def test_chat_uses_the_constitution_as_the_generation_prompt(core):
+    greedy = {"temperature": 0.0, "max_tokens": 12}
+    chat = core.chat({"messages": [{"role": "user", "content": "Tell me about the river."}], **greedy})
+    query = generation_prompt("dialogue", CONSTITUTION, "Tell me about the river.")
+    raw = core.complete({"prompt": query, "system": "", **greedy})  # an empty system: the prompt as given
+    assert chat["choices"][0]["message"]["content"] == raw["choices"][0]["text"]
+    assert chat["object"] == "chat.completion" and chat["model"] == "tiny"
+    assert chat["usage"]["prompt_tokens"] == len(core.tokenizer(query, add_special_tokens=False).input_ids)
+    assert 0 < chat["usage"]["completion_tokens"] <= 12
+
+
+def test_completions_system_field_and_limits(core):
+    other = core.complete({"prompt": ["Tell me about the river.", "Tell me about the mountain."], "system": "1. Be curt.",
+                           "temperature": 0.0, "max_tokens": 500})
+    assert [c["index"] for c in other["choices"]] == [0, 1]
+    assert other["usage"]["completion_tokens"] <= 2 * 16  # max_tokens is capped by max_tokens_limit
+    first = other["choices"][0]["text"]
+    stop = first.split()[1] if len(first.split()) > 1 else None
+    if stop:
+        cut = core.complete({"prompt": "Tell me about the river.", "system": "1. Be curt.", "temperature": 0.0,
+                             "max_tokens": 500, "stop": [stop]})["choices"][0]
+        assert cut["text"] == first[:first.find(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_bad_requests_name_the_problem(core):
+    with pytest.raises(RequestError, match="last message must have role 'user'"):
+        core.chat({"messages": [{"role": "assistant", "content": "hi"}]})
+    with pytest.raises(RequestError, match="prompt must be"):
+        core.complete({"prompt": 3})
+    with pytest.raises(RequestError, match="temperature"):
+        core.chat({"messages": [{"role": "user", "content": "hi"}], "temperature": -1})
+
+
+def test_build_app_rejects_unknown_arguments():
+    with pytest.raises(ValueError, match="modle_path: unknown field"):
+        build_app({"model_path": "x", "modle_path": "y"})
+
+
+def post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_serve_answers_over_http_on_loopback(tiny_model_dir):
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model_path": str(tiny_model_dir), "engine": "hf", "model_name": "tiny"}), name="sami",
+                  route_prefix="/")
+        base = f"http://127.0.0.1:{port}/v1"
+        status, chat = post(f"{base}/chat/completions", {
+            "model": "tiny", "max_tokens": 8, "temperature": 0.0,
+            "messages": [{"role": "system", "content": CONSTITUTION}, {"role": "user", "content": "Tell me about the river."}]})
+        assert status == 200 and chat["choices"][0]["message"]["role"] == "assistant"
+        assert 0 < chat["usage"]["completion_tokens"] <= 8
+        status, text = post(f"{base}/completions", {"prompt": "Human: How do I bake bread?", "max_tokens": 4})
+        assert status == 200 and text["object"] == "text_completion"
+        status, error = post(f"{base}/chat/completions", {"messages": []})
+        assert status == 400 and "messages must be" in error["error"]["message"]
+        with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "tiny"
+        # The principle writer's own client can use it as its endpoint.
+        from actors.principle_writer import OpenAIChatClient
+
+        answer = OpenAIChatClient(base, "tiny", "SAMI_TEST_NO_KEY").complete([{"role": "user", "content": "Hi"}], 0.0, 4)
+        assert isinstance(answer, str)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
