@@ -149,8 +149,28 @@ def full_parameters(module, zero_stage: int):
         yield
 
 
-def sync_weights(module, actors, cfg: TrainConfig, rank: int) -> dict:
-    """Learner -> every rollout engine: one object-store put and one control call per engine."""
+def open_nccl_sync(actors, cfg: TrainConfig):
+    """GPU: one NCCL group spanning learner rank 0 and every vLLM worker (actors/vllm_sync.py)."""
+    import socket
+
+    import ray
+
+    from actors.vllm_sync import trainer_group
+
+    with socket.socket() as sock:  # a free port on this node for the group's rendezvous
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    address, tp = ray.util.get_node_ip_address(), cfg.rollout.tensor_parallel_size
+    world_size = 1 + len(actors) * tp
+    refs = [a.init_weight_transfer.remote(address, port, 1 + e * tp, world_size) for e, a in enumerate(actors)]
+    group = trainer_group(address, port, world_size)  # joins while the engines join
+    ray.get(refs)
+    return group
+
+
+def sync_weights(module, actors, cfg: TrainConfig, rank: int, nccl_group=None) -> dict:
+    """Learner -> every rollout engine, one control call per engine: on CPU one object-store put of all
+    buckets; on GPU (vLLM) an NCCL broadcast of packed buffers from rank 0."""
     import ray
 
     from actors.rollout_engines import state_dict_buckets
@@ -158,7 +178,16 @@ def sync_weights(module, actors, cfg: TrainConfig, rank: int) -> dict:
     with full_parameters(module, cfg.deepspeed.zero_stage):
         if rank != 0:
             return {}
-        buckets = state_dict_buckets(module.named_parameters(), cfg.rollout.sync_bucket_mb)
+        named = list(module.named_parameters())
+        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+        if nccl_group is not None:
+            from actors.vllm_sync import broadcast_weights, weight_metadata
+
+            refs = [actor.receive_weights.remote(*weight_metadata(named)) for actor in actors]
+            broadcast_weights(nccl_group, named)
+            ray.get(refs)
+            return {"sync_bytes": nbytes, "buckets": 1}
+        buckets = state_dict_buckets(named, cfg.rollout.sync_bucket_mb)
     ref = ray.put(buckets)
     results = ray.get([actor.update_weights.remote(ref) for actor in actors])
     return {"sync_bytes": results[0]["bytes"], "buckets": len(buckets)}
@@ -239,13 +268,14 @@ def train_loop_per_worker(config: dict) -> None:
     base = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device).eval().requires_grad_(False) if needs_base else None
     engine = build_engine(model, cfg, world, use_gpu)
 
+    nccl_group = open_nccl_sync(actors, cfg) if rank == 0 and use_gpu and cfg.rollout.engine == "vllm" else None
     start = last_complete_iteration(run_dir) + 1 if config["resume"] else 1
     if start > 1:
         engine.load_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{start - 1}")
         probe = tuple(json.loads((run_dir / f"iteration-{start - 1}" / "probe.json").read_text()))
         if rank == 0:
             log(f"resumed from iteration {start - 1}; re-syncing the rollout engines")
-        sync_weights(engine.module, actors, cfg, rank)
+        sync_weights(engine.module, actors, cfg, rank, nccl_group)
         verify_sync(engine.module, actors, probe, pad_id, cfg, rank, device)
 
     micro = deepspeed_config(cfg, world, use_gpu)["train_micro_batch_size_per_gpu"]
@@ -321,7 +351,7 @@ def train_loop_per_worker(config: dict) -> None:
             phase(metrics, "sync")
         engine.eval()
         t = time.perf_counter()
-        record.update(sync_weights(engine.module, actors, cfg, rank))
+        record.update(sync_weights(engine.module, actors, cfg, rank, nccl_group))
         record["probe_abs_diff"] = verify_sync(engine.module, actors, probe, pad_id, cfg, rank, device)
         record["time_sync"] = time.perf_counter() - t
 
