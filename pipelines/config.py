@@ -87,8 +87,9 @@ class PrinciplesConfig(Section):
     # How the C constitutions of a query differ: the positive one first, then contrasts.
     #   antithesis_one: one principle flipped to its antithesis per contrast
     #   antithesis_all: every principle flipped (the paper's HH setting)
-    #   sample_k: k of the training principles per query, random stances (diverse-principle runs)
-    mode: Literal["antithesis_one", "antithesis_all", "sample_k"] = "antithesis_all"
+    #   sample_k: k of the training principles per query, contrasts flip a subset (diverse-principle runs)
+    #   sample_k_antithesis_all: k of the training principles per query, the contrast flips all k
+    mode: Literal["antithesis_one", "antithesis_all", "sample_k", "sample_k_antithesis_all"] = "antithesis_all"
     num_constitutions: int = Field(2, ge=2)
     principles_per_constitution: Optional[int] = Field(None, ge=1)  # k for sample_k
     heldout: list[str] = Field(default_factory=list)  # principle names never used in training
@@ -195,8 +196,8 @@ class TrainConfig(Section):
         p = self.principles
         if p.source == "file" and not p.path:
             raise ValueError("principles.source is 'file' but principles.path is not set")
-        if p.mode == "sample_k" and p.principles_per_constitution is None:
-            raise ValueError("principles.mode is 'sample_k' but principles.principles_per_constitution is not set")
+        if p.mode.startswith("sample_k") and p.principles_per_constitution is None:
+            raise ValueError(f"principles.mode is {p.mode!r} but principles.principles_per_constitution is not set")
         if self.rollout.engine == "vllm" and self.scaling.gpus_per_learner == 0:
             raise ValueError("rollout.engine is 'vllm' (GPU only) but scaling.gpus_per_learner is 0")
         if self.optim.groups_per_step % self.scaling.num_learners:

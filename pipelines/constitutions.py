@@ -38,6 +38,7 @@ def sample_constitutions(
     - `antithesis_all`: all principles stated; contrast(s) flip every principle (C must be 2).
     - `antithesis_one`: all principles stated; each contrast flips a different single principle.
     - `sample_k`: k principles drawn per query; contrasts flip a distinct non-empty subset of them.
+    - `sample_k_antithesis_all`: k principles drawn per query; the contrast flips all of them (C must be 2).
     """
     unknown = set(heldout) - {p.name for p in principles}
     if unknown:
@@ -55,17 +56,23 @@ def sample_constitutions(
         if num - 1 > len(names):
             raise ValueError(f"mode antithesis_one has {len(names)} principles to flip, cannot make {num - 1} contrasts")
         flips = [frozenset([n]) for n in rng.sample(names, num - 1)]
-    elif mode == "sample_k":
+    elif mode in ("sample_k", "sample_k_antithesis_all"):
         if k is None or not 1 <= k <= len(names):
-            raise ValueError(f"sample_k needs 1 <= k <= {len(names)} training principles, got k={k}")
+            raise ValueError(f"{mode} needs 1 <= k <= {len(names)} training principles, got k={k}")
         names = rng.sample(names, k)
+        if mode == "sample_k_antithesis_all":
+            if num != 2:
+                raise ValueError(f"mode sample_k_antithesis_all makes exactly one contrast, so C must be 2, got {num}")
+            stated = sorted(names)
+            return [Constitution(tuple((n, True) for n in stated)), Constitution(tuple((n, False) for n in stated))]
         subsets = (1 << k) - 1  # non-empty subsets of the k stated principles
         if num - 1 > subsets:
             raise ValueError(f"with k={k} there are only {subsets} distinct contrasts, cannot make {num - 1}")
         masks = rng.sample(range(1, subsets + 1), num - 1)
         flips = [frozenset(n for bit, n in enumerate(names) if mask >> bit & 1) for mask in masks]
     else:
-        raise ValueError(f"unknown constitution mode {mode!r}; use antithesis_one, antithesis_all or sample_k")
+        raise ValueError(f"unknown constitution mode {mode!r}; use antithesis_one, antithesis_all, sample_k or "
+                         f"sample_k_antithesis_all")
     stated = sorted(names)
     return [Constitution(tuple((n, n not in flip) for n in stated)) for flip in [frozenset(), *flips]]
 

@@ -22,13 +22,14 @@ def log(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def baseline_overrides(name: str, iterations: int) -> list[str]:
-    """The comparisons, on the same world with the same number of iterations and optimiser steps."""
+def baseline_overrides(name: str, sami_run: Path) -> list[str]:
+    """The comparisons train on the query groups the SAMI run generated, with the same number of steps."""
+    replay = [f"data.replay_groups_from={sami_run}"]
     return {
         "sami": [],
-        "sft": ["objective.name=sft", "objective.kl_beta=0"],
-        "dpo": ["objective.name=dpo", "objective.kl_beta=0", "optim.lr=1e-4"],
-        "sft-sami": ["objective.name=sft_then_sami", "objective.sft_iterations=1"],
+        "sft": ["objective.name=sft", "objective.kl_beta=0", *replay],
+        "dpo": ["objective.name=dpo", "objective.kl_beta=0", "optim.lr=2e-5", *replay],
+        "sft-sami": ["objective.name=sft_then_sami", "objective.sft_iterations=1", *replay],
     }[name]
 
 
@@ -36,7 +37,7 @@ def run_training(name: str, args, extra: list[str]) -> Path:
     from pipelines.train import run
 
     overrides = [f"run.seed={args.seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
-                 f"run.output_dir={args.out / name}"] + extra + baseline_overrides(name, args.iterations)
+                 f"run.output_dir={args.out / name}"] + extra + baseline_overrides(name, args.out / "sami")
     cfg = load_config(CONFIG, overrides)
     t = time.time()
     run_dir = run(cfg, resume=(args.out / name / "metrics.jsonl").exists(), log=log)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         base_path = ensure_base_model(spec, log=log)
         extra = [f"model.name_or_path={base_path}"]
         if args.small:
-            extra += ["schedule.steps_per_iteration=8"]
+            extra += ["data.queries_per_iteration=128", "schedule.steps_per_iteration=24"]
         log("phase 2/4: SAMI training")
         runs = {"sami": run_training("sami", args, extra)}
         if not args.skip_baselines:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -40,8 +41,9 @@ def add_constitutions(batch: pd.DataFrame, writer, cfg: TrainConfig, iteration: 
 def add_responses(batch: pd.DataFrame, actors: list, cfg: TrainConfig, iteration: int) -> pd.DataFrame:
     """One response per constitution, from a long-lived rollout actor (picked by the batch's first query)."""
     prompts = [p for row in batch["generation_prompts"] for p in row]
-    actor = actors[hash(batch["query_id"].iloc[0]) % len(actors)]
-    seed = cfg.run.seed * 1000 + iteration + hash(batch["query_id"].iloc[0]) % 997
+    key = zlib.crc32(str(batch["query_id"].iloc[0]).encode())  # stable across processes, unlike hash()
+    actor = actors[key % len(actors)]
+    seed = cfg.run.seed * 1000 + iteration + key % 997
     completions = ray.get(actor.generate.remote(prompts, cfg.sampling, seed))
     c = cfg.principles.num_constitutions
     texts = [comp["text"].strip() for comp in completions]
