@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="the CI-sized world: smaller base model, fewer steps")
+    parser.add_argument("--small", action="store_true", help="the CI-sized run: half the queries and steps per iteration")
     parser.add_argument("--skip-baselines", action="store_true", help="SAMI only (no SFT, DPO, SFT-then-SAMI)")
     parser.add_argument("--eval-queries", type=int, default=200)
     args = parser.parse_args(argv)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.world.report import print_table, write_report
 
     try:
-        spec = BaseModelSpec.small(args.seed) if args.small else BaseModelSpec(seed=args.seed)
+        spec = BaseModelSpec(seed=args.seed)  # --small keeps the base model: a weaker one leaves SAMI nothing to amplify
         log("phase 1/4: base model")
         base_path = ensure_base_model(spec, log=log)
         extra = [f"model.name_or_path={base_path}"]

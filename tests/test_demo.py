@@ -15,16 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 def test_small_world_sami_raises_adherence_and_mi_bound(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.demo", "--small", "--skip-baselines", "--out", str(out), "--eval-queries", "150"],
+        [sys.executable, "-m", "pipelines.demo", "--small", "--skip-baselines", "--iterations", "2", "--out", str(out),
+         "--eval-queries", "150"],
         cwd=REPO, capture_output=True, text=True, timeout=450, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())["models"]
-    base, last = report["base"], report["sami-iter3"]
+    base, last = report["base"], report["sami-iter2"]
     print({name: {k: round(m[k], 3) for k in ("adherence", "mi_lower_bound", "win_rate_vs_base")} for name, m in report.items()})
-    assert last["adherence"] > base["adherence"] + 0.05
-    assert last["mi_lower_bound"] > base["mi_lower_bound"] + 0.01
+    assert last["adherence"] > base["adherence"] + 0.04
+    assert last["mi_lower_bound"] > base["mi_lower_bound"] + 0.02
     assert last["win_rate_vs_base"] > 0.5
     assert last["well_formed"] > 0.85
     assert {"adherence_heldout", "mean_length"} <= set(last)
-    assert (out / "report.png").stat().st_size > 0 and "sami-iter3" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 0 and "sami-iter2" in (out / "report.md").read_text()
