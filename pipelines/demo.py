@@ -1,6 +1,6 @@
 """The main job on the built-in world: SAMI measurably teaches a tiny base model to follow principles.
 
-`python -m pipelines.demo [--seed N] [--out DIR] [--small]` (what `make demo` runs): builds or reuses the
+`python -m pipelines.demo [--seed N] [--out DIR] [--iterations N] [--skip-baselines]` (what `make demo` runs): builds or reuses the
 world's base model, runs SAMI through the real training loop (local Ray, CPU), runs the baselines (SFT on
 positive-constitution samples, DPO on positive-vs-contrast pairs, SFT then SAMI) with the same budget of
 steps, evaluates every model on held-out queries and writes `<out>/report.json`, `report.md` and a plot.
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="the CI-sized run: half the queries and steps per iteration")
     parser.add_argument("--skip-baselines", action="store_true", help="SAMI only (no SFT, DPO, SFT-then-SAMI)")
     parser.add_argument("--eval-queries", type=int, default=200)
     args = parser.parse_args(argv)
@@ -61,12 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.world.report import print_table, write_report
 
     try:
-        spec = BaseModelSpec(seed=args.seed)  # --small keeps the base model: a weaker one leaves SAMI nothing to amplify
+        spec = BaseModelSpec(seed=args.seed)
         log("phase 1/4: base model")
         base_path = ensure_base_model(spec, log=log)
         extra = [f"model.name_or_path={base_path}"]
-        if args.small:
-            extra += ["data.queries_per_iteration=128", "schedule.steps_per_iteration=24"]
         log("phase 2/4: SAMI training")
         runs = {"sami": run_training("sami", args, extra)}
         if not args.skip_baselines:
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = metrics
         log(f"evaluated {name}: adherence {metrics['adherence']:.3f}, MI bound {metrics['mi_lower_bound']:.3f} "
             f"({time.time() - t:.0f}s)")
-    report = write_report(args.out, results, {"seed": args.seed, "small": args.small, "iterations": args.iterations,
+    report = write_report(args.out, results, {"seed": args.seed, "iterations": args.iterations,
                                                 "eval_queries": args.eval_queries, "base_model": str(base_path),
                                                 "minutes": round((time.time() - started) / 60, 2)})
     print_table(results)
