@@ -8,17 +8,13 @@ in the run directory (`principles.yaml`) and reused on resume, so every iteratio
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import ray
 
+from pipelines.chat_clients import make_chat_client
 from pipelines.config import PrinciplesConfig, WriterConfig
 from pipelines.constitutions import Constitution, sample_constitutions
 from pipelines.principles import Principle, PrincipleError, load_principles, save_principles, validate_principles
@@ -66,81 +62,9 @@ def parse_principles(text: str, expected: int) -> list[Principle]:
     return validate_principles(entries, "writer answer")
 
 
-class OpenAIChatClient:
-    """POST {base_url}/chat/completions on an OpenAI-compatible server (a hosted API, `vllm serve`, ...).
-
-    The key is read from the environment variable named `api_key_env` at call time and only ever goes into
-    the Authorization header: no error message, log line or repr contains it. Connection failures, timeouts,
-    429 and 5xx answers are retried with exponential backoff; other 4xx answers fail at once.
-    """
-
-    def __init__(self, base_url: str, model: str, api_key_env: str, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 1.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key_env = model, api_key_env
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-
-    def __repr__(self) -> str:
-        return f"OpenAIChatClient(url={self.url!r}, model={self.model!r}, key from ${self.api_key_env})"
-
-    def complete(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as e:
-                problem = f"HTTP {e.code} {e.reason}"
-                if e.code in (401, 403):
-                    problem += f" (is ${self.api_key_env} set to a valid key?)"
-                if e.code != 429 and e.code < 500:
-                    break  # a request or credential problem: retrying will not help
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                problem = f"cannot reach the endpoint ({getattr(e, 'reason', e)})"
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
-                problem = "the answer is not an OpenAI chat completion (no choices[0].message.content)"
-        raise WriterError(f"principle writer: {self.url} failed after {attempt + 1} attempt(s): {problem}")
-
-
-class HFChatClient:
-    """A local instruct model through transformers (its chat template when it has one)."""
-
-    def __init__(self, model: str, trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code).eval()
-
-    def complete(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 1024) -> str:
-        if self.tokenizer.chat_template:
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        out = self.model.generate(**ids, max_new_tokens=max_tokens, do_sample=temperature > 0,
-                                  temperature=temperature or None, pad_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
-
-
-def make_chat_client(cfg: WriterConfig):
-    """openai: any OpenAI-compatible endpoint; vllm: a `vllm serve` endpoint (the same protocol); hf: a local model."""
-    if not cfg.model:
-        raise WriterError("principles.writer.model is not set (the writer model's name or path)")
-    if cfg.backend in ("openai", "vllm"):
-        if not cfg.base_url:
-            raise WriterError(f"principles.writer.backend is {cfg.backend!r} but principles.writer.base_url is not "
-                              f"set (e.g. http://127.0.0.1:8000/v1)")
-        return OpenAIChatClient(cfg.base_url, cfg.model, cfg.api_key_env)
-    return HFChatClient(cfg.model)
+def chat_client_for(cfg: WriterConfig):
+    return make_chat_client(cfg.backend, cfg.model, cfg.base_url, cfg.api_key_env, field_prefix="principles.writer",
+                            purpose="principle writer")
 
 
 def write_principles(cfg: WriterConfig, client) -> tuple[list[Principle], int]:
@@ -182,7 +106,7 @@ class PrincipleWriterCore:
 
             self._principles, source = list(PRINCIPLES), "world"
         else:
-            self._principles, self.rejected = write_principles(self.cfg.writer, self.client or make_chat_client(self.cfg.writer))
+            self._principles, self.rejected = write_principles(self.cfg.writer, self.client or chat_client_for(self.cfg.writer))
             source = "writer"
         save_principles(self._principles, self.path)
         return {"principles": len(self._principles), "rejected": self.rejected, "source": source}

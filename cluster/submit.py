@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         working_dir = Path(args.working_dir)
         config_path = relative_config(args.config, working_dir)
         if args.eval:
-            from evals.config import load_eval_config
+            from evals.config import EvalConfig
+            from evals.run import format_plan as format_eval_plan
 
-            load_eval_config(args.config, args.overrides)
-            uses_gpu, plan = False, None
+            eval_cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
+            uses_gpu, plan = eval_cfg.generation.gpus_per_model > 0, format_eval_plan(eval_cfg)
         else:
             from cluster.plan import format_plan
 

@@ -186,10 +186,13 @@ def combine_swapped(first, second) -> np.ndarray:
 def judge_against_baseline(judge, queries: list[str], constitutions: list[str], test_responses: list[str],
                            baseline_responses: list[str], seed: int, swap: bool = False,
                            references: list[str | None] | None = None,
-                           metadata: list[dict] | None = None) -> np.ndarray:
+                           metadata: list[dict] | None = None, transcripts: list | None = None) -> np.ndarray:
     """Judge test vs baseline per item with random A/B order; returns test-model scores.
 
     With swap=True every item is judged again in the other order and FastChat's consistency rule applies.
+    Given a `transcripts` list, one entry per pass is appended: per item {"test_is_a", "score" (the test
+    model's), "parsed" (a verdict was found), "text" (what the judge wrote; judges without `judgments` write
+    nothing)}.
     """
     from evals.judges import JudgeItem
 
@@ -206,7 +209,15 @@ def judge_against_baseline(judge, queries: list[str], constitutions: list[str], 
                            reference=r, metadata=m)
                  for q, c, t, b, a, r, m in zip(queries, constitutions, test_responses, baseline_responses,
                                                 test_is_a, references, metadata)]
-        return to_test_scores(judge.compare(items), test_is_a)
+        if hasattr(judge, "judgments"):
+            outputs = judge.judgments(items)
+        else:
+            outputs = [{"score": score, "parsed": True, "text": ""} for score in judge.compare(items)]
+        scores = to_test_scores([o["score"] for o in outputs], test_is_a)
+        if transcripts is not None:
+            transcripts.append([{"test_is_a": bool(a), "score": float(s), "parsed": o["parsed"], "text": o["text"]}
+                                for a, s, o in zip(test_is_a, scores, outputs)])
+        return scores
 
     test_is_a = assign_order(n, seed)
     scores = run(test_is_a)

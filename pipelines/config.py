@@ -245,10 +245,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def _deep_merge(base: dict | list, update: dict) -> dict | list:
+    """Merge overrides into the YAML data; a numeric key indexes a list (`models.1.path=...`)."""
+    if isinstance(base, list):
+        out = list(base)
+        for k, v in update.items():
+            if not (k.isdigit() and int(k) < len(out)):
+                raise ConfigError(f"override index {k!r} is out of range: the list has {len(out)} entries")
+            i = int(k)
+            out[i] = _deep_merge(out[i], v) if isinstance(v, dict) and isinstance(out[i], (dict, list)) else v
+        return out
     out = dict(base)
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), (dict, list)) else v
     return out
 
 

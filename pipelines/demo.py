@@ -1,6 +1,6 @@
 """The main job on the built-in world: SAMI measurably teaches a tiny base model to follow principles.
 
-`python -m pipelines.demo [--seed N] [--out DIR] [--iterations N] [--skip-baselines]` (what `make demo` runs): builds or reuses the
+`python -m pipelines.demo [--seed N] [--out DIR] [--iterations N] [--skip-baselines] [key=value ...]` (what `make demo` runs): builds or reuses the
 world's base model, runs SAMI through the real training loop (local Ray, CPU), runs the baselines (SFT on
 positive-constitution samples, DPO on positive-vs-contrast pairs, SFT then SAMI) with the same budget of
 steps, evaluates every model on held-out queries and writes `<out>/report.json`, `report.md` and a plot.
@@ -37,7 +37,7 @@ def run_training(name: str, args, extra: list[str]) -> Path:
     from pipelines.train import run
 
     overrides = [f"run.seed={args.seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
-                 f"run.output_dir={args.out / name}"] + extra + baseline_overrides(name, args.out / "sami")
+                 f"run.output_dir={args.out / name}"] + extra + args.overrides + baseline_overrides(name, args.out / "sami")
     cfg = load_config(CONFIG, overrides)
     t = time.time()
     run_dir = run(cfg, resume=(args.out / name / "metrics.jsonl").exists(), log=log)
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--skip-baselines", action="store_true", help="SAMI only (no SFT, DPO, SFT-then-SAMI)")
     parser.add_argument("--eval-queries", type=int, default=200)
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/world_demo.yaml for every run")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     started = time.time()

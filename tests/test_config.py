@@ -1,4 +1,6 @@
 """The typed training config: YAML + overrides, and errors that name the field and the bad value."""
+import re
+
 import pytest
 
 from pipelines.config import ConfigError, TrainConfig, dump_config, load_config, parse_overrides
@@ -60,3 +62,23 @@ def test_paper_schedule_grows_steps():
     cfg = TrainConfig.model_validate({"schedule": {"steps_per_iteration": 2, "grow_steps": True}})
     assert [cfg.steps_for_iteration(k) for k in (1, 2, 3)] == [2, 4, 6]
     assert TrainConfig().steps_for_iteration(3) == TrainConfig().schedule.steps_per_iteration
+
+
+def test_overrides_index_lists_and_the_eval_schema_checks_itself(tmp_path):
+    from evals.config import EvalConfig
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("models:\n  - {name: base, path: a}\n  - {name: sami, path: b}\n")
+    cfg = load_config(path, ["models.1.path=c", "baseline=sami"], model_cls=EvalConfig)
+    assert [(m.name, m.path) for m in cfg.models] == [("base", "a"), ("sami", "c")] and cfg.baseline_name == "sami"
+    with pytest.raises(ConfigError, match="override index '2' is out of range: the list has 2 entries"):
+        load_config(path, ["models.2.path=x"], model_cls=EvalConfig)
+    for override, expected in [("models.1.name=base", "names must be unique, ['base'] repeat"),
+                               ("judge.backend=openai", "judge.model is not set"),
+                               ("data.source=jsonl", "judge.backend 'world' judges the built-in world only"),
+                               ("mtbench.enabled=true", "mtbench.judge_prompts"),
+                               ("gsm8k.num_samples=4", "gsm8k.k")]:
+        extra = ["data.path=q.jsonl"] if override == "data.source=jsonl" else []
+        extra += ["gsm8k.k=[1, 8]"] if override.startswith("gsm8k") else []
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(path, [override, *extra], model_cls=EvalConfig)

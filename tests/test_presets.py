@@ -61,3 +61,47 @@ def test_train_dry_run_subprocess():
     assert result.returncode == 0, result.stderr
     assert "2 iteration(s) of sami on mistralai/Mistral-7B-v0.1" in result.stdout
     assert "10 GPU" in result.stdout
+
+
+EVAL_PRESETS = ["eval_hh_mistral7b", "eval_tldr_mistral7b", "eval_tldr_mixtral_weak_writer", "eval_mtbench_multitask",
+                "eval_gsm8k", "eval_world"]
+
+
+@pytest.mark.parametrize("name", EVAL_PRESETS)
+def test_evaluation_preset_dry_run(name, capsys):
+    from evals.config import EvalConfig
+    from evals.run import main
+
+    path = REPO / "configs" / f"{name}.yaml"
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(path, model_cls=EvalConfig)
+    assert f"{len(cfg.models)} model(s) against baseline {cfg.baseline_name!r}" in out
+    header = path.read_text().split("\nrun:")[0]
+    assert "python -m evals.run --config configs/" + name + ".yaml" in header
+    if name != "eval_world":
+        assert "arXiv" in header and "DESIGN.md §1" in header and cfg.generation.engine == "vllm"
+
+
+def test_evaluation_presets_read_what_their_training_runs_wrote():
+    from evals.config import EvalConfig
+
+    for train, evaluation in [("hh_mistral7b", "eval_hh_mistral7b"), ("tldr_mistral7b", "eval_tldr_mistral7b"),
+                              ("tldr_mixtral_weak_writer", "eval_tldr_mixtral_weak_writer")]:
+        t = load_config(REPO / "configs" / f"{train}.yaml")
+        e = load_config(REPO / "configs" / f"{evaluation}.yaml", model_cls=EvalConfig)
+        assert e.data == t.data  # the same held-out rows
+        assert e.principles.path == f"{t.run.output_dir}/principles.yaml"
+        iterations = [m.path for m in e.models if m.name.startswith("sami-iter")]
+        assert iterations == [f"{t.run.output_dir}/iteration-{k}/hf" for k in range(1, t.run.iterations + 1)]
+    gsm = load_config(REPO / "configs" / "eval_gsm8k.yaml", model_cls=EvalConfig)
+    assert (gsm.gsm8k.num_samples, gsm.gsm8k.k, gsm.needs_queries) == (10, [1, 10], False)
+
+
+@pytest.mark.timeout(120)
+def test_submit_eval_dry_run_prints_the_evaluation_plan():
+    result = subprocess.run([sys.executable, "-m", "cluster.submit", "--eval", "--config", "configs/eval_gsm8k.yaml",
+                             "--dry-run", "gsm8k.max_items=100"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "benchmarks: GSM8K (openai/gsm8k test; greedy, pass@[1, 10] from 10 samples)" in result.stdout
+    assert "entry point: python -m evals.run --config configs/eval_gsm8k.yaml gsm8k.max_items=100" in result.stdout

@@ -2,14 +2,12 @@
 import json
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from actors.principle_writer import (
-    OpenAIChatClient, PrincipleWriterCore, WriterError, make_chat_client, parse_principles, write_principles,
-)
+from actors.principle_writer import PrincipleWriterCore, WriterError, chat_client_for, parse_principles, write_principles
+from chat_server import ChatServer
+from pipelines.chat_clients import ChatClientError, OpenAIChatClient
 from pipelines.config import PrinciplesConfig, WriterConfig
 from pipelines.principles import Principle, PrincipleError, load_principles
 
@@ -104,44 +102,12 @@ def test_constitutions_are_deterministic_per_query_and_seed(tmp_path):
         assert len(group) == 3 and group[0].is_fully_positive and not any(c.is_fully_positive for c in group[1:])
 
 
-def test_make_chat_client_names_missing_fields():
-    with pytest.raises(WriterError, match="principles.writer.model is not set"):
-        make_chat_client(WriterConfig())
-    with pytest.raises(WriterError, match="principles.writer.base_url is not set"):
-        make_chat_client(WriterConfig(model="m", backend="vllm"))
-    assert isinstance(make_chat_client(writer_cfg(backend="vllm")), OpenAIChatClient)
-
-
-class ChatServer:
-    """A real HTTP server on 127.0.0.1 speaking the OpenAI chat format; scripted status codes, records requests."""
-
-    def __init__(self, statuses=(200,), answer=GOOD):
-        self.requests, self.statuses = [], list(statuses)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status = server.statuses.pop(0) if len(server.statuses) > 1 else server.statuses[0]
-                payload = {"choices": [{"message": {"role": "assistant", "content": answer}}]} if status == 200 else {"error": "x"}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def test_chat_client_for_names_missing_fields():
+    with pytest.raises(ChatClientError, match="principles.writer.model is not set"):
+        chat_client_for(WriterConfig())
+    with pytest.raises(ChatClientError, match="principles.writer.base_url is not set"):
+        chat_client_for(WriterConfig(model="m", backend="vllm"))
+    assert isinstance(chat_client_for(writer_cfg(backend="vllm")), OpenAIChatClient)
 
 
 SECRET = "sk-test-4f1c9e-never-log-me"
@@ -150,11 +116,11 @@ SECRET = "sk-test-4f1c9e-never-log-me"
 @pytest.mark.timeout(30)
 def test_openai_endpoint_request_and_parsed_principles(tmp_path, monkeypatch, caplog, capsys):
     monkeypatch.setenv("SAMI_WRITER_KEY", SECRET)
-    server = ChatServer(statuses=(503, 200))  # one transient failure, retried
+    server = ChatServer(GOOD, statuses=(503, 200))  # one transient failure, retried
     try:
         cfg = PrinciplesConfig(source="writer", writer=writer_cfg(base_url=server.url + "/", api_key_env="SAMI_WRITER_KEY",
                                                                  temperature=0.3, max_new_tokens=300))
-        client = make_chat_client(cfg.writer)
+        client = chat_client_for(cfg.writer)
         client.backoff = 0.01
         with caplog.at_level(logging.DEBUG):
             core = PrincipleWriterCore(cfg, tmp_path, client=client)
@@ -177,10 +143,10 @@ def test_openai_endpoint_request_and_parsed_principles(tmp_path, monkeypatch, ca
 @pytest.mark.timeout(30)
 def test_rejected_key_fails_at_once_without_leaking_it(monkeypatch):
     monkeypatch.setenv("SAMI_WRITER_KEY", SECRET)
-    server = ChatServer(statuses=(401,))
+    server = ChatServer(GOOD, statuses=(401,))
     try:
         client = OpenAIChatClient(server.url, "m", "SAMI_WRITER_KEY", retries=3, backoff=0.01)
-        with pytest.raises(WriterError, match=r"after 1 attempt\(s\): HTTP 401 .*SAMI_WRITER_KEY") as err:
+        with pytest.raises(ChatClientError, match=r"after 1 attempt\(s\): HTTP 401 .*SAMI_WRITER_KEY") as err:
             client.complete([{"role": "user", "content": "hi"}])
     finally:
         server.close()
@@ -193,5 +159,5 @@ def test_unreachable_endpoint_gives_a_clear_error_after_retries():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     client = OpenAIChatClient(f"http://127.0.0.1:{port}/v1", "m", "UNSET_KEY_VAR", timeout=2, retries=2, backoff=0.01)
-    with pytest.raises(WriterError, match=rf"127.0.0.1:{port}/v1/chat/completions failed after 3 attempt\(s\): cannot reach"):
+    with pytest.raises(ChatClientError, match=rf"127.0.0.1:{port}/v1/chat/completions failed after 3 attempt\(s\): cannot reach"):
         client.complete([{"role": "user", "content": "hi"}])

@@ -92,7 +92,7 @@ def test_serve_answers_over_http_on_loopback(tiny_model_dir):
         with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
             assert json.loads(response.read())["data"][0]["id"] == "tiny"
         # The principle writer's own client can use it as its endpoint.
-        from actors.principle_writer import OpenAIChatClient
+        from pipelines.chat_clients import OpenAIChatClient
 
         answer = OpenAIChatClient(base, "tiny", "SAMI_TEST_NO_KEY").complete([{"role": "user", "content": "Hi"}], 0.0, 4)
         assert isinstance(answer, str)

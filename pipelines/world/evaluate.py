@@ -37,21 +37,21 @@ def eval_set(n: int, seed: int, heldout: bool = False) -> list[EvalItem]:
     return items
 
 
-def generate(engine, prompts: list[str], seed: int, max_new_tokens: int = 40) -> list[str]:
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, batch_size=64)
-    return [c.text.strip() for c in engine.generate(prompts, sampling, seed)]
+# As training samples: the world's responses are short and the judge reads the model's own distribution.
+SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=40, batch_size=64)
 
 
 def evaluate_model(model_path: str, items: list[EvalItem], heldout_items: list[EvalItem], seed: int,
                    base_responses: list[str] | None = None) -> tuple[dict, list[str]]:
     """(metrics, the responses to `items`); win rate is against `base_responses` (0.5 when None)."""
     from actors.rollout_engines import HFEngine
+    from evals.generate import generate
     from evals.mi_bound import mi_lower_bound
 
     engine = HFEngine(model_path, ModelConfig(name_or_path=model_path), device="cpu")
-    responses = generate(engine, [i.prompt for i in items], seed)
-    contrast_responses = generate(engine, [i.contrast_prompt for i in items], seed + 1)
-    heldout_responses = generate(engine, [i.prompt for i in heldout_items], seed + 2)
+    responses = generate(engine, [i.prompt for i in items], SAMPLING, seed)
+    contrast_responses = generate(engine, [i.contrast_prompt for i in items], SAMPLING, seed + 1)
+    heldout_responses = generate(engine, [i.prompt for i in heldout_items], SAMPLING, seed + 2)
 
     per_principle: dict[str, list[bool]] = {}
     for item, response in zip(items, responses):

@@ -1,0 +1,140 @@
+"""The evaluation job's config: which checkpoints, on which held-out queries, judged by whom, and which
+benchmarks. Same conventions as training (YAML, `key=value` overrides, errors that name the field)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from pipelines.config import DataConfig, PrinciplesConfig, SamplingConfig, Section
+
+
+class EvalRunConfig(Section):
+    name: str = "eval"
+    output_dir: str = "runs/eval"
+    seed: int = 0
+
+
+class EvalModel(Section):
+    name: str = Field(min_length=1)  # how the report calls it: "base", "sami-iter1", ...
+    path: str = Field(min_length=1)  # an HF folder (training exports iteration-k/hf) or a hub name
+
+
+class GenerationConfig(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_prompt_tokens: int = Field(1024, ge=8)
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM: GPUs per model
+    gpus_per_model: float = Field(0.0, ge=0.0)  # Ray resources of each model's generation task
+    cpus_per_model: float = Field(1.0, gt=0.0)
+
+
+class JudgeConfig(Section):
+    # openai / vllm: an OpenAI-compatible endpoint (a hosted API, `vllm serve`, `serve run cluster.serve_app`);
+    # hf: a local model; world: the built-in world's rule judge (exact, for the world's data only).
+    backend: Literal["openai", "vllm", "hf", "world"] = "openai"
+    model: Optional[str] = None
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the config
+    timeout: float = Field(60.0, gt=0.0)
+    retries: int = Field(3, ge=0)
+    max_tokens: int = Field(512, ge=1)
+    concurrency: int = Field(8, ge=1)  # requests in flight
+    swap: bool = False  # judge every pair in both orders; disagreement is a tie (FastChat's rule)
+
+    @model_validator(mode="after")
+    def _backend_needs(self):
+        if self.backend != "world" and not self.model:
+            raise ValueError(f"judge.backend is {self.backend!r} but judge.model is not set")
+        if self.backend in ("openai", "vllm") and not self.base_url:
+            raise ValueError(f"judge.backend is {self.backend!r} but judge.base_url is not set "
+                             f"(e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class WinRateConfig(Section):
+    enabled: bool = True
+    bootstrap: int = Field(2000, ge=1)
+
+
+class MIBoundConfig(Section):
+    enabled: bool = True
+
+
+class MTBenchConfig(Section):
+    enabled: bool = False
+    questions: Optional[str] = None  # FastChat's question.jsonl; None: the hub copy
+    judge_prompts: Optional[str] = None  # FastChat's judge_prompts.jsonl
+    max_questions: Optional[int] = Field(None, ge=1)
+    # the multi-task SAMI paper's protocol: the pairwise judge also sees the principles
+    principle_conditioned: bool = True
+    max_new_tokens: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_prompts(self):
+        if self.enabled and not self.judge_prompts:
+            raise ValueError("mtbench.enabled but mtbench.judge_prompts (FastChat's judge_prompts.jsonl) is not set")
+        return self
+
+
+class GSM8KConfig(Section):
+    enabled: bool = False
+    source: str = "openai/gsm8k"  # a hub name (config "main") or a local JSONL with question/answer
+    split: str = "test"
+    max_items: Optional[int] = Field(None, ge=1)
+    num_samples: int = Field(0, ge=0)  # n sampled completions per problem for pass@k; 0: greedy only
+    k: list[int] = Field(default_factory=lambda: [1])
+    temperature: float = Field(0.7, gt=0.0)
+    max_new_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _k_within_n(self):
+        too_large = [k for k in self.k if k > self.num_samples]
+        if self.num_samples and too_large:
+            raise ValueError(f"gsm8k.k {too_large} exceed gsm8k.num_samples={self.num_samples}")
+        return self
+
+
+class EvalConfig(Section):
+    run: EvalRunConfig = Field(default_factory=EvalRunConfig)
+    models: list[EvalModel] = Field(min_length=1)
+    baseline: Optional[str] = None  # the model every other one is compared with; default: the first
+    # Held-out queries: with data.heldout_queries = N, the last N rows exactly as training cut them off;
+    # with 0, every row loaded (point data.split at a test split).
+    data: DataConfig = Field(default_factory=DataConfig)
+    num_queries: Optional[int] = Field(None, ge=1)
+    principles: PrinciplesConfig = Field(default_factory=PrinciplesConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(backend="world"))
+    win_rates: WinRateConfig = Field(default_factory=WinRateConfig)
+    mi_bound: MIBoundConfig = Field(default_factory=MIBoundConfig)
+    mtbench: MTBenchConfig = Field(default_factory=MTBenchConfig)
+    gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: names must be unique, {duplicates} repeat")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the models {names}")
+        if self.principles.source == "writer":
+            raise ValueError("principles.source 'writer' is for training; evaluate with the principles the run saved: "
+                             "principles.source=file principles.path=<run>/principles.yaml")
+        if self.win_rates.enabled and self.judge.backend == "world" and self.data.source != "world":
+            raise ValueError(f"judge.backend 'world' judges the built-in world only, but data.source is {self.data.source!r}")
+        if self.mtbench.enabled and self.judge.backend == "world":
+            raise ValueError("mtbench.enabled needs a language-model judge (judge.backend openai, vllm or hf), not 'world'")
+        return self
+
+    @property
+    def needs_queries(self) -> bool:
+        """Held-out queries are answered for the win rates and the MI bound only."""
+        return self.win_rates.enabled or self.mi_bound.enabled
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or self.models[0].name

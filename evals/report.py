@@ -1,0 +1,125 @@
+"""The evaluation report: `results.json`, and `report.md` with its PNG plots (win rate per model with 95%
+intervals, MI bound per model, response-length distributions), all in the evaluation's output folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ESTIMATORS = ("raw", "balanced", "logistic")
+
+
+def _cell(summary: dict | None, estimator: str) -> str:
+    if not summary:
+        return "baseline"
+    s = summary[estimator]
+    return f"{100 * s['win_rate']:.1f} [{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]"
+
+
+def _number(value, fmt: str = "{:.3f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+    meta, models = results["meta"], results["models"]
+    judge = meta["judge"]
+    lines = [f"# Evaluation: {meta['name']}", "",
+             f"{meta['queries']} held-out queries, {meta['constitutions_per_query']} constitutions each, seed "
+             f"{meta['seed']}. Baseline: **{meta['baseline']}**. Judge: {judge['backend']}"
+             + (f" ({judge['model']})" if judge.get("model") else "")
+             + (", both A/B orders" if judge.get("swap") else ", random A/B order per item") + "."]
+    if any(m["lengths"] for m in models.values()):
+        lines += ["", "## Win rate against the baseline, MI bound, length", "",
+                  "Win rates in %, with bootstrap 95% intervals. *Length-balanced* is the SAMI paper's length-controlled "
+                  "figure (mean of the strata \"test longer\" / \"not longer\"); *logistic* reads the win rate off a "
+                  "logistic fit on the length difference at zero difference.", "",
+                  "| model | raw | length-balanced | logistic | MI bound (nats) | mean length (words) |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in models.items():
+            w = m.get("win_rate_vs_baseline")
+            lines.append(f"| {name} | {_cell(w, 'raw')} | {_cell(w, 'balanced')} | {_cell(w, 'logistic')} | "
+                         f"{_number(m.get('mi_lower_bound'))} | {m['mean_length']:.1f} |")
+    mtbench = {n: m["mtbench"] for n, m in models.items() if m.get("mtbench")}
+    if mtbench:
+        categories = sorted({c for t in mtbench.values() for c in t["single"]["turn_1"]}, key=lambda c: (c == "overall", c))
+        lines += ["", "## MT-Bench", "", "Single-answer grades (1-10), turn 1 / turn 2; pairwise first-turn win rate "
+                  "against the baseline (both orders, disagreement is a tie).", "",
+                  "| model | " + " | ".join(categories) + " | pairwise vs baseline |",
+                  "|---|" + "---|" * (len(categories) + 1)]
+        for name, t in mtbench.items():
+            cells = [f"{_number(t['single']['turn_1'].get(c, {}).get('mean'), '{:.2f}')} / "
+                     f"{_number(t['single']['turn_2'].get(c, {}).get('mean'), '{:.2f}')}" for c in categories]
+            pair = t["pairwise"]["overall"]["mean"] if t.get("pairwise") else None
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {_number(pair, '{:.3f}')} |")
+    gsm8k = {n: m["gsm8k"] for n, m in models.items() if m.get("gsm8k")}
+    if gsm8k:
+        ks = sorted({int(k) for g in gsm8k.values() for k in g["pass_at_k"]})
+        lines += ["", "## GSM8K", "", "| model | problems | greedy accuracy | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+                  "|---|---|---|" + "---|" * len(ks)]
+        for name, g in gsm8k.items():
+            passes = [_number(g["pass_at_k"].get(k, g["pass_at_k"].get(str(k)))) for k in ks]
+            lines.append(f"| {name} | {g['n']} | {g['greedy_accuracy']:.3f} | " + " | ".join(passes) + " |")
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    lines += ["", "Files: `results.json` (every figure above), `responses/<model>.jsonl`, "
+              "`judgments/<model>-vs-<baseline>.jsonl`" + (", `mtbench/`" if mtbench else "") + ", `config.yaml`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    names = list(models)
+    written = []
+    tested = [n for n in names if models[n].get("win_rate_vs_baseline")]
+    if tested:
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(tested) + 2), 3.5))
+        for offset, estimator in zip((-0.25, 0, 0.25), ESTIMATORS):
+            values = [models[n]["win_rate_vs_baseline"][estimator]["win_rate"] for n in tested]
+            cis = [models[n]["win_rate_vs_baseline"][estimator]["ci"] for n in tested]
+            errors = [[v - lo for v, (lo, _) in zip(values, cis)], [hi - v for v, (_, hi) in zip(values, cis)]]
+            ax.errorbar([i + offset for i in range(len(tested))], values, yerr=errors, fmt="o", capsize=3, label=estimator)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(tested)), tested, rotation=30)
+        ax.set_ylabel(f"win rate vs {results['meta']['baseline']}")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "win_rates.png", dpi=120)
+        plt.close(fig)
+        written.append("win_rates.png")
+    mi = [n for n in names if models[n].get("mi_lower_bound") is not None]
+    if mi:
+        fig, ax = plt.subplots(figsize=(max(4, 1.0 * len(mi) + 2), 3.5))
+        ax.plot(range(len(mi)), [models[n]["mi_lower_bound"] for n in mi], "o-")
+        ax.set_xticks(range(len(mi)), mi, rotation=30)
+        ax.set_ylabel("MI lower bound (nats)")
+        fig.tight_layout()
+        fig.savefig(out / "mi_bound.png", dpi=120)
+        plt.close(fig)
+        written.append("mi_bound.png")
+    if not any(models[n]["lengths"] for n in names):
+        return written
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in names:
+        ax.hist(models[n]["lengths"], bins=20, histtype="step", label=n)
+    ax.set_xlabel("response length (words)")
+    ax.set_ylabel("responses")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lengths.png", dpi=120)
+    plt.close(fig)
+    written.append("lengths.png")
+    return written
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """Write results.json, the plots and report.md into `out`; returns the report's path."""
+    out = Path(out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plots = plot(results, out)
+    path = out / "report.md"
+    path.write_text(markdown(results, plots))
+    return path

@@ -1,0 +1,327 @@
+"""The evaluation job: `python -m evals.run --config configs/eval_<name>.yaml [key=value ...]`.
+
+Submittable as is: `ray job submit --working-dir . -- python -m evals.run --config ...`. It evaluates
+checkpoints exported by training (HF folders) against a baseline model:
+1. plan (driver): held-out queries, C constitutions each, prompts; MT-Bench questions and GSM8K items;
+2. generate (one Ray task per model, GPUs from `generation.gpus_per_model`): responses, MI bound,
+   MT-Bench answers, GSM8K completions;
+3. judge (driver; an HTTP judge answers `judge.concurrency` requests at a time): every model against the
+   baseline with a random A/B order per item, raw / length-balanced / logistic win rates with bootstrap
+   intervals; MT-Bench single-answer and pairwise grading;
+4. report: `results.json`, `report.md` with PNG plots, responses and judgments as JSONL, beside each other
+   in `run.output_dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from evals.config import EvalConfig
+from evals.generate import EvalPlan
+from pipelines.config import ConfigError, dump_config, load_config
+
+
+def log(message: str) -> None:
+    print(f"[eval {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_library(cfg: EvalConfig):
+    from pipelines.principles import load_principles
+
+    if cfg.principles.source == "world":
+        from pipelines.world import PRINCIPLES
+
+        return list(PRINCIPLES)
+    if not cfg.principles.path:
+        raise ConfigError("principles.source is 'file' but principles.path is not set (e.g. <run>/principles.yaml)")
+    return load_principles(cfg.principles.path)
+
+
+def missing_paths(cfg: EvalConfig) -> list[str]:
+    """Local files and folders the config names that do not exist here (hub names are not checked)."""
+    def local(path: str) -> bool:
+        return path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith((".jsonl", ".yaml", ".json"))
+
+    problems = [f"models.{i}.path: no such folder {m.path!r} (an HF export such as <run>/iteration-1/hf, a hub "
+                f"name, or builtin:world)" for i, m in enumerate(cfg.models)
+                if local(m.path) and not Path(m.path).expanduser().is_dir()]
+    files = {"data.path": cfg.data.path if cfg.data.source == "jsonl" and cfg.needs_queries else None,
+             "principles.path": cfg.principles.path if cfg.principles.source == "file" and cfg.needs_queries else None,
+             "mtbench.questions": cfg.mtbench.questions if cfg.mtbench.enabled else None,
+             "mtbench.judge_prompts": cfg.mtbench.judge_prompts if cfg.mtbench.enabled else None,
+             "gsm8k.source": cfg.gsm8k.source if cfg.gsm8k.enabled and local(cfg.gsm8k.source) else None}
+    problems += [f"{field}: file not found: {path}" for field, path in files.items()
+                 if path and not Path(path).expanduser().is_file()]
+    return problems
+
+
+def format_plan(cfg: EvalConfig) -> str:
+    """What the job would do, from the config alone (no data or model is loaded)."""
+    d, g, j, p = cfg.data, cfg.generation, cfg.judge, cfg.principles
+    source = {"world": "the built-in world", "jsonl": d.path}.get(d.source) or f"{d.dataset} {d.subset or ''} ({d.split} split)"
+    held = f"the last {d.heldout_queries} queries training held out" if d.heldout_queries else "every query"
+    benchmarks = ["win rates (raw, length-balanced, logistic; bootstrap 95% intervals)"] if cfg.win_rates.enabled else []
+    benchmarks += ["MI bound"] if cfg.mi_bound.enabled else []
+    if cfg.mtbench.enabled:
+        benchmarks.append(f"MT-Bench ({cfg.mtbench.questions or 'questions from the hub'}; single and pairwise"
+                          + (", principle-conditioned" if cfg.mtbench.principle_conditioned else "") + ")")
+    if cfg.gsm8k.enabled:
+        benchmarks.append(f"GSM8K ({cfg.gsm8k.source} {cfg.gsm8k.split}; greedy" +
+                          (f", pass@{cfg.gsm8k.k} from {cfg.gsm8k.num_samples} samples" if cfg.gsm8k.num_samples else "") + ")")
+    judge = "none needed" if not (cfg.win_rates.enabled or cfg.mtbench.enabled) else "the world's rule judge" if j.backend == "world" else (
+        f"{j.backend} {j.model}" + (f" at {j.base_url} (key from ${j.api_key_env})" if j.base_url else ""))
+    queries = (f"  queries: {source}, {held}" + (f", at most {cfg.num_queries}" if cfg.num_queries else "")
+               + f"; {p.num_constitutions} constitutions each ({p.mode})") if cfg.needs_queries else "  queries: none"
+    return "\n".join([
+        f"evaluation {cfg.run.name}: {len(cfg.models)} model(s) against baseline {cfg.baseline_name!r} -> {cfg.run.output_dir}",
+        *(f"  model {m.name}: {m.path}" for m in cfg.models),
+        queries,
+        f"  generation: {g.engine}, one Ray task per model with {g.cpus_per_model:g} CPU and {g.gpus_per_model:g} GPU "
+        f"(at most {len(cfg.models) * g.gpus_per_model:g} GPUs at once)",
+        f"  judge: {judge}" + (", both A/B orders" if j.swap else ""),
+        f"  benchmarks: {'; '.join(benchmarks) or 'none'}",
+    ])
+
+
+def build_plan(cfg: EvalConfig) -> EvalPlan:
+    from pipelines.constitutions import render_constitution, sample_constitutions
+    from pipelines.data import load_queries, split_queries
+    from pipelines.prompts import generation_prompt, training_prompt
+
+    rows = []
+    if cfg.needs_queries:
+        rows = load_queries(cfg.data, cfg.run.seed)
+        if cfg.data.heldout_queries:
+            rows = split_queries(rows, cfg.data.heldout_queries)[1]
+        rows = rows[: cfg.num_queries]
+    p = cfg.principles
+    principles = load_library(cfg) if rows else []
+    library = {p.name: p for p in principles}
+    plan = EvalPlan(rows, [], [], [], [])
+    for row in rows:
+        key = f"eval/{cfg.run.seed}/{row['query_id']}"
+        try:
+            constitutions = sample_constitutions(principles, p.num_constitutions, p.mode, random.Random(key),
+                                                 k=p.principles_per_constitution, heldout=p.heldout)
+        except ValueError as e:
+            raise ConfigError(f"principles: {e}") from None
+        texts = [render_constitution(c, library, random.Random(f"{key}/{i}")) for i, c in enumerate(constitutions)]
+        plan.constitutions.append(constitutions)
+        plan.constitution_texts.append(texts)
+        plan.generation_prompts.append([generation_prompt(cfg.data.task, t, row["query"]) for t in texts])
+        plan.training_prompts.append([training_prompt(cfg.data.task, t, row["query"]) for t in texts])
+    if cfg.mtbench.enabled:
+        from evals.mtbench import load_questions
+
+        plan.mtbench_questions = load_questions(cfg.mtbench.questions)[: cfg.mtbench.max_questions]
+    if cfg.gsm8k.enabled:
+        from evals.gsm8k import load_gsm8k
+
+        plan.gsm8k_items = load_gsm8k(cfg.gsm8k.source, cfg.gsm8k.split, cfg.gsm8k.max_items)
+    return plan
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def generate_all(cfg: EvalConfig, plan: EvalPlan) -> dict[str, dict]:
+    import ray
+
+    from evals.generate import model_outputs
+
+    task = ray.remote(model_outputs).options(num_cpus=cfg.generation.cpus_per_model,
+                                             num_gpus=cfg.generation.gpus_per_model, max_retries=0)
+    plan_ref = ray.put(plan)
+    pending = {task.remote(m, cfg, plan_ref): m.name for m in cfg.models}
+    outputs = {}
+    while pending:
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done)
+        try:
+            outputs[name] = ray.get(done)
+        except ray.exceptions.RayTaskError as e:
+            path = next(m.path for m in cfg.models if m.name == name)
+            raise ConfigError(f"model {name!r} ({path}) could not be evaluated: {e.cause!r}") from None
+        log(f"generate: {name} done in {outputs[name]['seconds']:.0f}s ({len(outputs)}/{len(cfg.models)} models)")
+    return {m.name: outputs[m.name] for m in cfg.models}
+
+
+def judge_win_rates(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
+    from evals.judges import make_judge
+    from evals.win_rates import Judgements, judge_against_baseline, summarise
+
+    judge, baseline = make_judge(cfg.judge), cfg.baseline_name
+    base_responses = [r[0] for r in outputs[baseline]["responses"]]
+    queries = [row["query"] for row in plan.rows]
+    positive_texts = [texts[0] for texts in plan.constitution_texts]
+    metadata = [{"constitution": cons[0], "subject": row["subject"]} for cons, row in zip(plan.constitutions, plan.rows)]
+    summaries = {}
+    for name, output in outputs.items():
+        if name == baseline:
+            continue
+        test = [r[0] for r in output["responses"]]
+        started, transcripts = time.time(), []
+        scores = judge_against_baseline(judge, queries, positive_texts, test, base_responses, seed=cfg.run.seed,
+                                        swap=cfg.judge.swap, metadata=metadata, transcripts=transcripts)
+        judgements = Judgements(scores, [words(r) for r in base_responses], [words(r) for r in test])
+        summaries[name] = summarise(judgements, cfg.win_rates.bootstrap, cfg.run.seed)
+        summaries[name]["unparsed"] = sum(not t["parsed"] for one_pass in transcripts for t in one_pass)
+        write_jsonl(out / "judgments" / f"{name}-vs-{baseline}.jsonl", [
+            {"query_id": row["query_id"], "score": float(s), "baseline_len": words(b), "test_len": words(t),
+             "passes": [p[i] for p in transcripts]}
+            for i, (row, s, b, t) in enumerate(zip(plan.rows, scores, base_responses, test))])
+        s = summaries[name]
+        log(f"judge: {name} vs {baseline}: win rate {s['raw']['win_rate']:.3f}, length-balanced "
+            f"{s['balanced']['win_rate']:.3f} [{s['balanced']['ci'][0]:.3f}, {s['balanced']['ci'][1]:.3f}] "
+            f"({len(scores)} items, {time.time() - started:.0f}s)")
+    return summaries
+
+
+def judge_mtbench(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
+    from evals.mtbench import category_table, judge_pairwise, judge_single, load_judge_prompts, write_answers
+    from pipelines.chat_clients import make_chat_client
+
+    j = cfg.judge
+    client = make_chat_client(j.backend, j.model, j.base_url, j.api_key_env, field_prefix="judge", purpose="judge",
+                              timeout=j.timeout, retries=j.retries)
+    prompts = load_judge_prompts(cfg.mtbench.judge_prompts)
+    principles = "\n".join(f"- {p.definition}" for p in load_library(cfg)) if cfg.mtbench.principle_conditioned else None
+    answers = {name: {a.question_id: a for a in o["mtbench_answers"]} for name, o in outputs.items()}
+    baseline = cfg.baseline_name
+    tables = {}
+    for name, by_id in answers.items():
+        write_answers(str(out / "mtbench" / "model_answer" / f"{name}.jsonl"), list(by_id.values()))
+        single = judge_single(client, prompts, plan.mtbench_questions, by_id)
+        write_jsonl(out / "mtbench" / "judgments" / f"{name}-single.jsonl", single)
+        tables[name] = {"single": {f"turn_{t}": category_table([r for r in single if r["turn"] == t]) for t in (1, 2)},
+                        "pairwise": None}
+        if name != baseline:
+            pairwise = judge_pairwise(client, prompts, plan.mtbench_questions, by_id, answers[baseline],
+                                      principles=principles)
+            write_jsonl(out / "mtbench" / "judgments" / f"{name}-vs-{baseline}.jsonl", pairwise)
+            tables[name]["pairwise"] = category_table(pairwise)
+        log(f"mt-bench: {name}: mean score turn 1 {tables[name]['single']['turn_1']['overall']['mean']:.2f}")
+    return tables
+
+
+def connect_ray(cfg: EvalConfig) -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray."""
+    import ray
+
+    from pipelines.train import LOCAL_ENV
+
+    if ray.is_initialized():
+        return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": LOCAL_ENV})
+    else:
+        needed = math.ceil(cfg.generation.cpus_per_model) + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env={"env_vars": LOCAL_ENV})
+
+
+def run(cfg: EvalConfig) -> Path:
+    import ray
+
+    from cluster.metrics import RunMetrics
+    from evals.report import write_report
+
+    from pipelines.train import resolve_model
+
+    problems = missing_paths(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in cfg.models:  # builtin:world is the world's cached base model
+        model.path = resolve_model(model.path, log)
+    dump_config(cfg, out / "config.yaml")
+    log(f"phase 1/4: plan ({', '.join(m.name for m in cfg.models)} vs baseline {cfg.baseline_name!r})")
+    plan = build_plan(cfg)
+    log(f"plan: {len(plan.rows)} held-out queries x {cfg.principles.num_constitutions} constitutions"
+        + (f", {len(plan.mtbench_questions)} MT-Bench questions" if cfg.mtbench.enabled else "")
+        + (f", {len(plan.gsm8k_items)} GSM8K problems" if cfg.gsm8k.enabled else ""))
+    connect_ray(cfg)
+    metrics = RunMetrics("eval", cfg.run.name)
+    metrics.set_phase("generate")
+    log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray task per model)")
+    outputs = generate_all(cfg, plan)
+    for name, output in outputs.items() if plan.rows else ():
+        write_jsonl(out / "responses" / f"{name}.jsonl", [
+            {"query_id": row["query_id"], "query": row["query"], "constitution": texts[0], "prompt": prompts[0],
+             "response": responses[0], "length_words": words(responses[0])}
+            for row, texts, prompts, responses in zip(plan.rows, plan.constitution_texts, plan.generation_prompts,
+                                                      output["responses"])])
+    metrics.set_phase("evaluate")
+    log(f"phase 3/4: judge ({cfg.judge.backend} judge" + (f" {cfg.judge.model}" if cfg.judge.model else "") + ")")
+    win_rates = judge_win_rates(cfg, plan, outputs, out) if cfg.win_rates.enabled else {}
+    mtbench = judge_mtbench(cfg, plan, outputs, out) if cfg.mtbench.enabled else {}
+    models = {}
+    for index, m in enumerate(cfg.models):
+        o = outputs[m.name]
+        gsm = o["gsm8k"]
+        lengths = [words(r[0]) for r in o["responses"]]
+        models[m.name] = {
+            "path": m.path,
+            "mean_length": sum(lengths) / len(lengths) if lengths else None,
+            "lengths": lengths,
+            "mi_lower_bound": o["mi_lower_bound"],
+            "win_rate_vs_baseline": win_rates.get(m.name),
+            "mtbench": mtbench.get(m.name),
+            "gsm8k": {k: v for k, v in gsm.items() if k != "items"} if gsm else None,
+        }
+        metrics.record(index, {"mi_lower_bound": o["mi_lower_bound"] or float("nan"),
+                               "win_rate": (win_rates.get(m.name) or {}).get("balanced", {}).get("win_rate", float("nan"))})
+    log("phase 4/4: report")
+    meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.rows),
+            "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,
+            "model": cfg.judge.model, "swap": cfg.judge.swap}}
+    report = write_report(out, {"meta": meta, "models": models})
+    metrics.set_phase("idle")
+    log(f"done: {report} (results.json, responses/, judgments/)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="an evaluation config (configs/eval_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.output_dir=runs/eval2")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run")
+    args = parser.parse_args(argv)
+    from evals.gsm8k import GSM8KError
+    from evals.mtbench import MTBenchError
+    from pipelines.chat_clients import ChatClientError
+    from pipelines.principles import PrincipleError
+
+    try:
+        cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
+        if args.dry_run:
+            print(format_plan(cfg))
+            for problem in missing_paths(cfg):
+                print(f"warning: {problem} (fine if it is on the cluster's storage)")
+            print("config OK; nothing started (--dry-run)")
+            return 0
+        run(cfg)
+    except (ConfigError, ChatClientError, MTBenchError, GSM8KError, PrincipleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

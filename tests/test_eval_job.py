@@ -1,0 +1,227 @@
+"""The evaluation job end to end: two tiny checkpoints, a judge served over real HTTP on loopback in the
+OpenAI chat format, win rates, MI bound, MT-Bench (both modes) and GSM8K pass@k, and the report."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chat_server import ChatServer
+from evals.judges import JudgeItem, LLMJudge, parse_final_answer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Comparison: A names the river, B does not.\nFinal answer: A", 1.0),
+    ("Comparison: ...\nFinal Answer: **B**", 0.0),
+    ("Final answer: A\n(on reflection)\nFinal answer: B", 0.0),  # the last verdict counts
+    ("Both are fine.\nB", 0.0),  # a bare letter on the last line
+    ("Both responses are equally good.", None),
+    ("Final answer: neither", None),
+])
+def test_parse_final_answer(text, expected):
+    assert parse_final_answer(text) == expected
+
+
+class ScriptedClient:
+    def __init__(self, answers):
+        self.answers, self.messages = list(answers), []
+
+    def complete(self, messages, temperature=0.0, max_tokens=1024):
+        self.messages.append(messages)
+        return self.answers.pop(0)
+
+
+def test_llm_judge_prompt_and_scores():
+    client = ScriptedClient(["Final answer: A", "I cannot decide.", "Final answer: B"])
+    items = [JudgeItem(query=f"q{i}", constitution="1. Be concise.", response_a=f"a{i}", response_b=f"b{i}",
+                       reference="42" if i == 0 else None) for i in range(3)]
+    judged = LLMJudge(client, concurrency=1).judgments(items)
+    assert [j["score"] for j in judged] == [1.0, 0.5, 0.0]
+    assert [j["parsed"] for j in judged] == [True, False, True]
+    prompt = client.messages[0][1]["content"]
+    assert "1. Be concise." in prompt and "Response A: a0" in prompt and "Response B: b0" in prompt
+    assert "Reference answer: 42" in prompt and "Reference answer" not in client.messages[1][1]["content"]
+
+
+# ---- the job ----
+
+RESPONSE = re.compile(r"Response A: (.*?)\n\nResponse B: (.*?)\n\nFIRST", re.S)
+
+
+def judge_answer(body):
+    """What the loopback judge answers: the shorter response wins the SAMI-style comparison (equal lengths:
+    an answer with no verdict); MT-Bench grades are 7, pairwise verdicts [[A]]."""
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    if "Response A:" in user:
+        a, b = RESPONSE.search(user).groups()
+        if len(a) == len(b):
+            return "They are the same length; I cannot choose."
+        return f"Comparison: one is shorter.\nFinal answer: {'A' if len(a) < len(b) else 'B'}"
+    if "[[A]]" in system:
+        return "Assistant A is better. [[A]]"
+    return "A decent answer. Rating: [[7]]"
+
+
+JUDGE_PROMPTS = [  # FastChat's judge prompt names and fields, short texts
+    {"name": "single-v1", "type": "single", "system_prompt": "Rate the answer 1-10 as [[rating]].",
+     "prompt_template": "Q: {question}\nA: {answer}", "output_format": "[[rating]]"},
+    {"name": "single-v1-multi-turn", "type": "single", "system_prompt": "Rate the second answer as [[rating]].",
+     "prompt_template": "Q1: {question_1}\nA1: {answer_1}\nQ2: {question_2}\nA2: {answer_2}", "output_format": "[[rating]]"},
+    {"name": "single-math-v1", "type": "single", "system_prompt": "Rate against the reference as [[rating]].",
+     "prompt_template": "Q: {question}\nRef: {ref_answer_1}\nA: {answer}", "output_format": "[[rating]]"},
+    {"name": "single-math-v1-multi-turn", "type": "single", "system_prompt": "Rate the second answer as [[rating]].",
+     "prompt_template": "Q1: {question_1}\nRef1: {ref_answer_1}\nA1: {answer_1}\nQ2: {question_2}\nRef2: {ref_answer_2}\n"
+                        "A2: {answer_2}", "output_format": "[[rating]]"},
+    {"name": "pair-v2", "type": "pairwise", "system_prompt": "Output [[A]], [[B]] or [[C]].",
+     "prompt_template": "Q: {question}\nA: {answer_a}\nB: {answer_b}", "output_format": "[[A]]"},
+    {"name": "pair-math-v1", "type": "pairwise", "system_prompt": "Use the reference. Output [[A]], [[B]] or [[C]].",
+     "prompt_template": "Q: {question}\nRef: {ref_answer_1}\nA: {answer_a}\nB: {answer_b}", "output_format": "[[A]]"},
+]
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a note about a river.", "Make it shorter."]},
+    {"question_id": 111, "category": "math", "turns": ["What is 2 + 3?", "And 2 + 4?"], "reference": ["5", "6"]},
+]
+GSM8K = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "A box holds 10 pens. How many pens are in 2 boxes?", "answer": "10 * 2 = 20\n#### 20"},
+]
+
+
+def write_inputs(tmp_path: Path, tiny_model_dir: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The second checkpoint: the tiny model with perturbed weights, exported like a training iteration.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trained = tmp_path / "run" / "iteration-1" / "hf"
+    model.save_pretrained(trained)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(trained)
+
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "query": f"Tell me about the {s}."}) + "\n"
+                               for i, s in enumerate(["river", "mountain", "bread", "city", "forest", "sea"] * 4)))
+    principles = tmp_path / "principles.yaml"
+    principles.write_text(yaml.safe_dump([
+        {"name": "concise", "definition": "Be concise.", "antithesis": "Be verbose."},
+        {"name": "polite", "definition": "Be polite.", "antithesis": "Be curt."}]))
+    (tmp_path / "judge_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in JUDGE_PROMPTS))
+    (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(g) + "\n" for g in GSM8K))
+    return {"trained": trained, "queries": queries, "principles": principles}
+
+
+def eval_config(tmp_path: Path, tiny_model_dir: Path, inputs: dict, judge_url: str) -> Path:
+    config = {
+        "run": {"name": "eval-test", "output_dir": str(tmp_path / "eval"), "seed": 3},
+        "models": [{"name": "base", "path": str(tiny_model_dir)}, {"name": "sami-iter1", "path": str(inputs["trained"])}],
+        "baseline": "base",
+        "data": {"source": "jsonl", "path": str(inputs["queries"]), "task": "dialogue", "heldout_queries": 0},
+        "num_queries": 20,
+        "principles": {"source": "file", "path": str(inputs["principles"]), "mode": "antithesis_all"},
+        "generation": {"sampling": {"temperature": 1.0, "max_new_tokens": 12, "batch_size": 16},
+                       "max_prompt_tokens": 256},
+        "judge": {"backend": "openai", "model": "loopback-judge", "base_url": judge_url,
+                  "api_key_env": "SAMI_EVAL_TEST_KEY", "retries": 1, "concurrency": 4},
+        "win_rates": {"bootstrap": 500},
+        "mtbench": {"enabled": True, "questions": str(tmp_path / "question.jsonl"),
+                    "judge_prompts": str(tmp_path / "judge_prompts.jsonl"), "max_new_tokens": 8},
+        "gsm8k": {"enabled": True, "source": str(tmp_path / "gsm8k.jsonl"), "num_samples": 3, "k": [1, 3],
+                  "max_new_tokens": 8},
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_job(config: Path, *overrides, timeout=420) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SAMI_EVAL_TEST_KEY="sk-eval-test-secret-123", RAY_AUTH_MODE="disabled")
+    return subprocess.run([sys.executable, "-m", "evals.run", "--config", str(config), *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(480)
+def test_evaluation_job_with_a_loopback_judge(tmp_path, tiny_model_dir):
+    inputs = write_inputs(tmp_path, tiny_model_dir)
+    server = ChatServer(judge_answer)
+    try:
+        config = eval_config(tmp_path, tiny_model_dir, inputs, server.url)
+        done = run_job(config)
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "eval"
+    for phase in ("phase 1/4: plan", "phase 2/4: generate", "phase 3/4: judge", "phase 4/4: report"):
+        assert phase in done.stdout
+    # The key went to the judge in the header and nowhere else.
+    assert all(r["headers"].get("Authorization") == "Bearer sk-eval-test-secret-123" for r in server.requests)
+    assert "sk-eval-test-secret-123" not in done.stdout + done.stderr
+    assert not any("sk-eval-test" in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+
+    results = json.loads((out / "results.json").read_text())
+    base, test = results["models"]["base"], results["models"]["sami-iter1"]
+    assert base["win_rate_vs_baseline"] is None
+    # Recompute the win rate from the saved responses with the judge's rule: the shorter response wins.
+    responses = {name: [json.loads(l) for l in (out / "responses" / f"{name}.jsonl").read_text().splitlines()]
+                 for name in ("base", "sami-iter1")}
+    assert len(responses["base"]) == 20 and responses["base"][0]["constitution"].startswith("1. ")
+    expected = [1.0 if len(t["response"]) < len(b["response"]) else 0.0 if len(t["response"]) > len(b["response"])
+                else 0.5 for t, b in zip(responses["sami-iter1"], responses["base"])]
+    win = test["win_rate_vs_baseline"]
+    assert win["n"] == 20 and win["raw"]["win_rate"] == pytest.approx(sum(expected) / 20)
+    assert win["unparsed"] == expected.count(0.5)
+    for estimator in ("raw", "balanced", "logistic"):
+        low, high = win[estimator]["ci"]
+        assert 0 <= low <= win[estimator]["win_rate"] <= high <= 1
+    judged = [json.loads(l) for l in (out / "judgments" / "sami-iter1-vs-base.jsonl").read_text().splitlines()]
+    assert [j["score"] for j in judged] == expected
+    assert all(j["passes"][0]["text"] for j in judged)  # what the judge wrote is kept
+    # Both orders were used: the judge saw the test response in position A for some items and B for others.
+    assert {j["passes"][0]["test_is_a"] for j in judged} == {True, False}
+    # MI bound: log C - loss with C = 2 lies in (-inf, log 2].
+    assert base["mi_lower_bound"] <= 0.6932 and test["mi_lower_bound"] <= 0.6932
+    assert base["mean_length"] == pytest.approx(sum(r["length_words"] for r in responses["base"]) / 20)
+
+    mt = test["mtbench"]
+    assert mt["single"]["turn_1"]["overall"] == {"n": 2, "unparsed": 0, "mean": 7.0}
+    assert mt["pairwise"]["overall"]["mean"] == 0.5  # [[A]] in both orders: position bias cancels to a tie
+    answers = [json.loads(l) for l in (out / "mtbench" / "model_answer" / "sami-iter1.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [81, 111] and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+    math_prompts = [r["body"]["messages"][1]["content"] for r in server.requests
+                    if r["body"]["messages"][0]["content"].startswith("Rate against the reference")]
+    assert math_prompts and all("Ref: 5" in p for p in math_prompts)
+
+    gsm = test["gsm8k"]
+    assert gsm["n"] == 2 and gsm["n_samples"] == 3 and set(gsm["pass_at_k"]) == {"1", "3"}
+    assert 0 <= gsm["pass_at_k"]["1"] <= gsm["pass_at_k"]["3"] <= 1
+
+    report = (out / "report.md").read_text()
+    assert "| sami-iter1 |" in report and "## MT-Bench" in report and "## GSM8K" in report
+    for png in ("win_rates.png", "mi_bound.png", "lengths.png"):
+        assert (out / png).stat().st_size > 5000 and f"]({png})" in report
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_job_reports_user_mistakes(tmp_path, tiny_model_dir):
+    inputs = write_inputs(tmp_path, tiny_model_dir)
+    config = eval_config(tmp_path, tiny_model_dir, inputs, "http://127.0.0.1:9/v1")
+    bad = run_job(config, "baseline=nobody", "--dry-run")
+    assert bad.returncode == 2 and "baseline 'nobody' is not one of the models" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run_job(config, "data.path=/nonexistent/queries.jsonl", f"models.1.path={tmp_path}/no/such/hf")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "data.path: file not found: /nonexistent/queries.jsonl" in missing.stderr
+    assert f"models.1.path: no such folder '{tmp_path}/no/such/hf'" in missing.stderr
+    assert not (tmp_path / "eval").exists()  # refused before anything started
+    ok = run_job(config, "--dry-run")
+    assert ok.returncode == 0 and "2 model(s) against baseline 'base'" in ok.stdout
+    assert "MT-Bench" in ok.stdout and "pass@[1, 3] from 3 samples" in ok.stdout
