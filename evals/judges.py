@@ -108,4 +108,5 @@ def make_judge(cfg):
         return RuleJudge(WorldJudge())
     client = make_chat_client(cfg.backend, cfg.model, cfg.base_url, cfg.api_key_env, field_prefix="judge",
                               purpose="judge", timeout=cfg.timeout, retries=cfg.retries)
-    return LLMJudge(client, cfg.max_tokens, cfg.concurrency)
+    # A local model generates one request at a time; an endpoint takes `concurrency` in flight.
+    return LLMJudge(client, cfg.max_tokens, 1 if cfg.backend == "hf" else cfg.concurrency)

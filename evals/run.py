@@ -160,11 +160,10 @@ def generate_all(cfg: EvalConfig, plan: EvalPlan) -> dict[str, dict]:
     return {m.name: outputs[m.name] for m in cfg.models}
 
 
-def judge_win_rates(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
-    from evals.judges import make_judge
+def judge_win_rates(cfg: EvalConfig, judge, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
     from evals.win_rates import Judgements, judge_against_baseline, summarise
 
-    judge, baseline = make_judge(cfg.judge), cfg.baseline_name
+    baseline = cfg.baseline_name
     base_responses = [r[0] for r in outputs[baseline]["responses"]]
     queries = [row["query"] for row in plan.rows]
     positive_texts = [texts[0] for texts in plan.constitution_texts]
@@ -191,13 +190,9 @@ def judge_win_rates(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -
     return summaries
 
 
-def judge_mtbench(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
+def judge_mtbench(cfg: EvalConfig, client, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
     from evals.mtbench import category_table, judge_pairwise, judge_single, load_judge_prompts, write_answers
-    from pipelines.chat_clients import make_chat_client
 
-    j = cfg.judge
-    client = make_chat_client(j.backend, j.model, j.base_url, j.api_key_env, field_prefix="judge", purpose="judge",
-                              timeout=j.timeout, retries=j.retries)
     prompts = load_judge_prompts(cfg.mtbench.judge_prompts)
     principles = "\n".join(f"- {p.definition}" for p in load_library(cfg)) if cfg.mtbench.principle_conditioned else None
     answers = {name: {a.question_id: a for a in o["mtbench_answers"]} for name, o in outputs.items()}
@@ -239,6 +234,7 @@ def run(cfg: EvalConfig) -> Path:
     import ray
 
     from cluster.metrics import RunMetrics
+    from evals.judges import make_judge
     from evals.report import write_report
 
     from pipelines.train import resolve_model
@@ -269,8 +265,9 @@ def run(cfg: EvalConfig) -> Path:
                                                       output["responses"])])
     metrics.set_phase("evaluate")
     log(f"phase 3/4: judge ({cfg.judge.backend} judge" + (f" {cfg.judge.model}" if cfg.judge.model else "") + ")")
-    win_rates = judge_win_rates(cfg, plan, outputs, out) if cfg.win_rates.enabled else {}
-    mtbench = judge_mtbench(cfg, plan, outputs, out) if cfg.mtbench.enabled else {}
+    judge = make_judge(cfg.judge) if cfg.win_rates.enabled or cfg.mtbench.enabled else None
+    win_rates = judge_win_rates(cfg, judge, plan, outputs, out) if cfg.win_rates.enabled else {}
+    mtbench = judge_mtbench(cfg, judge.client, plan, outputs, out) if cfg.mtbench.enabled else {}
     models = {}
     for index, m in enumerate(cfg.models):
         o = outputs[m.name]
@@ -285,8 +282,10 @@ def run(cfg: EvalConfig) -> Path:
             "mtbench": mtbench.get(m.name),
             "gsm8k": {k: v for k, v in gsm.items() if k != "items"} if gsm else None,
         }
-        metrics.record(index, {"mi_lower_bound": o["mi_lower_bound"] or float("nan"),
-                               "win_rate": (win_rates.get(m.name) or {}).get("balanced", {}).get("win_rate", float("nan"))})
+        figures = {"mi_lower_bound": o["mi_lower_bound"]}
+        if m.name in win_rates:
+            figures["win_rate"] = win_rates[m.name]["balanced"]["win_rate"]
+        metrics.record(index, {k: v for k, v in figures.items() if v is not None})
     log("phase 4/4: report")
     meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.rows),
             "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,

@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet
 import ray
 
 from pipelines.config import TrainConfig
@@ -100,7 +101,8 @@ def replay_iteration_dataset(source_run: Path, iteration: int):
     path = source_run / f"iteration-{iteration}" / "groups.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"data.replay_groups_from: {path} does not exist (did that run reach iteration {iteration}?)")
-    return ray.data.read_parquet(str(path)).materialize(), {f"filtered_{r}": 0 for r in REASONS}
+    # One small file: pyarrow reads it in milliseconds, where a read_parquet job costs seconds of scheduling.
+    return ray.data.from_arrow(pyarrow.parquet.read_table(path)), {f"filtered_{r}": 0 for r in REASONS}
 
 
 def row_constitutions(row: dict) -> list[Constitution]:

@@ -225,3 +225,21 @@ def test_evaluation_job_reports_user_mistakes(tmp_path, tiny_model_dir):
     ok = run_job(config, "--dry-run")
     assert ok.returncode == 0 and "2 model(s) against baseline 'base'" in ok.stdout
     assert "MT-Bench" in ok.stdout and "pass@[1, 3] from 3 samples" in ok.stdout
+
+
+def test_local_hf_judge_and_rule_judge_share_the_interface(tiny_model_dir):
+    from evals.config import JudgeConfig
+    from evals.judges import make_judge
+    from pipelines.constitutions import Constitution
+
+    hf = make_judge(JudgeConfig(backend="hf", model=str(tiny_model_dir), max_tokens=6))
+    assert hf.concurrency == 1  # one local model answers one request at a time
+    items = [JudgeItem("Tell me about the river.", "1. Be concise.", "The river.", "The river is long and wide.")]
+    judged = hf.judgments(items)
+    assert judged[0]["score"] in (0.0, 0.5, 1.0) and isinstance(judged[0]["text"], str)
+
+    world = make_judge(JudgeConfig(backend="world"))
+    concise = Constitution((("concise", True),))
+    rows = [JudgeItem("q", "c", "the river is long.", "the river is long and wide and deep and old and slow and cold, "
+                      "it runs to the sea past many towns and fields.", metadata={"constitution": concise, "subject": "river"})]
+    assert world.compare(rows) == [1.0] and world.judgments(rows)[0] == {"score": 1.0, "parsed": True, "text": ""}

@@ -187,8 +187,21 @@ def loopback_cluster(tmp_path_factory):
         cluster.stop()
 
 
+def follow_job(cluster, job_id: str, timeout_s: float) -> tuple[str, set, str]:
+    """(final status, sami_* metric samples scraped from the node's Prometheus endpoint meanwhile, logs),
+    the status read over the dashboard's job API."""
+    samples, deadline, status = set(), time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        status = cluster.get(f"/api/jobs/{job_id}")["status"]
+        samples.update(cluster.scrape_sami_metrics())
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    return status, samples, cluster.get(f"/api/jobs/{job_id}/logs")["logs"]
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
     if not TINY.is_file():
         pytest.skip("configs/tiny.yaml (the training-loop engineer's tiny config) is not there yet")
@@ -202,15 +215,7 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
-    # Status over the dashboard's job API; meanwhile scrape the node's Prometheus endpoint for our gauges.
-    samples, deadline, status = set(), time.monotonic() + 720, None
-    while time.monotonic() < deadline:
-        status = cluster.get(f"/api/jobs/{job_id}")["status"]
-        samples.update(cluster.scrape_sami_metrics())
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(0.5)
-    logs = cluster.get(f"/api/jobs/{job_id}/logs")["logs"]
+    status, samples, logs = follow_job(cluster, job_id, 720)
     assert status == "SUCCEEDED", logs[-3000:]
 
     # The per-iteration progress in the job's logs agrees with the run's metrics.jsonl.
@@ -224,6 +229,23 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
     names = {re.match(r"(ray_sami_\w+)", s).group(1) for s in samples}
     assert {"ray_sami_phase", "ray_sami_loss", "ray_sami_iteration"} <= names, sorted(names)
     assert any('job="train"' in s and 'run="tiny"' in s for s in samples)
+
+    # The evaluation job, submitted the same way, on the run's exports (the world's rule judge).
+    eval_dir, eval_id = tmp_path / "eval", f"sami-eval-{secrets.token_hex(4)}"
+    models = (f"models=[{{name: base, path: 'builtin:world-small'}}, {{name: sami-iter1, path: "
+              f"'{run_dir}/iteration-1/hf'}}, {{name: sami-iter2, path: '{run_dir}/iteration-2/hf'}}]")
+    submit = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
+         "--submission-id", eval_id, "--no-wait", "--", "python", "-m", "evals.run", "--config",
+         "configs/eval_world.yaml", models, f"run.output_dir={eval_dir}", "data.max_queries=256",
+         "data.heldout_queries=32"], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    status, samples, logs = follow_job(cluster, eval_id, 600)
+    assert status == "SUCCEEDED" and "phase 4/4: report" in logs, logs[-3000:]
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["meta"]["queries"] == 32 and results["models"]["sami-iter2"]["win_rate_vs_baseline"]["n"] == 32
+    assert "| sami-iter2 |" in (eval_dir / "report.md").read_text()
+    assert any('job="eval"' in s and "ray_sami_mi_lower_bound" in s for s in samples)
 
 
 @pytest.mark.slow

@@ -1,0 +1,113 @@
+"""The built-in world: the rule judge on hand-written responses, a grammar that agrees with the judge, a corpus
+that follows at p_follow, the held-out principle, and the cached base model."""
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from pipelines.constitutions import Constitution
+from pipelines.world import grammar, rules
+from pipelines.world.base_model import BaseModelSpec, ensure_base_model, spec_hash
+from pipelines.world.evaluate import eval_set
+
+# (principle, a response with the definition's property, one with the antithesis's), subject "river"
+HAND_WRITTEN = [
+    ("concise", "the river is calm.", "the river is calm and it feels warm and green to most people."),
+    ("polite", "please, the river is calm.", "the river is calm."),
+    ("subject", "the river is calm.", "this place is calm."),
+    ("number", "the river is calm with 12 boats.", "the river is calm with many boats."),
+    ("exclaim", "the river is calm!", "the river is calm."),
+    ("lowercase", "the river is calm.", "The River Is Calm."),
+]
+
+
+@pytest.mark.parametrize("name, positive, negative", HAND_WRITTEN)
+def test_rule_judge_on_hand_written_responses(name, positive, negative):
+    assert rules.satisfies(positive, "river", name, True) and not rules.satisfies(positive, "river", name, False)
+    assert rules.satisfies(negative, "river", name, False) and not rules.satisfies(negative, "river", name, True)
+    assert rules.well_formed(positive) and rules.well_formed(negative)
+
+
+def test_adherence_and_the_pairwise_judge():
+    con = Constitution((("concise", True), ("number", True), ("polite", False)))
+    # concise yes, number no, curt yes: 2 of 3
+    assert rules.adherence("the river is calm.", "river", con) == {"concise": True, "number": False, "polite": True}
+    assert rules.adherence_score("the river is calm.", "river", con) == pytest.approx(2 / 3)
+    assert rules.adherence_score("the river is calm with 3 boats.", "river", con) == 1.0
+    # Gibberish follows nothing, not even "use no digits" or "be curt".
+    assert not rules.well_formed("river river . calm ! the") and rules.adherence_score("river river . calm ! the", "river", con) == 0.0
+
+    def item(a, b):
+        return SimpleNamespace(response_a=a, response_b=b, metadata={"constitution": con, "subject": "river"})
+
+    judge = rules.WorldJudge()
+    assert judge.compare([item("the river is calm with 3 boats.", "the river is calm."),
+                          item("the river is calm.", "the river is calm with 3 boats."),
+                          item("the river is calm.", "the lake is old.")]) == [1.0, 0.0, 0.5]
+
+
+def test_rendered_responses_have_exactly_their_attributes():
+    rng = random.Random(0)
+    for _ in range(300):
+        subject = rng.choice(grammar.SUBJECTS)
+        attrs = {p.name: rng.random() < 0.5 for p in rules.PRINCIPLES}
+        text = grammar.render_response(attrs, subject, rng)
+        assert rules.well_formed(text), text
+        for name, value in attrs.items():
+            assert rules.satisfies(text, subject, name, value) and not rules.satisfies(text, subject, name, not value), (name, text)
+
+
+@pytest.mark.parametrize("p_follow", [0.6, 1.0])
+def test_corpus_follows_its_constitutions_at_p_follow(p_follow):
+    rng = random.Random(1)
+    followed = {p.name: [] for p in rules.PRINCIPLES}
+    for _ in range(3000):
+        query, con = grammar.sample_query(rng), grammar.sample_world_constitution(rng, list(grammar.LIBRARY))
+        response = grammar.render_response(grammar.sample_attributes(con, p_follow, rng), query.subject, rng)
+        for name, ok in rules.adherence(response, query.subject, con).items():
+            followed[name].append(ok)
+    rates = {name: sum(v) / len(v) for name, v in followed.items()}
+    overall = sum(sum(v) for v in followed.values()) / sum(len(v) for v in followed.values())
+    assert overall == pytest.approx(p_follow, abs=0.02)
+    assert all(rate == pytest.approx(p_follow, abs=0.05) for rate in rates.values()), rates
+
+
+def test_corpus_documents_are_in_the_training_prompt_format():
+    prompt, response = grammar.corpus_document(random.Random(2), 0.6)
+    assert prompt.startswith("Constitution:\n1. ") and "\n\nQuery: " in prompt and prompt.endswith("Response:")
+    assert rules.well_formed(response)
+
+
+def test_held_out_principle_and_evaluation_queries():
+    assert rules.HELDOUT_PRINCIPLES == ("exclaim",)
+    assert "exclaim" not in {p.name for p in rules.TRAINING_PRINCIPLES} and len(rules.TRAINING_PRINCIPLES) == 5
+    items, heldout = eval_set(50, seed=0), eval_set(50, seed=0, heldout=True)
+    assert all("exclaim" not in dict(i.constitution.stances) for i in items)
+    assert all(dict(i.constitution.stances).get("exclaim") is True for i in heldout)
+    assert all(not any(dict(i.contrast.stances).values()) for i in heldout)  # the contrast flips every stance
+    assert [i.prompt for i in eval_set(50, seed=0)] == [i.prompt for i in items]
+    assert [i.prompt for i in eval_set(50, seed=1)] != [i.prompt for i in items]
+
+
+@pytest.mark.timeout(300)
+def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("SAMI_CACHE_DIR", str(tmp_path))
+    spec = BaseModelSpec(num_docs=200, steps=5, batch_size=8)
+    messages = []
+    path = ensure_base_model(spec, log=messages.append)
+    assert path == tmp_path / "world" / f"base-{spec_hash(spec)}" and (path / "READY").is_file()
+    assert any("pretraining the base model" in m for m in messages)
+    weights = next(path.glob("*.safetensors"))
+    mtime = weights.stat().st_mtime_ns
+    messages.clear()
+    assert ensure_base_model(spec, log=messages.append) == path
+    assert messages == [f"[world] reusing cached base model {path}"] and weights.stat().st_mtime_ns == mtime
+    other = BaseModelSpec(num_docs=200, steps=5, batch_size=8, seed=1)
+    assert spec_hash(other) != spec_hash(spec)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("Constitution:\n1. Be polite.", add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids and model(torch.tensor([ids])).logits.shape[-1] >= len(tokenizer)
