@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from pipelines.filters import REASONS as FILTER_REASONS
+
 PHASES = ("write_principles", "generate", "train", "sync", "checkpoint", "evaluate", "idle")
 # One gauge per figure; `record` ignores keys it does not know (the metrics.jsonl record has more).
 GAUGES = {
@@ -32,7 +34,6 @@ GAUGES = {
 }
 # The learner's record names the sync time `time_sync`; the dashboard shows it as sync_seconds.
 ALIASES = {"time_sync": "sync_seconds"}
-FILTER_REASONS = ("empty", "format_leak", "identical")
 
 
 def gauge_values(values: dict) -> tuple[dict[str, float], dict[str, float]]:

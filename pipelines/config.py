@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,19 @@ class FilterConfig(Section):
     leak_patterns: list[str] = Field(default_factory=lambda: ["[insert", "Human:", "###"])
     min_response_chars: int = Field(1, ge=0)
     drop_identical: bool = True
+    # A regular expression every response must match in full (Python `re.fullmatch`), e.g. the built-in
+    # world's one-sentence format; a group with a response that does not is dropped as "malformed".
+    response_pattern: Optional[str] = None
+
+    @field_validator("response_pattern")
+    @classmethod
+    def _compiles(cls, pattern):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+        return pattern
 
 
 class SamiObjectiveConfig(Section):

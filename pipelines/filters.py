@@ -1,9 +1,11 @@
 """Drop malformed or degenerate samples; a query keeps its group only if all C responses survive."""
 from __future__ import annotations
 
+import re
+
 from pipelines.config import FilterConfig
 
-REASONS = ("empty", "format_leak", "identical")
+REASONS = ("empty", "format_leak", "malformed", "identical")
 
 
 def reject_reason(responses: list[str], cfg: FilterConfig) -> str:
@@ -13,6 +15,8 @@ def reject_reason(responses: list[str], cfg: FilterConfig) -> str:
             return "empty"
         if any(pattern in text for pattern in cfg.leak_patterns):
             return "format_leak"
+        if cfg.response_pattern is not None and not re.fullmatch(cfg.response_pattern, text.strip()):
+            return "malformed"
     if cfg.drop_identical and len({t.strip() for t in responses}) < len(responses):
         return "identical"
     return ""

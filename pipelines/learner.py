@@ -21,13 +21,6 @@ from pipelines.config import TrainConfig
 from pipelines.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 from pipelines.objectives import dpo_loss, kl_to_reference, sami_loss, sft_loss
 
-METRIC_FIELDS = (
-    "iteration", "objective", "loss", "loss_first_step", "loss_last_step", "mi_lower_bound", "row_accuracy",
-    "col_accuracy", "response_tokens", "groups", "filtered_empty", "filtered_format_leak", "filtered_identical",
-    "truncated", "tokens_per_second", "sync_seconds", "sync_bytes", "probe_abs_diff",
-    "time_write_principles", "time_generate", "time_train", "time_sync", "time_checkpoint",
-)
-
 
 def log(message: str) -> None:
     print(f"[sami {time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -15,9 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_two_sami_iterations_raise_adherence_and_mi_bound(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        # The demo's world and settings, smaller: 2 iterations of 128 queries seen 3 times (24 steps).
+        # The demo's world and settings, smaller: 2 iterations of 128 queries seen 3 times (24 steps, half
+        # the demo's, at twice its learning rate).
         [sys.executable, "-m", "pipelines.demo", "--skip-baselines", "--iterations", "2", "--out", str(out),
-         "--eval-queries", "150", "data.queries_per_iteration=128", "schedule.steps_per_iteration=24"],
+         "--eval-queries", "150", "data.queries_per_iteration=128", "schedule.steps_per_iteration=24",
+         "optim.lr=3e-4"],
         cwd=REPO, capture_output=True, text=True, timeout=450, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 FIELDS = {
     "loss", "mi_lower_bound", "row_accuracy", "col_accuracy", "response_tokens", "groups", "filtered_empty",
-    "filtered_format_leak", "filtered_identical", "time_sync", "sync_bytes",
+    "filtered_format_leak", "filtered_malformed", "filtered_identical", "time_sync", "sync_bytes",
     "probe_abs_diff", "time_write_principles", "time_generate", "time_train", "time_checkpoint",
 }
 

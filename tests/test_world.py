@@ -1,6 +1,7 @@
 """The built-in world: the rule judge on hand-written responses, a grammar that agrees with the judge, a corpus
 that follows at p_follow, the held-out principle, and the cached base model."""
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,8 @@ from pipelines.constitutions import Constitution
 from pipelines.world import grammar, rules
 from pipelines.world.base_model import BaseModelSpec, ensure_base_model, spec_hash
 from pipelines.world.evaluate import eval_set
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (principle, a response with the definition's property, one with the antithesis's), subject "river"
 HAND_WRITTEN = [
@@ -111,3 +114,19 @@ def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("Constitution:\n1. Be polite.", add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids and model(torch.tensor([ids])).logits.shape[-1] >= len(tokenizer)
+
+
+def test_the_demo_filter_pattern_is_the_judges_format_check():
+    import re
+
+    from pipelines.config import load_config
+
+    pattern = load_config(REPO / "configs" / "world_demo.yaml").filters.response_pattern
+    rng = random.Random(3)
+    texts = []
+    for _ in range(300):
+        t = grammar.render_response({p.name: rng.random() < 0.5 for p in rules.PRINCIPLES}, rng.choice(grammar.SUBJECTS), rng)
+        texts += [t, t[:-1], t + " the end.", t.replace("is", "<unk>"), "Response: " + t, t + "!"]
+    texts += ["a b.", " ".join(["word"] * 31) + ".", " ".join(["word"] * 30) + "!", "it's 12 o'clock, thanks!"]
+    agree = [bool(re.fullmatch(pattern, t.strip())) == rules.well_formed(t) for t in texts]
+    assert all(agree) and 0.2 < sum(map(rules.well_formed, texts)) / len(texts) < 0.8
