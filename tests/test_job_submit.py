@@ -105,6 +105,14 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def worker_port_range_start(taken: list[int], width: int = 1000) -> int:
+    """A worker port range clear of `taken`; Ray refuses to start when a component's port falls inside it."""
+    while True:
+        low = 10000 + secrets.randbelow(20000)  # below Linux's default ephemeral range (32768+)
+        if not any(low <= port < low + width for port in taken):
+            return low
+
+
 class LoopbackCluster:
     """`ray start --head --block` on 127.0.0.1 with its own ports, temp dir and auth token."""
 
@@ -115,8 +123,8 @@ class LoopbackCluster:
         self.token = secrets.token_hex(32)
         (root / "token").write_text(self.token)
         (gcs, self.dashboard_port, client, agent_http, agent_grpc, runtime_env_agent, self.metrics_port, node_manager,
-         object_manager) = free_ports(9)
-        low = 20000 + secrets.randbelow(20000)
+         object_manager) = ports = free_ports(9)
+        low = worker_port_range_start(ports)
         self.env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN_PATH": str(root / "token"), "RAY_metrics_report_interval_ms": "500"}
         self.env.pop("RAY_ADDRESS", None)  # the job's own driver finds the cluster through Ray Jobs
