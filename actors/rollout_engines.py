@@ -9,6 +9,7 @@ tokenises responses for training) and finish_reason "stop" when EOS ended it, "l
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -144,7 +145,9 @@ class HFEngine(RolloutEngine):
                 if tuple(array.shape) != tuple(params[name].shape):
                     raise ValueError(f"weight sync: {name} has shape {tuple(array.shape)}, the rollout model "
                                      f"expects {tuple(params[name].shape)}")
-                params[name].copy_(torch.from_numpy(array))
+                with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we only read them
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    params[name].copy_(torch.from_numpy(array))
                 loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:  # a partial sync would leave stale weights that the probe might not catch

@@ -227,7 +227,8 @@ def connect_ray(cfg: EvalConfig) -> None:
         ray.init(runtime_env={"env_vars": LOCAL_ENV})
     else:
         needed = math.ceil(cfg.generation.cpus_per_model) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env={"env_vars": LOCAL_ENV})
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": LOCAL_ENV})
 
 
 def run(cfg: EvalConfig) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,9 @@ from pipelines.objectives import dpo_loss, kl_to_reference, sami_loss, sft_loss
 
 
 def log(message: str) -> None:
-    print(f"[sami {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    # Not print(): Ray Train patches print in its workers to both log and echo, so every line showed twice.
+    sys.stdout.write(f"[sami {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stdout.flush()
 
 
 def objective_for(cfg: TrainConfig, iteration: int) -> str:

@@ -47,8 +47,10 @@ def connect_ray(cfg: TrainConfig):
     else:
         # Logical CPUs above the learners + actors leave Ray Data room to run (the 2-CPU starvation deadlock).
         needed = cfg.scaling.num_learners + cfg.rollout.num_engines + 4
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=True)
+        # The dashboard (loopback only) shows the run; Ray Train's placement-group cleaner also polls its
+        # state API and warns every few seconds without it.
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
