@@ -1,11 +1,13 @@
 """The built-in world: the rule judge on hand-written responses, a grammar that agrees with the judge, a corpus
 that follows at p_follow, the held-out principle, and the cached base model."""
 import random
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from pipelines.config import load_config
 from pipelines.constitutions import Constitution
 from pipelines.world import grammar, rules
 from pipelines.world.base_model import BaseModelSpec, ensure_base_model, spec_hash
@@ -117,10 +119,6 @@ def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
 
 
 def test_the_demo_filter_pattern_is_the_judges_format_check():
-    import re
-
-    from pipelines.config import load_config
-
     pattern = load_config(REPO / "configs" / "world_demo.yaml").filters.response_pattern
     rng = random.Random(3)
     texts = []
