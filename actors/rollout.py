@@ -1,20 +1,21 @@
-"""`RolloutActor`: a Ray actor holding one rollout engine for the whole run (weights synced, never reloaded)."""
+"""`RolloutActor`: a Ray actor holding one rollout engine for the whole run (weights synced, never reloaded),
+and the actor group's one generation call, `generate_on_engines`."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 import ray
+from ray.util import ActorPool
 
-from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig
+from sami.config import ModelConfig, RolloutConfig, SamplingConfig
+from sami.rollout_engines import make_engine
 
 
 class RolloutWorker:
     """The actor's body; a plain class so tests can run it without Ray."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig):
-        from actors.rollout_engines import make_engine
-
         self.engine = make_engine(model_path, rollout_cfg, model_cfg)
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[dict]:
@@ -36,7 +37,7 @@ class RolloutWorker:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
-    # GPU path (vLLM only): see actors/vllm_sync.py
+    # GPU path (vLLM only): see actors/weight_sync.py
     def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         self.engine.init_weight_transfer(master_address, master_port, rank_offset, world_size)
 
@@ -83,3 +84,13 @@ def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg:
         RolloutActor.options(max_concurrency=1, **rollout_actor_options(rollout_cfg)).remote(model_path, rollout_cfg, model_cfg)
         for _ in range(rollout_cfg.num_engines)
     ]
+
+
+def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig,
+                        seeds: list[int]) -> list[dict]:
+    """Every batch's completions, in batch order. Each batch goes to the first engine that is free (load, not a
+    hash, decides), so the engines are the bounded pool: one call in flight per engine, no proxy processes."""
+    pool = ActorPool(actors)
+    jobs = zip(prompt_batches, seeds)
+    batches = pool.map(lambda actor, job: actor.generate.remote(job[0], sampling, job[1]), jobs)
+    return [completion for batch in batches for completion in batch]

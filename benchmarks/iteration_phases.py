@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipelines.config import load_config
+from sami.config import load_config
 from pipelines.train import run
 
 PHASES = ("write_principles", "generate", "train", "sync", "checkpoint")

@@ -8,8 +8,8 @@ principle writer):
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models. The constitution travels as the
 `system` message (chat) or a `system` field (completions); `constitution=...` (text or a file) is the default
 when a request brings none. A model with a chat template (an instruct model) gets its template; a base or
-SAMI-trained model gets the project's generation prompt for `task` (pipelines/prompts.py). Engines are the
-rollout engines (actors/rollout_engines.py): vLLM on a GPU (`engine=vllm`, import-guarded), HF generate on
+SAMI-trained model gets the project's generation prompt for `task` (sami/prompts.py). Engines are the
+rollout engines (sami/rollout_engines.py): vLLM on a GPU (`engine=vllm`, import-guarded), HF generate on
 CPU; `engine=auto` picks vLLM where a GPU and vLLM are present. Serve's HTTP proxy binds 127.0.0.1 unless
 the cluster's Serve config says otherwise.
 """
@@ -23,7 +23,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig, format_validation_error
+from sami.config import EngineConfig, ModelConfig, SamplingConfig, format_validation_error
 
 
 class ServeArgs(BaseModel):
@@ -62,7 +62,7 @@ class CompletionCore:
     """Request dicts in, OpenAI-shaped response dicts out; no web framework (unit-testable as is)."""
 
     def __init__(self, args: ServeArgs, engine=None):
-        from actors.rollout_engines import make_engine
+        from sami.rollout_engines import make_engine
 
         self.args = args
         self.name = args.model_name or args.model_path
@@ -72,9 +72,9 @@ class CompletionCore:
         self.constitution = constitution
         model_cfg = ModelConfig(name_or_path=args.model_path, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
                                 max_response_tokens=args.max_tokens_limit, trust_remote_code=args.trust_remote_code)
-        rollout_cfg = RolloutConfig(engine=pick_engine(args.engine), tensor_parallel_size=args.tensor_parallel_size,
-                                    gpu_memory_utilization=args.gpu_memory_utilization)
-        self.engine = engine or make_engine(args.model_path, rollout_cfg, model_cfg)
+        engine_cfg = EngineConfig(engine=pick_engine(args.engine), tensor_parallel_size=args.tensor_parallel_size,
+                                  gpu_memory_utilization=args.gpu_memory_utilization)
+        self.engine = engine or make_engine(args.model_path, engine_cfg, model_cfg)
         self.tokenizer = self.engine.tokenizer
         self.lock = threading.Lock()  # one generate at a time per replica; replicas scale out
 
@@ -100,7 +100,7 @@ class CompletionCore:
     def plain_prompt(self, system: Optional[str], text: str) -> str:
         if not system:
             return text
-        from pipelines.prompts import generation_prompt
+        from sami.prompts import generation_prompt
 
         return generation_prompt(self.args.task, system, text)
 

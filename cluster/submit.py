@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.config import ConfigError, load_config
+from sami.config import ConfigError, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
             uses_gpu, plan = eval_cfg.generation.gpus_per_model > 0, format_eval_plan(eval_cfg)
         else:
-            from cluster.plan import format_plan
+            from pipelines.plan import format_plan
 
             cfg = load_config(args.config, args.overrides)
             uses_gpu, plan = cfg.scaling.gpus_per_learner > 0, format_plan(cfg)

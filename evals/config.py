@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from pipelines.config import DataConfig, PrinciplesConfig, SamplingConfig, Section
+from sami.config import ChatClientConfig, DataConfig, EngineConfig, PrinciplesConfig, SamplingConfig, Section
 
 
 class EvalRunConfig(Section):
@@ -20,37 +20,29 @@ class EvalModel(Section):
     path: str = Field(min_length=1)  # an HF folder (training exports iteration-k/hf) or a hub name
 
 
-class GenerationConfig(Section):
-    engine: Literal["hf", "vllm"] = "hf"
+class GenerationConfig(EngineConfig):
+    """The shared engine section, plus how each model's generation task is sized."""
+
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(1024, ge=8)
     trust_remote_code: bool = False
-    tensor_parallel_size: int = Field(1, ge=1)  # vLLM: GPUs per model
     gpus_per_model: float = Field(0.0, ge=0.0)  # Ray resources of each model's generation task
     cpus_per_model: float = Field(1.0, gt=0.0)
 
 
-class JudgeConfig(Section):
-    # openai / vllm: an OpenAI-compatible endpoint (a hosted API, `vllm serve`, `serve run cluster.serve_app`);
-    # hf: a local model; world: the built-in world's rule judge (exact, for the world's data only).
+class JudgeConfig(ChatClientConfig):
+    # The chat-client section the principle writer uses, plus world: the built-in world's rule judge (exact,
+    # for the world's data only).
     backend: Literal["openai", "vllm", "hf", "world"] = "openai"
-    model: Optional[str] = None
-    base_url: Optional[str] = None
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the config
-    timeout: float = Field(60.0, gt=0.0)
-    retries: int = Field(3, ge=0)
     max_tokens: int = Field(512, ge=1)
     concurrency: int = Field(8, ge=1)  # requests in flight
     swap: bool = False  # judge every pair in both orders; disagreement is a tie (FastChat's rule)
 
     @model_validator(mode="after")
     def _backend_needs(self):
-        if self.backend != "world" and not self.model:
-            raise ValueError(f"judge.backend is {self.backend!r} but judge.model is not set")
-        if self.backend in ("openai", "vllm") and not self.base_url:
-            raise ValueError(f"judge.backend is {self.backend!r} but judge.base_url is not set "
-                             f"(e.g. http://127.0.0.1:8000/v1)")
+        if self.backend != "world" and self.problems("judge"):
+            raise ValueError("; ".join(self.problems("judge")))
         return self
 
 

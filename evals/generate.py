@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 from evals.config import EvalConfig, EvalModel, GenerationConfig
-from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig
+from sami.config import ModelConfig, SamplingConfig
+from sami.rollout_engines import HFEngine, make_engine
 
 
 @dataclass
@@ -29,13 +30,9 @@ class EvalPlan:
 
 
 def load_engine(model: EvalModel, gen: GenerationConfig):
-    from actors.rollout_engines import HFEngine, VLLMEngine
-
     model_cfg = ModelConfig(name_or_path=model.path, dtype=gen.dtype, max_prompt_tokens=gen.max_prompt_tokens,
                             trust_remote_code=gen.trust_remote_code)
-    if gen.engine == "vllm":
-        return VLLMEngine(model.path, model_cfg, RolloutConfig(engine="vllm", tensor_parallel_size=gen.tensor_parallel_size))
-    return HFEngine(model.path, model_cfg)
+    return make_engine(model.path, gen, model_cfg)
 
 
 def generate(engine, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[str]:
@@ -54,7 +51,6 @@ def chat_renderer(tokenizer):
 
 def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
     """{"responses", "mi_lower_bound", "mtbench_answers", "gsm8k", "seconds"} for one model (see module doc)."""
-    from actors.rollout_engines import HFEngine
     from evals.mi_bound import mi_lower_bound, mi_lower_bound_with
 
     started = time.time()

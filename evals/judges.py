@@ -4,7 +4,7 @@ is, 0.5 for a tie or a verdict that cannot be read.
 - `LLMJudge` over any chat client: an OpenAI-compatible endpoint (`OpenAIChatClient`: a hosted API,
   `vllm serve`, our Ray Serve app) or a local HF model (`HFChatClient`). The prompt is in the SAMI paper's
   style: compare the two responses step by step against the principles, then give a final "A" or "B".
-- `WorldJudge` (pipelines.world.rules): the built-in world's rule judge, the same interface.
+- `WorldJudge` (sami/world/rules.py): the built-in world's rule judge, the same interface.
 
 `judgments(items)` also returns what the judge wrote, which the evaluation job saves beside the scores.
 """
@@ -14,7 +14,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipelines.chat_clients import make_chat_client
+from sami.chat_clients import make_chat_client
 
 
 @dataclass
@@ -103,10 +103,9 @@ class RuleJudge:
 def make_judge(cfg):
     """A judge from `evals.config.JudgeConfig`."""
     if cfg.backend == "world":
-        from pipelines.world import WorldJudge
+        from sami.world.rules import WorldJudge
 
         return RuleJudge(WorldJudge())
-    client = make_chat_client(cfg.backend, cfg.model, cfg.base_url, cfg.api_key_env, field_prefix="judge",
-                              purpose="judge", timeout=cfg.timeout, retries=cfg.retries)
+    client = make_chat_client(cfg, field_prefix="judge", purpose="judge")
     # A local model generates one request at a time; an endpoint takes `concurrency` in flight.
     return LLMJudge(client, cfg.max_tokens, 1 if cfg.backend == "hf" else cfg.concurrency)

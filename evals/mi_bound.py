@@ -1,7 +1,8 @@
 """The InfoNCE lower bound on I(Y; C | X) for a model: log C - SAMI loss on held-out query groups.
 
 Each group is C training prompts (one per constitution) and the C responses the model sampled under
-them; L[i, j] = mean per-token log p(y_j | c_i, x), scored with the training code's own functions.
+them; L[i, j] = mean per-token log p(y_j | c_i, x), tokenised, laid out and scored by the training code's own
+functions (`sami.groups.tokenise_pairs`, the `sami` objective's pairs).
 `mi_lower_bound` batches an HF model; `mi_lower_bound_with` takes any scorer of one (prompt, response)
 pair, such as a rollout engine's `sequence_logprob` (vLLM).
 """
@@ -11,15 +12,15 @@ from typing import Callable
 
 import torch
 
-from pipelines.logprobs import collate_sequences, sequence_logprobs, token_logprobs
-from pipelines.objectives import sami_loss
+from sami.groups import QueryGroup, tokenise_pairs
+from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.objectives import OBJECTIVES, pair_sequences, sami_loss
 
 
-def _group_ids(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids as training builds them: the prompt bare, the response after a space and ending in EOS."""
-    p_ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
-    r_ids = [ids + [tokenizer.eos_token_id] for ids in tokenizer([" " + r for r in responses], add_special_tokens=False).input_ids]
-    return p_ids, r_ids
+def _tokenised(tokenizer, prompts: list[str], responses: list[str]) -> QueryGroup:
+    """One held-out group tokenised exactly as training tokenises its groups."""
+    prompt_ids, response_ids = tokenise_pairs(tokenizer, prompts, responses)
+    return QueryGroup(query_id="", query="", prompt_ids=prompt_ids, response_ids=response_ids)
 
 
 def _check(groups) -> int:
@@ -38,11 +39,7 @@ def mi_lower_bound(model, tokenizer, groups: list[tuple[list[str], list[str]]], 
     bounds = []
     for start in range(0, len(groups), batch_groups):
         chunk = groups[start : start + batch_groups]
-        prompts, responses = [], []
-        for group_prompts, group_responses in chunk:
-            p_ids, r_ids = _group_ids(tokenizer, group_prompts, group_responses)
-            prompts += [p_ids[i] for i in range(c) for _ in range(c)]
-            responses += [r_ids[j] for _ in range(c) for j in range(c)]
+        prompts, responses = pair_sequences([_tokenised(tokenizer, p, r) for p, r in chunk], OBJECTIVES["sami"].pairs(c))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batch = collate_sequences(prompts, responses, pad)
         device = next(model.parameters()).device
@@ -58,6 +55,7 @@ def mi_lower_bound_with(score: Callable[[list[int], list[int]], float], tokenize
     c = _check(groups)
     matrices = []
     for group_prompts, group_responses in groups:
-        p_ids, r_ids = _group_ids(tokenizer, group_prompts, group_responses)
-        matrices.append([[score(p_ids[i], r_ids[j]) for j in range(c)] for i in range(c)])
-    return sami_loss(torch.tensor(matrices, dtype=torch.float64)).mi_lower_bound.item()
+        group = _tokenised(tokenizer, group_prompts, group_responses)
+        prompts, responses = pair_sequences([group], OBJECTIVES["sami"].pairs(c))
+        matrices.append([score(p, r) for p, r in zip(prompts, responses)])
+    return sami_loss(torch.tensor(matrices, dtype=torch.float64).view(-1, c, c)).mi_lower_bound.item()

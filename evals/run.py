@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from evals.config import EvalConfig
 from evals.generate import EvalPlan
-from pipelines.config import ConfigError, dump_config, load_config
+from sami.config import ConfigError, dump_config, load_config
 
 
 def log(message: str) -> None:
@@ -32,14 +31,12 @@ def log(message: str) -> None:
 
 
 def load_library(cfg: EvalConfig):
-    from pipelines.principles import load_principles
+    from sami.principles import load_principles
 
     if cfg.principles.source == "world":
-        from pipelines.world import PRINCIPLES
+        from sami.world.rules import PRINCIPLES
 
         return list(PRINCIPLES)
-    if not cfg.principles.path:
-        raise ConfigError("principles.source is 'file' but principles.path is not set (e.g. <run>/principles.yaml)")
     return load_principles(cfg.principles.path)
 
 
@@ -90,9 +87,9 @@ def format_plan(cfg: EvalConfig) -> str:
 
 
 def build_plan(cfg: EvalConfig) -> EvalPlan:
-    from pipelines.constitutions import render_constitution, sample_constitutions
-    from pipelines.data import load_queries, split_queries
-    from pipelines.prompts import generation_prompt, training_prompt
+    from sami.constitutions import render_constitution, sample_constitutions
+    from sami.data import load_queries, split_queries
+    from sami.prompts import generation_prompt, training_prompt
 
     rows = []
     if cfg.needs_queries:
@@ -108,7 +105,7 @@ def build_plan(cfg: EvalConfig) -> EvalPlan:
         key = f"eval/{cfg.run.seed}/{row['query_id']}"
         try:
             constitutions = sample_constitutions(principles, p.num_constitutions, p.mode, random.Random(key),
-                                                 k=p.principles_per_constitution, heldout=p.heldout)
+                                                 k=p.principles_per_constitution, heldout=p.heldout_names)
         except ValueError as e:
             raise ConfigError(f"principles: {e}") from None
         texts = [render_constitution(c, library, random.Random(f"{key}/{i}")) for i, c in enumerate(constitutions)]
@@ -213,32 +210,14 @@ def judge_mtbench(cfg: EvalConfig, client, plan: EvalPlan, outputs: dict, out: P
     return tables
 
 
-def connect_ray(cfg: EvalConfig) -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray."""
-    import ray
-
-    from pipelines.train import LOCAL_ENV
-
-    if ray.is_initialized():
-        return
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": LOCAL_ENV})
-    else:
-        needed = math.ceil(cfg.generation.cpus_per_model) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env={"env_vars": LOCAL_ENV})
-
-
 def run(cfg: EvalConfig) -> Path:
     import ray
 
-    from cluster.metrics import RunMetrics
+    from actors.ray_session import connect_ray
     from evals.judges import make_judge
     from evals.report import write_report
-
-    from pipelines.train import resolve_model
+    from sami.metrics import RunMetrics
+    from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
     problems = missing_paths(cfg)
     if problems:
@@ -253,7 +232,7 @@ def run(cfg: EvalConfig) -> Path:
     log(f"plan: {len(plan.rows)} held-out queries x {cfg.principles.num_constitutions} constitutions"
         + (f", {len(plan.mtbench_questions)} MT-Bench questions" if cfg.mtbench.enabled else "")
         + (f", {len(plan.gsm8k_items)} GSM8K problems" if cfg.gsm8k.enabled else ""))
-    connect_ray(cfg)
+    connect_ray(math.ceil(cfg.generation.cpus_per_model) + 1, uses_gpu=cfg.generation.gpus_per_model > 0)
     metrics = RunMetrics("eval", cfg.run.name)
     metrics.set_phase("generate")
     log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray task per model)")
@@ -305,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from evals.gsm8k import GSM8KError
     from evals.mtbench import MTBenchError
-    from pipelines.chat_clients import ChatClientError
-    from pipelines.principles import PrincipleError
+    from sami.chat_clients import ChatClientError
+    from sami.principles import PrincipleError
 
     try:
         cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)

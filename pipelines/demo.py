@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.config import ConfigError, load_config
+from sami.config import ConfigError, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "world_demo.yaml"
 
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     started = time.time()
-    from pipelines.world import BaseModelSpec, ensure_base_model
-    from pipelines.world.evaluate import eval_set, evaluate_model
-    from pipelines.world.report import print_table, write_report
+    from evals.world import eval_set, evaluate_model
+    from pipelines.demo_report import print_table, write_report
+    from sami.world.base_model import BaseModelSpec, ensure_base_model
 
     try:
         spec = BaseModelSpec(seed=args.seed)

@@ -2,56 +2,18 @@
 
 Connects to the Ray cluster it runs in (under `ray job submit`, or with RAY_ADDRESS set), else starts a
 local Ray; starts the principle writer and the rollout actors; runs the whole online loop inside one Ray
-Train `fit()` (pipelines/learner.py).
+Train `fit()` (pipelines/loop.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, TrainConfig, dump_config, load_config
-
-# Set for every process of a local run (and by cluster/runtime_env.py for submitted jobs).
-LOCAL_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def resolve_model(name_or_path: str, log=print) -> str:
-    """`builtin:world` (and `builtin:world-small`) is the built-in world's cached base model."""
-    if name_or_path.startswith("builtin:"):
-        from pipelines.world import BaseModelSpec, ensure_base_model
-
-        kind = name_or_path.split(":", 1)[1]
-        specs = {"world": BaseModelSpec(), "world-small": BaseModelSpec.small()}
-        if kind not in specs:
-            raise ConfigError(f"model.name_or_path: unknown built-in model {name_or_path!r}; known: "
-                              f"{['builtin:' + k for k in specs]}")
-        return str(ensure_base_model(specs[kind], log=log))
-    return name_or_path
-
-
-def connect_ray(cfg: TrainConfig):
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = dict(LOCAL_ENV)
-    if cfg.scaling.gpus_per_learner == 0:
-        env["DS_ACCELERATOR"] = "cpu"
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
-    else:
-        # Logical CPUs above the learners + actors leave Ray Data room to run (the 2-CPU starvation deadlock).
-        needed = cfg.scaling.num_learners + cfg.rollout.num_engines + 4
-        # The dashboard (loopback only) shows the run; Ray Train's placement-group cleaner also polls its
-        # state API and warns every few seconds without it.
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, log_to_driver=True)
-
+from pipelines.plan import WRITER_CPUS, format_plan
+from sami.config import ConfigError, TrainConfig, dump_config, load_config
+from sami.run_dir import last_complete_iteration
 
 def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     """Run the training job; returns the run directory."""
@@ -59,10 +21,12 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.principle_writer import principle_writer_actor
+    from actors.principle_writer import PrincipleWriterActor
+    from actors.ray_session import connect_ray
     from actors.rollout import start_rollout_actors
-    from pipelines.data import load_queries, split_queries
-    from pipelines.learner import last_complete_iteration, train_loop_per_worker
+    from pipelines.loop import train_loop_per_worker
+    from sami.data import load_queries, split_queries
+    from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
     run_dir = Path(cfg.run.output_dir).resolve()
     done = last_complete_iteration(run_dir)
@@ -74,22 +38,26 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    model_path = resolve_model(cfg.model.name_or_path, log)
+    try:
+        model_path = resolve_model(cfg.model.name_or_path, log)
+    except ValueError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
     train_rows, heldout_rows = split_queries(load_queries(cfg.data, cfg.run.seed), cfg.data.heldout_queries)
     (run_dir / "heldout_queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout_rows))
 
-    connect_ray(cfg)
+    use_gpu = cfg.scaling.gpus_per_learner > 0
+    # Logical CPUs above the learners + actors leave room for Ray Train's own actors (the 2-CPU deadlock).
+    connect_ray(cfg.scaling.num_learners + cfg.rollout.num_engines + 4, uses_gpu=use_gpu)
     log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
         f"{cfg.scaling.num_learners} learner(s), {cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)")
-    writer = principle_writer_actor().options(num_cpus=0.1).remote(cfg.principles, str(run_dir))
+    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir))
     actors = start_rollout_actors(model_path, cfg.rollout, cfg.model)
-    use_gpu = cfg.scaling.gpus_per_learner > 0
     resources = {"CPU": cfg.scaling.cpus_per_learner, **({"GPU": cfg.scaling.gpus_per_learner} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path, "run_dir": str(run_dir),
-            "tokenizer_path": cfg.model.tokenizer or model_path, "train_queries": train_rows, "resume": resume,
+            "train_queries": train_rows, "resume": resume,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_learners, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -114,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            from cluster.plan import format_plan
-
             print(format_plan(cfg))
             return 0
         run(cfg, resume=args.resume)

@@ -20,7 +20,7 @@ TINY_TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from pipelines.tiny_model import build_tiny_model, train_tokenizer
+    from sami.tiny_model import build_tiny_model, train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-model")
     tokenizer = train_tokenizer(TINY_TEXTS, vocab_size=500)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.metrics import RunMetrics, gauge_values
-from cluster.plan import checkpoint_bytes, count_parameters, parameter_count, resource_plan
-from pipelines.config import load_config
+from sami.metrics import RunMetrics, gauge_values
+from pipelines.plan import checkpoint_bytes, count_parameters, parameter_count, resource_plan
+from sami.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL_7B = dict(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32,

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from pipelines.config import ConfigError, TrainConfig, dump_config, load_config, parse_overrides
+from sami.config import ConfigError, TrainConfig, dump_config, load_config, parse_overrides
 
 
 def test_overrides_parse_yaml_scalars_into_nested_keys():

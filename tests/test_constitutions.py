@@ -3,9 +3,9 @@ import random
 
 import pytest
 
-from pipelines.constitutions import Constitution, render_constitution, sample_constitutions
-from pipelines.principles import Principle, PrincipleError, load_principles, save_principles
-from pipelines.prompts import generation_prompt, training_prompt
+from sami.constitutions import Constitution, render_constitution, sample_constitutions
+from sami.principles import Principle, PrincipleError, load_principles, save_principles
+from sami.prompts import generation_prompt, training_prompt
 
 LIB = [Principle(n, f"Be {n}.", f"Never be {n}.") for n in ("kind", "brief", "exact", "calm")]
 

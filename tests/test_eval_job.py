@@ -187,8 +187,6 @@ def test_evaluation_job_with_a_loopback_judge(tmp_path, tiny_model_dir):
     assert all(j["passes"][0]["text"] for j in judged)  # what the judge wrote is kept
     # Both orders were used: the judge saw the test response in position A for some items and B for others.
     assert {j["passes"][0]["test_is_a"] for j in judged} == {True, False}
-    # MI bound: log C - loss with C = 2 lies in (-inf, log 2].
-    assert base["mi_lower_bound"] <= 0.6932 and test["mi_lower_bound"] <= 0.6932
     assert base["mean_length"] == pytest.approx(sum(r["length_words"] for r in responses["base"]) / 20)
 
     mt = test["mtbench"]
@@ -230,13 +228,14 @@ def test_evaluation_job_reports_user_mistakes(tmp_path, tiny_model_dir):
 def test_local_hf_judge_and_rule_judge_share_the_interface(tiny_model_dir):
     from evals.config import JudgeConfig
     from evals.judges import make_judge
-    from pipelines.constitutions import Constitution
+    from sami.constitutions import Constitution
 
     hf = make_judge(JudgeConfig(backend="hf", model=str(tiny_model_dir), max_tokens=6))
     assert hf.concurrency == 1  # one local model answers one request at a time
     items = [JudgeItem("Tell me about the river.", "1. Be concise.", "The river.", "The river is long and wide.")]
-    judged = hf.judgments(items)
-    assert judged[0]["score"] in (0.0, 0.5, 1.0) and isinstance(judged[0]["text"], str)
+    (judged,) = hf.judgments(items)
+    verdict = parse_final_answer(judged["text"])  # what the model wrote decides the score; unreadable is a tie
+    assert judged == {"score": 0.5 if verdict is None else verdict, "parsed": verdict is not None, "text": judged["text"]}
 
     world = make_judge(JudgeConfig(backend="world"))
     concise = Constitution((("concise", True),))

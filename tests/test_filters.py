@@ -1,8 +1,8 @@
 """The sample filters: a group survives only if all its responses do; the first failing reason is counted."""
 import pytest
 
-from pipelines.config import ConfigError, FilterConfig, load_config
-from pipelines.filters import reject_reason
+from sami.config import ConfigError, FilterConfig, load_config
+from sami.filters import reject_reason
 
 
 @pytest.mark.parametrize("responses, expected", [

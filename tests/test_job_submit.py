@@ -53,7 +53,7 @@ def test_entrypoint_and_config_path():
     assert entrypoint("configs/tiny.yaml", ["optim.lr=1e-4", "run.name=a b"], resume=True) == (
         "python -m pipelines.train --config configs/tiny.yaml optim.lr=1e-4 'run.name=a b' --resume")
     assert relative_config(str(TINY), REPO) == "configs/tiny.yaml"
-    from pipelines.config import ConfigError
+    from sami.config import ConfigError
 
     with pytest.raises(ConfigError, match="outside the working dir"):
         relative_config("/etc/hosts", REPO)
@@ -233,7 +233,7 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
     assert done == {str(r["iteration"]): f"{r['loss_first_step']:.4f}" for r in records}
     assert (run_dir / "iteration-2" / "hf" / "config.json").is_file()
 
-    # Dashboard metrics from cluster/metrics.py: pre-seeded phase gauges of the training job were exported.
+    # Dashboard metrics from sami/metrics.py: pre-seeded phase gauges of the training job were exported.
     names = {re.match(r"(ray_sami_\w+)", s).group(1) for s in samples}
     assert {"ray_sami_phase", "ray_sami_loss", "ray_sami_iteration"} <= names, sorted(names)
     assert any('job="train"' in s and 'run="tiny"' in s for s in samples)

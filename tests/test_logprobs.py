@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipelines.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 
 
 def naive_token_logprobs(model, input_ids, attention_mask):
@@ -59,7 +59,7 @@ def test_gradients_match_naive(tiny_model_dir):
 PEAK_SCRIPT = """
 import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from pipelines.logprobs import token_logprobs
+from sami.logprobs import token_logprobs
 sys.path.insert(0, "tests")
 from test_logprobs import naive_token_logprobs
 torch.manual_seed(0)

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.objectives import dpo_loss, kl_to_reference, sami_loss, sami_sft_loss, sft_loss
+from sami.config import ObjectiveConfig
+from sami.groups import QueryGroup
+from sami.objectives import OBJECTIVES, ScoredPairs, dpo_loss, kl_to_reference, pair_sequences, sami_loss, sft_loss
 
 
 def direct_sami(L: torch.Tensor) -> torch.Tensor:
@@ -98,5 +100,50 @@ def test_sft_and_kl_use_response_tokens_only():
     expected = sum(math.exp(x) - x - 1 for x in r) / 3
     assert kl_to_reference(token_lp, ref, mask).item() == pytest.approx(expected, abs=1e-6)
     assert kl_to_reference(token_lp, token_lp, mask).item() == 0.0
-    combined = sami_sft_loss(sami_loss(torch.zeros(2, 2)), sft_loss(token_lp, mask), 0.5)
-    assert combined.item() == pytest.approx(math.log(2) + 1.0, abs=1e-6)
+
+
+def one_token_pairs(logprobs: list[float], reference: list[float] | None = None, groups: int = 1, c: int = 2) -> ScoredPairs:
+    """Scored pairs whose every sequence has a single response token carrying the given log-prob."""
+    token_lp = torch.tensor(logprobs).view(-1, 1)
+    ref = torch.tensor(reference).view(-1, 1) if reference is not None else None
+    return ScoredPairs(token_lp, torch.ones_like(token_lp, dtype=torch.long), ref, groups, c)
+
+
+def test_objective_layouts():
+    group = QueryGroup("q", "x", prompt_ids=[[1], [2]], response_ids=[[10], [20]])
+    prompts, responses = pair_sequences([group], OBJECTIVES["sami"].pairs(2))
+    assert (prompts, responses) == ([[1], [1], [2], [2]], [[10], [20], [10], [20]])  # L[i, j] row-major
+    assert pair_sequences([group], OBJECTIVES["sft"].pairs(2)) == ([[1]], [[10]])
+    assert pair_sequences([group, group], OBJECTIVES["dpo"].pairs(2)) == ([[1], [1], [1], [1]], [[10], [20], [10], [20]])
+    assert [OBJECTIVES[n].needs_reference(ObjectiveConfig(kl_beta=0.0)) for n in ("sami", "sft", "dpo")] == [False, False, True]
+    assert OBJECTIVES["sami"].needs_reference(ObjectiveConfig(kl_beta=0.3))
+
+
+def test_sami_step_hand_computed():
+    # L = [[0, -1], [-2, 0]]: rows CE = (log(1 + e^-1) + log(1 + e^-2)) / 2, columns the same by symmetry of the
+    # off-diagonal entries' positions (column 0 holds 0, -2; column 1 holds -1, 0).
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-2))) / 2
+    loss, stats = OBJECTIVES["sami"].step(one_token_pairs([0.0, -1.0, -2.0, 0.0]), ObjectiveConfig())
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["mi_lower_bound"] == pytest.approx(math.log(2) - expected, abs=1e-6)
+    assert stats["row_accuracy"] == stats["col_accuracy"] == 1.0
+
+
+def test_sami_step_adds_sft_on_the_positive_pair_and_kl():
+    scored = one_token_pairs([-1.0, -3.0, -3.0, -2.0], reference=[-1.5, -3.0, -3.0, -2.0])
+    base, _ = OBJECTIVES["sami"].step(scored, ObjectiveConfig())
+    with_sft, _ = OBJECTIVES["sami"].step(scored, ObjectiveConfig(sft_weight=0.5))
+    assert (with_sft - base).item() == pytest.approx(0.5 * 1.0, abs=1e-6)  # NLL of the (0, 0) pair only
+    with_kl, stats = OBJECTIVES["sami"].step(scored, ObjectiveConfig(kl_beta=0.3))
+    r = -1.5 - (-1.0)  # the only token where the reference differs
+    kl = (math.exp(r) - r - 1) / 4
+    assert stats["kl"] == pytest.approx(kl, abs=1e-6)
+    assert (with_kl - base).item() == pytest.approx(0.3 * kl, abs=1e-6)
+
+
+def test_dpo_step_hand_computed():
+    # chosen -1 (ref -2), rejected -3 (ref -2): margin = (-1 + 2) - (-3 + 2) = 2; loss = -log sigmoid(0.1 * 2)
+    loss, stats = OBJECTIVES["dpo"].step(one_token_pairs([-1.0, -3.0], reference=[-2.0, -2.0]), ObjectiveConfig())
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))), abs=1e-6)
+    assert stats["reward_margin"] == pytest.approx(0.2, abs=1e-6)
+    assert stats["reward_accuracy"] == 1.0

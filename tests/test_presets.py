@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.plan import format_plan, resource_plan
-from pipelines.config import load_config
+from pipelines.plan import format_plan, resource_plan
+from sami.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PRESETS = ["hh_mistral7b", "tldr_mistral7b", "tldr_mixtral_weak_writer", "mtbench_multitask_sami",
@@ -21,8 +21,7 @@ def test_training_preset_plans(name):
     plan = resource_plan(cfg)
     assert plan["total"]["gpus"] > 0 and cfg.rollout.engine == "vllm"
     assert "learners:" in format_plan(cfg)
-    header = path.read_text().split("\nrun:")[0]
-    assert "arXiv" in header and "DESIGN.md §1" in header  # each preset cites what it reproduces
+    assert cfg.principles.num_constitutions == 2  # C = 2 in every published run (DESIGN.md §1)
     if cfg.principles.source == "file":
         assert (REPO / cfg.principles.path).is_file()
 
@@ -80,7 +79,7 @@ def test_evaluation_preset_dry_run(name, capsys):
     header = path.read_text().split("\nrun:")[0]
     assert "python -m evals.run --config configs/" + name + ".yaml" in header
     if name != "eval_world":
-        assert "arXiv" in header and "DESIGN.md §1" in header and cfg.generation.engine == "vllm"
+        assert cfg.generation.engine == "vllm"
 
 
 def test_evaluation_presets_read_what_their_training_runs_wrote():

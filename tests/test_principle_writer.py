@@ -5,11 +5,11 @@ import socket
 
 import pytest
 
-from actors.principle_writer import PrincipleWriterCore, WriterError, chat_client_for, parse_principles, write_principles
+from sami.principle_writer import PrincipleWriterCore, WriterError, chat_client_for, parse_principles, write_principles
 from chat_server import ChatServer
-from pipelines.chat_clients import ChatClientError, OpenAIChatClient
-from pipelines.config import PrinciplesConfig, WriterConfig
-from pipelines.principles import Principle, PrincipleError, load_principles
+from sami.chat_clients import ChatClientError, OpenAIChatClient
+from sami.config import PrinciplesConfig, WriterConfig
+from sami.principles import Principle, PrincipleError, load_principles
 
 GOOD = """Sure! Here are the principles you asked for.
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.rollout_engines import Completion, HFEngine, make_engine, state_dict_buckets
-from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig
-from pipelines.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from actors.weight_sync import state_dict_buckets
+from sami.rollout_engines import Completion, HFEngine, make_engine
+from sami.config import ModelConfig, RolloutConfig, SamplingConfig
+from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 
 PROMPTS = [
     "Query: Tell me about the river.\nResponse:",

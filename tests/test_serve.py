@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from cluster.serve_app import CompletionCore, RequestError, ServeArgs, build_app
-from pipelines.prompts import generation_prompt
+from sami.prompts import generation_prompt
 
 CONSTITUTION = "1. Be polite.\n2. Be concise."
 
@@ -92,7 +92,7 @@ def test_serve_answers_over_http_on_loopback(tiny_model_dir):
         with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
             assert json.loads(response.read())["data"][0]["id"] == "tiny"
         # The principle writer's own client can use it as its endpoint.
-        from pipelines.chat_clients import OpenAIChatClient
+        from sami.chat_clients import OpenAIChatClient
 
         answer = OpenAIChatClient(base, "tiny", "SAMI_TEST_NO_KEY").complete([{"role": "user", "content": "Hi"}], 0.0, 4)
         assert isinstance(answer, str)

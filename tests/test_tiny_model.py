@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.tiny_model import build_tiny_model, train_tokenizer
+from sami.tiny_model import build_tiny_model, train_tokenizer
 
 
 def test_wordlevel_tokenizer_splits_punctuation_and_round_trips():

@@ -4,6 +4,7 @@ One Ray session for the module (each `fit()` still costs ~40 s of Ray Train star
 are grouped into a few runs).
 """
 import json
+import math
 import os
 
 import pytest
@@ -30,7 +31,7 @@ def ray_session():
 
 
 def tiny(out, *overrides):
-    from pipelines.config import load_config
+    from sami.config import load_config
 
     # 32 queries seen 4 times per iteration, so the training loss must fall within an iteration.
     return load_config("configs/tiny.yaml", [f"run.output_dir={out}", "data.queries_per_iteration=32",
@@ -67,7 +68,7 @@ def test_two_iterations_train_sync_and_export(sami_run):
     for k in (1, 2):
         assert (sami_run / f"iteration-{k}" / "groups.parquet").is_file()
     exported = AutoModelForCausalLM.from_pretrained(sami_run / "iteration-2" / "hf")
-    from pipelines.train import resolve_model
+    from sami.world.base_model import resolve_model
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:world-small", log=lambda m: None))
     diffs = [(a - b).abs().max().item() for a, b in zip(exported.parameters(), base.parameters())]
@@ -76,7 +77,7 @@ def test_two_iterations_train_sync_and_export(sami_run):
 
 
 def test_resume_continues_at_iteration_three(sami_run):
-    from pipelines.config import ConfigError
+    from sami.config import ConfigError
     from pipelines.train import run
 
     before = (sami_run / "iteration-1" / "groups.parquet").stat().st_mtime_ns
@@ -96,7 +97,8 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
                    f"data.replay_groups_from={sami_run}"))
     (row,) = metrics(dpo)
     first, last = epoch_means(row["loss_per_step"])
-    assert row["objective"] == "dpo" and last < first, row["loss_per_step"]
+    # measured 0.691 -> 0.360 (2026-11-23); DPO starts at log 2 exactly: policy == reference
+    assert row["objective"] == "dpo" and first == pytest.approx(math.log(2), abs=0.01) and last < first - 0.15, row["loss_per_step"]
     assert row["reward_accuracy"] > 0.5
 
     two_stage = run(tiny(tmp_path / "sft-sami", "objective.name=sft_then_sami", "objective.sft_iterations=1",
@@ -104,5 +106,6 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
     rows = metrics(two_stage)
     assert [r["objective"] for r in rows] == ["sft", "sami"]
     first, last = epoch_means(rows[0]["loss_per_step"])
-    assert last < first, rows[0]["loss_per_step"]  # SFT's NLL falls
-    assert rows[1]["mi_lower_bound"] is not None
+    assert last < first - 0.03, rows[0]["loss_per_step"]  # SFT's NLL falls (measured 1.159 -> 1.089)
+    # SAMI's figures in iteration 2: the bound is log C minus the loss without its KL term (beta 0.3)
+    assert rows[1]["mi_lower_bound"] == pytest.approx(math.log(2) - (rows[1]["loss"] - 0.3 * rows[1]["kl"]), abs=1e-6)

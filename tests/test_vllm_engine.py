@@ -6,7 +6,7 @@ What this checks where it can run:
 - object-store weight sync: after `update_weights` with new buckets, the probe log-prob equals a direct
   HF computation on the new weights, and the outputs change;
 - prefix cache reset: a prompt scored before a sync (so cached) is scored with the new weights after it;
-- the native NCCL path (`actors.vllm_sync`, vLLM's weight-transfer API) on two GPUs: learner on GPU 0
+- the native NCCL path (`actors/weight_sync.py`, vLLM's weight-transfer API) on two GPUs: learner on GPU 0
   broadcasts, the engine's probe log-prob matches the learner's.
 vLLM cannot run on the CPU-only machines this project is developed on; nothing here is mocked.
 """
@@ -21,8 +21,9 @@ pytestmark = [
 ]
 vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed (pip install -e .[vllm] on a GPU node)")
 
-from actors.rollout_engines import HFEngine, VLLMEngine, state_dict_buckets  # noqa: E402
-from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
+from actors.weight_sync import state_dict_buckets  # noqa: E402
+from sami.rollout_engines import HFEngine, VLLMEngine  # noqa: E402
+from sami.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
 
 PROMPTS = ["Query: Tell me about the river.\nResponse:", "Human: How do I bake bread?", "Assistant:"]
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12, batch_size=8)
@@ -59,10 +60,11 @@ def test_object_store_sync_and_probe(engines):
     assert [c.token_ids for c in v.generate(PROMPTS, GREEDY, 0)] == [c.token_ids for c in hf.generate(PROMPTS, GREEDY, 0)]
 
 
-def test_prefix_cache_reset_is_callable_between_calls(engines):
-    v, _ = engines
+def test_prefix_cache_reset_keeps_outputs_exact(engines):
+    v, hf = engines
+    before = [c.token_ids for c in v.generate(PROMPTS, GREEDY, 0)]  # fills the prefix cache
     v.reset_prefix_cache()
-    assert len(v.generate(PROMPTS, GREEDY, 0)) == len(PROMPTS)
+    assert [c.token_ids for c in v.generate(PROMPTS, GREEDY, 0)] == before == [c.token_ids for c in hf.generate(PROMPTS, GREEDY, 0)]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL weight transfer needs a separate learner GPU")
@@ -70,7 +72,7 @@ def test_prefix_cache_reset_is_callable_between_calls(engines):
 def test_nccl_weight_transfer(tiny_model_dir):
     ray = pytest.importorskip("ray")
     from actors.rollout import RolloutActor, rollout_actor_options
-    from actors.vllm_sync import broadcast_weights, trainer_group, weight_metadata
+    from actors.weight_sync import broadcast_weights, trainer_group, weight_metadata
 
     ray.init(num_gpus=2, include_dashboard=False)
     try:

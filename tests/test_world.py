@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.config import load_config
-from pipelines.constitutions import Constitution
-from pipelines.world import grammar, rules
-from pipelines.world.base_model import BaseModelSpec, ensure_base_model, spec_hash
-from pipelines.world.evaluate import eval_set
+from sami.config import load_config
+from sami.constitutions import Constitution
+from sami.world import grammar, rules
+from sami.world.base_model import BaseModelSpec, ensure_base_model, spec_hash
+from evals.world import eval_set
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sami.world.rules import HELDOUT_PRINCIPLES as WORLD_HELDOUT_PRINCIPLES
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message is meant to be printed as is."""
@@ -65,13 +67,32 @@ class DataConfig(Section):
         return self
 
 
-class WriterConfig(Section):
-    """The principle writer: an instruct LM that writes principles with their antitheses (paper A.12)."""
+class ChatClientConfig(Section):
+    """A language model behind a chat client, shared by the principle writer and the evaluation's judge."""
 
+    # openai / vllm: an OpenAI-compatible endpoint (a hosted API, `vllm serve`, `serve run cluster.serve_app`);
+    # hf: a local model through transformers.
     backend: Literal["hf", "vllm", "openai"] = "openai"
     model: Optional[str] = None
     base_url: Optional[str] = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the config
+    timeout: float = Field(60.0, gt=0.0)
+    retries: int = Field(3, ge=0)
+
+    def problems(self, prefix: str) -> list[str]:
+        """What keeps the client from being built, each naming the field under `prefix`."""
+        out = []
+        if not self.model:
+            out.append(f"{prefix}.backend is {self.backend!r} but {prefix}.model is not set")
+        if self.backend in ("openai", "vllm") and not self.base_url:
+            out.append(f"{prefix}.backend is {self.backend!r} but {prefix}.base_url is not set "
+                       f"(e.g. http://127.0.0.1:8000/v1)")
+        return out
+
+
+class WriterConfig(ChatClientConfig):
+    """The principle writer: an instruct LM that writes principles with their antitheses (paper A.12)."""
+
     task_description: str = "respond to a human's request in a dialogue"
     seed_principles: list[str] = Field(default_factory=list)
     num_principles: int = Field(4, ge=1)
@@ -94,6 +115,24 @@ class PrinciplesConfig(Section):
     principles_per_constitution: Optional[int] = Field(None, ge=1)  # k for sample_k
     heldout: list[str] = Field(default_factory=list)  # principle names never used in training
 
+    @model_validator(mode="after")
+    def _complete(self):
+        """Checked once here, for training and evaluation alike."""
+        if self.source == "file" and not self.path:
+            raise ValueError("principles.source is 'file' but principles.path is not set")
+        if self.source == "writer" and self.writer.problems("principles.writer"):
+            raise ValueError("; ".join(self.writer.problems("principles.writer")))
+        if self.mode.startswith("sample_k") and self.principles_per_constitution is None:
+            raise ValueError(f"principles.mode is {self.mode!r} but principles.principles_per_constitution is not set")
+        return self
+
+    @property
+    def heldout_names(self) -> tuple[str, ...]:
+        """The principles training never states: `heldout`, or the built-in world's held-out principle."""
+        if self.heldout or self.source != "world":
+            return tuple(self.heldout)
+        return WORLD_HELDOUT_PRINCIPLES
+
 
 class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
@@ -102,13 +141,18 @@ class SamplingConfig(Section):
     batch_size: int = Field(32, ge=1)  # prompts per generate call on one engine
 
 
-class RolloutConfig(Section):
+class EngineConfig(Section):
+    """A generation engine, shared by the rollout actors, the evaluation job and Serve."""
+
     engine: Literal["hf", "vllm"] = "hf"
-    num_engines: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs per vLLM engine
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    cpus_per_engine: float = Field(1.0, gt=0.0)
     enable_prefix_caching: bool = True
+
+
+class RolloutConfig(EngineConfig):
+    num_engines: int = Field(1, ge=1)
+    cpus_per_engine: float = Field(1.0, gt=0.0)
     sync_bucket_mb: int = Field(256, ge=1)
     probe_tolerance: float = Field(1e-3, gt=0.0)  # |rollout - learner| mean log-prob after a sync
 
@@ -206,11 +250,6 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        p = self.principles
-        if p.source == "file" and not p.path:
-            raise ValueError("principles.source is 'file' but principles.path is not set")
-        if p.mode.startswith("sample_k") and p.principles_per_constitution is None:
-            raise ValueError(f"principles.mode is {p.mode!r} but principles.principles_per_constitution is not set")
         if self.rollout.engine == "vllm" and self.scaling.gpus_per_learner == 0:
             raise ValueError("rollout.engine is 'vllm' (GPU only) but scaling.gpus_per_learner is 0")
         if self.optim.groups_per_step % self.scaling.num_learners:

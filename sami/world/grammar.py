@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pipelines.constitutions import Constitution, render_constitution
-from pipelines.prompts import training_prompt
-from pipelines.world.rules import POLITE_WORDS, PRINCIPLES, satisfies
+from sami.constitutions import Constitution, render_constitution
+from sami.prompts import training_prompt
+from sami.world.rules import POLITE_WORDS, PRINCIPLES, satisfies
 
 SUBJECTS = (
     "river mountain garden city ocean forest library bridge castle desert island museum train market school "

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.logprobs import collate_sequences, token_logprobs
-from pipelines.objectives import sft_loss
-from pipelines.tiny_model import build_tiny_model, train_tokenizer
-from pipelines.world import grammar
+from sami.logprobs import collate_sequences, token_logprobs
+from sami.objectives import sft_loss
+from sami.tiny_model import build_tiny_model, train_tokenizer
+from sami.world import grammar
 
 WORLD_VERSION = 1  # bump when the grammar or principles change, to invalidate caches
 
@@ -46,6 +46,23 @@ class BaseModelSpec:
     def small(cls, seed: int = 0) -> "BaseModelSpec":
         """For CI: a few times cheaper, still well formed and still weakly following."""
         return cls(num_docs=6000, steps=350, seed=seed)
+
+
+# The names `model.name_or_path` accepts for the world's cached base models.
+BUILTIN_MODELS = {"builtin:world": BaseModelSpec(), "builtin:world-small": BaseModelSpec.small()}
+
+
+def builtin_spec(name: str) -> BaseModelSpec:
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name]
+
+
+def resolve_model(name_or_path: str, log=print) -> str:
+    """A built-in name becomes the folder of its cached base model (built on first use); others pass through."""
+    if name_or_path.startswith("builtin:"):
+        return str(ensure_base_model(builtin_spec(name_or_path), log=log))
+    return name_or_path
 
 
 def cache_root() -> Path:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
-
 import numpy as np
 import torch
 
-from pipelines.config import ModelConfig, RolloutConfig, SamplingConfig
-from pipelines.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.config import EngineConfig, ModelConfig, SamplingConfig
+from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 
 
 @dataclass
@@ -31,25 +29,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def state_dict_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: int) -> list[dict[str, np.ndarray]]:
-    """Split `(name, tensor)` pairs (e.g. `model.named_parameters()`) into buckets of at most `bucket_mb` MiB.
-
-    One tensor larger than the limit gets a bucket of its own. numpy has no bfloat16, so every tensor is
-    shipped as float32; the engine casts it back to its own dtype on load.
-    """
-    limit = bucket_mb * 2**20
-    buckets: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, tensor in named_tensors:
-        array = tensor.detach().to("cpu", torch.float32).numpy()
-        if buckets[-1] and size + array.nbytes > limit:
-            buckets.append({})
-            size = 0
-        buckets[-1][name] = array
-        size += array.nbytes
-    return buckets
 
 
 class RolloutEngine:
@@ -169,14 +148,14 @@ class VLLMEngine(RolloutEngine):
 
     Weight sync has two paths:
     - GPU: vLLM's native weight-transfer API (`weight_transfer_config=WeightTransferConfig(backend="nccl")`);
-      learner rank 0 broadcasts packed buckets over NCCL (`actors.vllm_sync`), this engine receives them in
+      learner rank 0 broadcasts packed buckets over NCCL (`actors/weight_sync.py`), this engine receives them in
       `receive_weights` after `init_weight_transfer` joined the group.
     - object store: `update_weights` runs `model.load_weights` on every worker through `collective_rpc`
-      (`actors.vllm_sync.WorkerExtension`).
+      (`WorkerExtension` below).
     With tensor_parallel_size > 1 the workers are Ray actors in the caller's placement group.
     """
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: RolloutConfig):
+    def __init__(self, model_path: str, model_cfg: ModelConfig, rollout_cfg: EngineConfig):
         try:
             from vllm import LLM
             from vllm.config import WeightTransferConfig
@@ -202,7 +181,7 @@ class VLLMEngine(RolloutEngine):
             trust_remote_code=model_cfg.trust_remote_code,
             max_model_len=model_cfg.max_prompt_tokens + model_cfg.max_response_tokens,
             weight_transfer_config=WeightTransferConfig(backend="nccl"),
-            worker_extension_cls="actors.vllm_sync.WorkerExtension",
+            worker_extension_cls="sami.rollout_engines.WorkerExtension",
         )
         self.max_prompt_tokens = model_cfg.max_prompt_tokens
 
@@ -235,7 +214,7 @@ class VLLMEngine(RolloutEngine):
         self.reset_prefix_cache()
 
     def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """Join the NCCL group of learner rank 0 (rank 0) and every engine's workers (see actors.vllm_sync)."""
+        """Join the NCCL group of learner rank 0 (rank 0) and every engine's workers (see actors/weight_sync.py)."""
         self.llm.init_weight_transfer_engine({"init_info": {
             "master_address": master_address, "master_port": master_port,
             "rank_offset": rank_offset, "world_size": world_size,
@@ -263,9 +242,21 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
 
 
-def make_engine(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig) -> RolloutEngine:
-    if rollout_cfg.engine == "hf":
+def make_engine(model_path: str, engine_cfg: EngineConfig, model_cfg: ModelConfig) -> RolloutEngine:
+    if engine_cfg.engine == "hf":
         return HFEngine(model_path, model_cfg)
-    if rollout_cfg.engine == "vllm":
-        return VLLMEngine(model_path, model_cfg, rollout_cfg)
-    raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {rollout_cfg.engine!r}")
+    if engine_cfg.engine == "vllm":
+        return VLLMEngine(model_path, model_cfg, engine_cfg)
+    raise ValueError(f"engine must be 'hf' or 'vllm', got {engine_cfg.engine!r}")
+
+
+class WorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls="sami.rollout_engines.WorkerExtension"`), so the engine
+    can call `LLM.collective_rpc("load_numpy_bucket", ...)` by name (vLLM refuses pickled callables by default)."""
+
+    def load_numpy_bucket(self, bucket: dict[str, np.ndarray]) -> None:
+        """The object-store path: load one bucket in place. `load_weights` takes checkpoint (HF) names and
+        shards them for tensor parallelism itself."""
+        model = self.model_runner.model
+        device = next(model.parameters()).device
+        model.load_weights(weights=[(name, torch.from_numpy(array).to(device)) for name, array in bucket.items()])

@@ -1,15 +1,21 @@
-"""Training objectives, pure torch: SAMI, DPO/IPO, SFT and a KL-to-reference term.
+"""Training objectives, pure torch: SAMI, DPO/IPO, SFT and a KL-to-reference term, and the table that picks one.
 
-All take log-probabilities computed elsewhere (`pipelines/logprobs.py`), so each loss is a few lines that a
-unit test checks against hand-computed numbers.
+The losses take log-probabilities computed elsewhere (`sami/logprobs.py`), so each is a few lines that a
+unit test checks against hand-computed numbers. `OBJECTIVES` maps a config name to its *layout* (which
+(constitution i, response j) pairs of a query group are scored) and its loss step; the evaluation's MI bound
+scores groups with the same SAMI layout.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from sami.config import ObjectiveConfig
+from sami.logprobs import sequence_logprobs
 
 
 @dataclass
@@ -90,6 +96,72 @@ def kl_to_reference(
     return _masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)
 
 
-def sami_sft_loss(sami: SamiOutput, sft: torch.Tensor, sft_weight: float) -> torch.Tensor:
-    """The weighted SAMI + SFT combination: sami + sft_weight * sft."""
-    return sami.loss + sft_weight * sft
+# ---------------------------------------------------------------------------------------------------------
+# The objective table
+
+
+@dataclass
+class ScoredPairs:
+    """Token log-probs of a micro-batch of `groups` query groups, laid out by an objective's pairs (group-major)."""
+
+    token_lp: torch.Tensor  # [groups * len(pairs), T-1]
+    response_mask: torch.Tensor  # [groups * len(pairs), T-1]
+    reference_lp: Optional[torch.Tensor]  # the frozen reference's token log-probs, when the objective needs them
+    groups: int
+    c: int  # constitutions per group
+
+
+def sami_pairs(c: int) -> list[tuple[int, int]]:
+    """Every (constitution i, response j): the C x C matrix, row-major."""
+    return [(i, j) for i in range(c) for j in range(c)]
+
+
+def sami_step(s: ScoredPairs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict]:
+    seq = sequence_logprobs(s.token_lp, s.response_mask, cfg.sami.reduction).view(s.groups, s.c, s.c)
+    out = sami_loss(seq, cfg.sami.direction)
+    loss, stats = out.loss, {"mi_lower_bound": out.mi_lower_bound.item(), "row_accuracy": out.row_accuracy.item(),
+                             "col_accuracy": out.col_accuracy.item()}
+    if cfg.sft_weight > 0:  # SFT on each group's positive pair (constitution 0, response 0), the first of C*C
+        positive = torch.zeros_like(s.response_mask)
+        positive[:: s.c * s.c] = s.response_mask[:: s.c * s.c]
+        loss = loss + cfg.sft_weight * sft_loss(s.token_lp, positive)
+    if cfg.kl_beta > 0:
+        kl = kl_to_reference(s.token_lp, s.reference_lp, s.response_mask)
+        loss, stats["kl"] = loss + cfg.kl_beta * kl, kl.item()
+    return loss, stats
+
+
+def sft_step(s: ScoredPairs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict]:
+    return sft_loss(s.token_lp, s.response_mask), {}
+
+
+def dpo_step(s: ScoredPairs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict]:
+    """The response under the positive constitution is chosen over each contrast's response."""
+    seq = sequence_logprobs(s.token_lp, s.response_mask, "sum").view(s.groups, s.c)
+    ref = sequence_logprobs(s.reference_lp, s.response_mask, "sum").view(s.groups, s.c)
+    chosen, rejected = seq[:, :1].expand(-1, s.c - 1), seq[:, 1:]
+    ref_chosen, ref_rejected = ref[:, :1].expand(-1, s.c - 1), ref[:, 1:]
+    loss, stats = dpo_loss(chosen.reshape(-1), rejected.reshape(-1), ref_chosen.reshape(-1), ref_rejected.reshape(-1),
+                           cfg.dpo.beta, cfg.dpo.loss_type)
+    return loss, {k: v.item() for k, v in stats.items()}
+
+
+@dataclass(frozen=True)
+class Objective:
+    pairs: Callable[[int], list[tuple[int, int]]]  # C -> the (prompt i, response j) pairs scored per group
+    step: Callable[[ScoredPairs, ObjectiveConfig], tuple[torch.Tensor, dict]]  # -> (loss, figures)
+    needs_reference: Callable[[ObjectiveConfig], bool]
+
+
+OBJECTIVES = {
+    "sami": Objective(sami_pairs, sami_step, lambda cfg: cfg.kl_beta > 0),
+    # SFT on the positive constitution's own sample
+    "sft": Objective(lambda c: [(0, 0)], sft_step, lambda cfg: False),
+    # the positive prompt with each response: the chosen one first, then the C - 1 rejected ones
+    "dpo": Objective(lambda c: [(0, j) for j in range(c)], dpo_step, lambda cfg: True),
+}
+
+
+def pair_sequences(groups: list, pairs: list[tuple[int, int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) of every pair of every group, group-major: what `ScoredPairs` lays out."""
+    return ([g.prompt_ids[i] for g in groups for i, _ in pairs], [g.response_ids[j] for g in groups for _, j in pairs])

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from pipelines.constitutions import Constitution
-from pipelines.principles import Principle
+from sami.constitutions import Constitution
+from sami.principles import Principle
 
 POLITE_WORDS = ("please", "thanks", "kindly")
 LEAK_WORDS = ("constitution", "query", "response")

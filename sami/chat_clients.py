@@ -81,15 +81,14 @@ class HFChatClient:
         return self.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def make_chat_client(backend: str, model: str | None, base_url: str | None, api_key_env: str, *, field_prefix: str,
-                     purpose: str, timeout: float = 60.0, retries: int = 3):
-    """openai / vllm: an OpenAI-compatible endpoint (`vllm serve` speaks the same protocol); hf: a local model.
-    Missing settings are reported by their config field (`field_prefix`.model, ...)."""
-    if not model:
-        raise ChatClientError(f"{field_prefix}.model is not set (the {purpose} model's name or path)")
-    if backend in ("openai", "vllm"):
-        if not base_url:
-            raise ChatClientError(f"{field_prefix}.backend is {backend!r} but {field_prefix}.base_url is not set "
-                                  f"(e.g. http://127.0.0.1:8000/v1)")
-        return OpenAIChatClient(base_url, model, api_key_env, timeout=timeout, retries=retries, purpose=purpose)
-    return HFChatClient(model)
+def make_chat_client(cfg, *, field_prefix: str, purpose: str):
+    """A client for a `sami.config.ChatClientConfig` section (the writer's or the judge's). openai / vllm: an
+    OpenAI-compatible endpoint (`vllm serve` speaks the same protocol); hf: a local model. Missing settings
+    are reported by their config field (`field_prefix`.model, ...)."""
+    problems = cfg.problems(field_prefix)
+    if problems:
+        raise ChatClientError(f"{purpose}: " + "; ".join(problems))
+    if cfg.backend in ("openai", "vllm"):
+        return OpenAIChatClient(cfg.base_url, cfg.model, cfg.api_key_env, timeout=cfg.timeout, retries=cfg.retries,
+                                purpose=purpose)
+    return HFChatClient(cfg.model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from pipelines.filters import REASONS as FILTER_REASONS
+from sami.filters import REASONS as FILTER_REASONS
 
 PHASES = ("write_principles", "generate", "train", "sync", "checkpoint", "evaluate", "idle")
 # One gauge per figure; `record` ignores keys it does not know (the metrics.jsonl record has more).

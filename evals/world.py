@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pipelines.config import ModelConfig, SamplingConfig
-from pipelines.constitutions import Constitution, render_constitution, sample_constitutions
-from pipelines.prompts import training_prompt
-from pipelines.world import grammar, rules
+from sami.config import ModelConfig, SamplingConfig
+from sami.constitutions import Constitution, render_constitution, sample_constitutions
+from sami.prompts import training_prompt
+from sami.world import grammar, rules
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=40, batch_size=64)
 def evaluate_model(model_path: str, items: list[EvalItem], heldout_items: list[EvalItem], seed: int,
                    base_responses: list[str] | None = None) -> tuple[dict, list[str]]:
     """(metrics, the responses to `items`); win rate is against `base_responses` (0.5 when None)."""
-    from actors.rollout_engines import HFEngine
     from evals.generate import generate
     from evals.mi_bound import mi_lower_bound
+    from sami.rollout_engines import HFEngine
 
     engine = HFEngine(model_path, ModelConfig(name_or_path=model_path), device="cpu")
     responses = generate(engine, [i.prompt for i in items], SAMPLING, seed)

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from pipelines.config import ConfigError, DataConfig
+from sami.config import ConfigError, DataConfig
 
 
 def first_human_turn(dialogue: str) -> str:
@@ -44,7 +44,7 @@ def _rows_from_records(records, cfg: DataConfig) -> list[dict]:
 
 def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
     if cfg.source == "world":
-        from pipelines.world.grammar import sample_query
+        from sami.world.grammar import sample_query
 
         rng = random.Random(f"world-queries-{seed}")
         n = cfg.max_queries or 1024

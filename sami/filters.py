@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.config import FilterConfig
+from sami.config import FilterConfig
 
 REASONS = ("empty", "format_leak", "malformed", "identical")
 

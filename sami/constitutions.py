@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pipelines.principles import Principle
+from sami.principles import Principle
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.config import TrainConfig
+from sami.config import TrainConfig
+
+WRITER_CPUS = 0.1  # the principle writer calls an endpoint or serves a saved library: a small CPU share
 
 # Parameter counts of the published runs' models (from their HF configs; see `count_parameters`).
 KNOWN_PARAMETERS = {
@@ -18,7 +20,6 @@ KNOWN_PARAMETERS = {
     "mistral-7b": 7_241_732_096,
     "llama-2-7b": 6_738_415_616,
 }
-WRITER_CPUS = 0.1  # pipelines/train.py starts the principle writer with num_cpus=0.1; it calls an endpoint
 
 
 def count_parameters(hf_config: dict) -> int:
@@ -39,11 +40,9 @@ def count_parameters(hf_config: dict) -> int:
 def model_folder(name_or_path: str) -> Path | None:
     """The local HF folder behind the name, if there is one (a built-in world model only once it is cached)."""
     if name_or_path.startswith("builtin:"):
-        from pipelines.world.base_model import BaseModelSpec, cache_root, spec_hash
+        from sami.world.base_model import builtin_spec, cache_root, spec_hash
 
-        kind = name_or_path.split(":", 1)[1]
-        spec = BaseModelSpec.small() if kind == "world-small" else BaseModelSpec()
-        folder = cache_root() / f"base-{spec_hash(spec)}"
+        folder = cache_root() / f"base-{spec_hash(builtin_spec(name_or_path))}"
         return folder if (folder / "READY").is_file() else None
     folder = Path(name_or_path)
     return folder if (folder / "config.json").is_file() else None

@@ -1,0 +1,204 @@
+"""The online loop: one long-lived Ray Train `fit()` whose workers run it from setup to the last iteration.
+
+Ray Train's `fit()` is one SPMD run with no driver-to-worker calls, so the whole loop lives in
+`train_loop_per_worker`: rank 0 drives the principle writer and the rollout actors and hands every rank
+its own shard of query groups; every rank trains; rank 0 syncs the weights to the rollout engines and checks
+them; every rank checkpoints. The model is loaded once.
+"""
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from actors.rollout import generate_on_engines
+from actors.weight_sync import WeightSync
+from sami.config import TrainConfig
+from sami.data import iteration_queries
+from sami.filters import REASONS
+from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
+from sami.learner import Learner, log, objective_for, skip_cpu_shm_comm_op
+from sami.metrics import RunMetrics
+from sami.run_dir import last_complete_iteration, mark_complete
+
+Probe = tuple[list[int], list[int]]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint."""
+    loop = setup(config)
+    for iteration in range(loop.start, loop.cfg.run.iterations + 1):
+        groups, probe, record = generate_phase(loop, iteration)
+        loop.phase("train")
+        record.update(loop.learner.train(iteration, groups))
+        record.update(sync_phase(loop, probe))
+        checkpoint_phase(loop, iteration, record, probe)
+    loop.phase("idle")
+
+
+@dataclass
+class Loop:
+    cfg: TrainConfig
+    rank: int
+    world: int
+    run_dir: Path
+    learner: Learner
+    sync: WeightSync
+    start: int  # the first iteration this run trains
+    config: dict  # what the driver handed over: rollout actors, writer, queries
+    metrics: Optional[RunMetrics]  # rank 0 only
+
+    def phase(self, name: str) -> None:
+        if self.metrics is not None:
+            self.metrics.set_phase(name)
+
+
+def setup(config: dict) -> Loop:
+    """Distributed init, the learner, the weight sync; on `--resume` the last complete iteration, re-synced."""
+    import deepspeed
+
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_learner > 0
+    device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        skip_cpu_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    torch.manual_seed(cfg.run.seed + rank)
+    learner = Learner(cfg, config["model_path"], world, device, use_gpu)
+    sync = WeightSync(config["actors"], cfg.rollout, cfg.deepspeed.zero_stage, rank,
+                      use_nccl=use_gpu and cfg.rollout.engine == "vllm")
+    run_dir = Path(config["run_dir"])
+    start = last_complete_iteration(run_dir) + 1 if config["resume"] else 1
+    metrics = RunMetrics("train", cfg.run.name) if rank == 0 else None
+    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics)
+    if start > 1:
+        learner.restore(run_dir, start - 1)
+        if rank == 0:
+            log(f"resumed from iteration {start - 1}; re-syncing the rollout engines")
+        sync_phase(loop, tuple(json.loads((run_dir / f"iteration-{start - 1}" / "probe.json").read_text())))
+    return loop
+
+
+def generate_phase(loop: Loop, iteration: int) -> tuple[list[QueryGroup], Probe, dict]:
+    """Rank 0 generates the iteration's groups; every rank receives its own shard (and the probe) only."""
+    cfg, record = loop.cfg, {"iteration": iteration, "objective": objective_for(loop.cfg, iteration)}
+    payload = None
+    if loop.rank == 0:
+        loop.phase("generate")
+        log(f"iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: generating")
+        groups, figures = rank0_groups(loop, iteration)
+        record.update(figures)
+        if len(groups) < loop.world:
+            raise RuntimeError(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
+                               f"({figures}); need at least one per learner")
+        probe = (groups[0].prompt_ids[0], groups[0].response_ids[0])
+        payload = [(shard, probe) for shard in equal_shards(groups, loop.world)]
+    received = [None]
+    dist.scatter_object_list(received, payload, src=0)
+    shard, probe = received[0]
+    return shard, probe, record
+
+
+def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
+    """The iteration's kept groups (generated, or replayed from another run), saved to groups.parquet."""
+    cfg, config = loop.cfg, loop.config
+    started = time.perf_counter()
+    if cfg.data.replay_groups_from:
+        # filtered where they were generated
+        groups = replay_groups(Path(cfg.data.replay_groups_from), iteration)
+        figures = {"time_write_principles": 0.0, **{f"filtered_{r}": 0 for r in REASONS}}
+    else:
+        count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
+        queries = iteration_queries(config["train_queries"], iteration, count, cfg.schedule.alternate_splits)
+        writer, actors = config["writer"], config["actors"]
+        groups, figures = build_groups(
+            cfg, iteration, queries,
+            constitutions=lambda ids, seed: ray.get(writer.iteration_constitutions.remote(ids, seed)),
+            generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds),
+            tokenizer=loop.learner.tokenizer)
+        log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
+            f"({ {k: v for k, v in figures.items() if k.startswith('filtered_')} })")
+    it_dir = loop.run_dir / f"iteration-{iteration}"
+    it_dir.mkdir(parents=True, exist_ok=True)
+    pyarrow.parquet.write_table(pa.Table.from_pylist([g.record() for g in groups]), it_dir / "groups.parquet")
+    seconds = time.perf_counter() - started - figures["time_write_principles"]
+    response_tokens = sum(g.response_tokens for g in groups)
+    return groups, {**figures, "time_generate": seconds, "groups": len(groups),
+                    "response_tokens": response_tokens / max(len(groups), 1),
+                    "truncated": sum(g.truncated for g in groups),
+                    "tokens_per_second": response_tokens * cfg.principles.num_constitutions / seconds}
+
+
+def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable, generate: Callable,
+                 tokenizer) -> tuple[list[QueryGroup], dict]:
+    """queries -> constitutions -> responses -> filter -> tokenised groups (the kept ones, in query order: the
+    same whichever engine answered which batch, and when).
+
+    `constitutions(query_ids, seed)` returns (principle library, each query's C constitutions) in one call;
+    `generate(prompt batches, seeds)` returns every batch's completions in order.
+    """
+    started = time.perf_counter()
+    library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
+    figures = {"time_write_principles": time.perf_counter() - started}
+    groups = plan_groups(queries, library, stances, cfg.data.task, cfg.run.seed, iteration)
+    per_batch = max(1, cfg.sampling.batch_size // cfg.principles.num_constitutions)
+    batches = [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
+    # A batch's seed depends on its first query, not on which engine serves it or when.
+    seeds = [cfg.run.seed * 1000 + iteration + zlib.crc32(b[0].query_id.encode()) % 997 for b in batches]
+    completions = generate([[p for g in b for p in g.generation_prompts] for b in batches], seeds)
+    attach_completions(groups, completions)
+    kept, counts = filter_and_tokenise(groups, tokenizer, cfg.filters, cfg.data.task, cfg.model.max_prompt_tokens,
+                                       cfg.model.max_response_tokens)
+    return kept, {**figures, **counts}
+
+
+def replay_groups(source_run: Path, iteration: int) -> list[QueryGroup]:
+    """Iteration k's groups as another run generated them (filtering already applied there)."""
+    path = source_run / f"iteration-{iteration}" / "groups.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"data.replay_groups_from: {path} does not exist (did that run reach iteration {iteration}?)")
+    return [QueryGroup.from_record(row) for row in pyarrow.parquet.read_table(path).to_pylist()]
+
+
+def equal_shards(groups: list[QueryGroup], world: int) -> list[list[QueryGroup]]:
+    """`world` shards of equal size (the remainder is dropped, as `Dataset.split(equal=True)` would)."""
+    per_rank = len(groups) // world
+    return [groups[r * per_rank : (r + 1) * per_rank] for r in range(world)]
+
+
+def sync_phase(loop: Loop, probe: Probe) -> dict:
+    """The learner's weights to every rollout engine, then the probe check."""
+    loop.phase("sync")
+    started = time.perf_counter()
+    figures = loop.sync.push(loop.learner.module)
+    figures["probe_abs_diff"] = loop.sync.verify(loop.learner.probe_logprob(probe), probe)
+    return {**figures, "time_sync": time.perf_counter() - started}
+
+
+def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe) -> None:
+    """Every rank saves; rank 0 then writes the metrics row and marks the iteration complete."""
+    loop.phase("checkpoint")
+    record["time_checkpoint"] = loop.learner.save(loop.run_dir, iteration, loop.rank)
+    record.setdefault("mi_lower_bound", None)
+    dist.barrier()
+    if loop.rank == 0:
+        mark_complete(loop.run_dir, iteration, record, probe)
+        loop.metrics.record(iteration, record)
+        mi = record["mi_lower_bound"]
+        log(f"iteration {iteration} done: loss {record['loss_first_step']:.4f} -> {record['loss_last_step']:.4f}"
+            + (f", MI bound {mi:.3f}" if mi is not None else "")
+            + f", sync {record['time_sync']:.2f}s ({record.get('sync_bytes', 0) / 2**20:.1f} MiB), "
+            f"train {record['time_train']:.1f}s, checkpoint {record['time_checkpoint']:.1f}s")
+    ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})

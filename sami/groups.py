@@ -1,0 +1,120 @@
+"""The query group: the one batch shape that flows from generation to the loss, and the pure stages that build it.
+
+One `QueryGroup` is one query with its C constitutions and the C responses sampled under them: one SAMI
+matrix, never split across learners. The stages are plain functions (no Ray), in the order one iteration runs
+them:
+
+    plan_groups          queries + constitutions -> groups with generation prompts and training renderings
+    attach_completions   the rollout engines' completions -> responses
+    filter_and_tokenise  drop malformed groups (counts per reason), tokenise prompts and responses
+
+`tokenise_pairs` is the one tokenisation of (training prompt, response) pairs; the evaluation's MI bound
+calls it too. `groups.parquet` in each iteration folder holds one `QueryGroup.record()` per kept group.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field, fields
+
+from sami.config import FilterConfig
+from sami.constitutions import Constitution, render_constitution
+from sami.filters import REASONS, reject_reason
+from sami.principles import Principle
+from sami.prompts import generation_prompt, training_prompt
+
+
+@dataclass
+class QueryGroup:
+    query_id: str
+    query: str
+    subject: str = ""  # the built-in world's judge needs it; empty elsewhere
+    stances: str = "[]"  # JSON: C lists of [principle, positive]; [0] is the positive constitution
+    constitutions: list[str] = field(default_factory=list)  # C training renderings (principles reshuffled)
+    generation_prompts: list[str] = field(default_factory=list)  # C prompts the rollout engines answer
+    responses: list[str] = field(default_factory=list)  # responses[j] was sampled under constitution j
+    response_tokens: float = 0.0  # mean generated tokens per response
+    truncated: int = 0  # responses cut at max_new_tokens
+    reject_reason: str = ""  # '' = kept; else the filter reason (sami.filters.REASONS)
+    prompt_ids: list[list[int]] = field(default_factory=list)  # C training prompts, tokenised
+    response_ids: list[list[int]] = field(default_factory=list)  # C responses, tokenised, EOS appended
+
+    def record(self) -> dict:
+        """The row written to groups.parquet (generation prompts are not kept: the renderings are)."""
+        row = asdict(self)
+        del row["generation_prompts"]
+        return row
+
+    @classmethod
+    def from_record(cls, row: dict) -> "QueryGroup":
+        """A row back from parquet: Arrow hands back numpy arrays, the learner wants lists of ints."""
+        known = {f.name for f in fields(cls)}
+        group = cls(**{k: v for k, v in row.items() if k in known})
+        group.constitutions, group.responses = list(group.constitutions), list(group.responses)
+        group.prompt_ids = [list(map(int, ids)) for ids in group.prompt_ids]
+        group.response_ids = [list(map(int, ids)) for ids in group.response_ids]
+        return group
+
+
+def row_rng(seed: int, iteration: int, query_id: str, purpose: str) -> random.Random:
+    return random.Random(f"{seed}/{iteration}/{query_id}/{purpose}")
+
+
+def plan_groups(queries: list[dict], library: list[Principle], constitutions: list[list[Constitution]], task: str,
+                seed: int, iteration: int) -> list[QueryGroup]:
+    """C constitutions per query, rendered twice: in the generation prompt and, reshuffled, for training."""
+    by_name = {p.name: p for p in library}
+    groups = []
+    for row, cons in zip(queries, constitutions):
+        rng_gen, rng_train = (row_rng(seed, iteration, row["query_id"], p) for p in ("generation", "training"))
+        groups.append(QueryGroup(
+            query_id=row["query_id"], query=row["query"], subject=row.get("subject", ""),
+            stances=json.dumps([list(map(list, c.stances)) for c in cons]),
+            generation_prompts=[generation_prompt(task, render_constitution(c, by_name, rng_gen), row["query"])
+                                for c in cons],
+            constitutions=[render_constitution(c, by_name, rng_train) for c in cons],
+        ))
+    return groups
+
+
+def attach_completions(groups: list[QueryGroup], completions: list[dict]) -> None:
+    """`completions` (`text`, `token_ids`, `finish_reason`) answer every group's generation prompts, in order."""
+    expected = sum(len(g.generation_prompts) for g in groups)
+    if len(completions) != expected:
+        raise ValueError(f"{len(completions)} completions for {expected} generation prompts")
+    start = 0
+    for g in groups:
+        mine = completions[start : start + len(g.generation_prompts)]
+        start += len(mine)
+        g.responses = [c["text"].strip() for c in mine]
+        g.response_tokens = sum(len(c["token_ids"]) for c in mine) / len(mine)
+        g.truncated = sum(c["finish_reason"] == "length" for c in mine)
+
+
+def tokenise_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int | None = None,
+                   max_response_tokens: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids as the learner scores them: the prompt bare (its end kept when cut), the response after a
+    space (it continues the prompt as it did when it was generated), cut to `max_response_tokens`, EOS last."""
+    prompt_ids = [ids[-max_prompt_tokens:] if max_prompt_tokens else ids
+                  for ids in tokenizer(list(prompts), add_special_tokens=False).input_ids]
+    response_ids = [ids[:max_response_tokens] + [tokenizer.eos_token_id]
+                    for ids in tokenizer([" " + r for r in responses], add_special_tokens=False).input_ids]
+    return prompt_ids, response_ids
+
+
+def filter_and_tokenise(groups: list[QueryGroup], tokenizer, filters: FilterConfig, task: str, max_prompt_tokens: int,
+                        max_response_tokens: int) -> tuple[list[QueryGroup], dict[str, int]]:
+    """(the kept groups, tokenised, in the order given; `filtered_<reason>` counts). A group is kept only if all
+    C responses pass the filters."""
+    counts = {f"filtered_{r}": 0 for r in REASONS}
+    kept = []
+    for g in groups:
+        g.reject_reason = reject_reason(g.responses, filters)
+        if g.reject_reason:
+            counts[f"filtered_{g.reject_reason}"] += 1
+            continue
+        prompts = [training_prompt(task, c, g.query) for c in g.constitutions]
+        g.prompt_ids, g.response_ids = tokenise_pairs(tokenizer, prompts, g.responses, max_prompt_tokens,
+                                                      max_response_tokens)
+        kept.append(g)
+    return kept, counts

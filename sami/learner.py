@@ -1,0 +1,191 @@
+"""One learner rank: the policy under DeepSpeed, the frozen reference, the loss step and the run directory.
+
+No Ray here: the training job's loop (pipelines/loop.py) hands each rank its query groups and calls
+`train`, `save`; weight sync lives in actors/weight_sync.py. `init: base` restores the base weights and a
+fresh optimiser from memory, never from disk.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sami.config import OptimConfig, TrainConfig
+from sami.groups import QueryGroup
+from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences
+
+
+def log(message: str) -> None:
+    # Not print(): Ray Train patches print in its workers to both log and echo, so every line showed twice.
+    sys.stdout.write(f"[sami {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stdout.flush()
+
+
+def objective_for(cfg: TrainConfig, iteration: int) -> str:
+    if cfg.objective.name == "sft_then_sami":
+        return "sft" if iteration <= cfg.objective.sft_iterations else "sami"
+    return cfg.objective.name
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """Everything DeepSpeed-shaped, derived once from the config and the world size."""
+
+    config: dict  # the DeepSpeed config dict
+    micro_groups: int  # query groups per forward pass on one rank
+    accumulation: int  # micro-batches per optimiser step on one rank
+    bf16: bool
+
+
+def deepspeed_settings(cfg: TrainConfig, world_size: int, use_gpu: bool) -> DeepSpeedSettings:
+    per_rank = cfg.optim.groups_per_step // world_size
+    micro = min(cfg.optim.micro_batch_groups, per_rank)
+    if per_rank % micro:
+        raise ValueError(f"optim.micro_batch_groups ({micro}) must divide the groups per step per learner ({per_rank})")
+    bf16 = use_gpu if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+    config = {
+        "train_batch_size": cfg.optim.groups_per_step,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # a client torch optimizer: no fused-Adam JIT build
+        "steps_per_print": 10**9,
+    }
+    return DeepSpeedSettings(config, micro, per_rank // micro, bf16)
+
+
+def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """On CPU DeepSpeed JIT-builds a shared-memory all-reduce op (~50 s, 1.5 GB); gloo does the job."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextmanager
+def full_parameters(module, zero_stage: int):
+    """Under ZeRO-3 every rank must take part in gathering the partitioned parameters."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def score(module, prompts: list[list[int]], responses: list[list[int]], pad_id: int, include_eos: bool, device):
+    """(token log-probs, response mask) of the (prompt, response) sequences, right-padded into one batch."""
+    batch = {k: v.to(device) for k, v in collate_sequences(prompts, responses, pad_id, include_eos).items()}
+    return token_logprobs(module, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]
+
+
+def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConfig, objective: str, pad_id: int,
+                     device) -> tuple[torch.Tensor, dict]:
+    """(loss, figures) of `groups` under `objective`, laid out by the objective table."""
+    spec, c = OBJECTIVES[objective], cfg.principles.num_constitutions
+    prompts, responses = pair_sequences(groups, spec.pairs(c))
+    include_eos = cfg.objective.sami.include_eos
+    token_lp, mask = score(module, prompts, responses, pad_id, include_eos, device)
+    reference_lp = None
+    if spec.needs_reference(cfg.objective):
+        with torch.no_grad():
+            reference_lp, _ = score(reference, prompts, responses, pad_id, include_eos, device)
+    loss, stats = spec.step(ScoredPairs(token_lp, mask, reference_lp, len(groups), c), cfg.objective)
+    return loss, {**stats, "loss": loss.item()}
+
+
+def summarise_steps(step_stats: list[dict], accumulation: int) -> dict:
+    """Means over every micro-batch, and the loss of each optimiser step (the mean of its micro-batches)."""
+    mean = {k: sum(s[k] for s in step_stats) / len(step_stats) for k in step_stats[0]}
+    losses = [s["loss"] for s in step_stats]
+    per_step = [sum(losses[i : i + accumulation]) / accumulation for i in range(0, len(losses), accumulation)]
+    return {**mean, "loss_first_step": per_step[0], "loss_last_step": per_step[-1], "loss_per_step": per_step}
+
+
+class Learner:
+    """One rank's policy (a DeepSpeed engine), its frozen reference and its tokenizer."""
+
+    def __init__(self, cfg: TrainConfig, model_path: str, world_size: int, device: torch.device, use_gpu: bool):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.world_size, self.device, self.use_gpu = cfg, world_size, device, use_gpu
+        self.settings = deepspeed_settings(cfg, world_size, use_gpu)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path,
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        load = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=torch.bfloat16 if use_gpu else torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **load)
+        uses_reference = cfg.objective.kl_beta > 0 or cfg.objective.name == "dpo"
+        # The frozen base model: the KL / DPO reference, and the weights `init: base` restarts from.
+        self.base = None
+        if uses_reference or cfg.schedule.init == "base":
+            self.base = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device).eval().requires_grad_(False)
+        self.engine = self._deepspeed_engine()
+
+    def _deepspeed_engine(self):
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=make_optimizer(self.model.parameters(), self.cfg.optim),
+                                          config=self.settings.config)
+        return engine
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def restore(self, run_dir: Path, iteration: int) -> None:
+        self.engine.load_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{iteration}")
+
+    def train(self, iteration: int, groups: list[QueryGroup]) -> dict:
+        """The iteration's optimiser steps on this rank's groups (cycled); returns the step figures."""
+        cfg, s = self.cfg, self.settings
+        objective = objective_for(cfg, iteration)
+        if cfg.schedule.init == "base" and iteration > 1:
+            self.model.load_state_dict(self.base.state_dict())
+            self.engine = self._deepspeed_engine()  # fresh optimiser state, weights from memory
+        started = time.perf_counter()
+        self.engine.train()
+        step_stats, cursor = [], 0
+        for _ in range(cfg.steps_for_iteration(iteration) * s.accumulation):
+            batch = [groups[(cursor + i) % len(groups)] for i in range(s.micro_groups)]
+            cursor += s.micro_groups
+            loss, stats = micro_batch_loss(self.module, self.base, batch, cfg, objective, self.pad_id, self.device)
+            self.engine.backward(loss)
+            self.engine.step()
+            step_stats.append(stats)
+        self.engine.eval()
+        return {**summarise_steps(step_stats, s.accumulation), "time_train": time.perf_counter() - started}
+
+    @torch.no_grad()
+    def probe_logprob(self, probe: tuple[list[int], list[int]]) -> float:
+        """Mean log-prob per token of the probe response, as the rollout engines must score it after a sync."""
+        with full_parameters(self.module, self.cfg.deepspeed.zero_stage):
+            token_lp, mask = score(self.module, [probe[0]], [probe[1]], self.pad_id, True, self.device)
+            return sequence_logprobs(token_lp.float(), mask).item()
+
+    def save(self, run_dir: Path, iteration: int, rank: int) -> float:
+        """DeepSpeed checkpoint and HF export of this iteration (every rank takes part); returns seconds."""
+        started = time.perf_counter()
+        if self.cfg.checkpoint.deepspeed:
+            self.engine.save_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{iteration}")
+        if self.cfg.checkpoint.export_hf:
+            zero3 = self.cfg.deepspeed.zero_stage == 3
+            state = self.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+            if rank == 0:
+                out = run_dir / f"iteration-{iteration}" / "hf"
+                self.module.save_pretrained(out, state_dict=state)
+                self.tokenizer.save_pretrained(out)
+        return time.perf_counter() - started

@@ -1,0 +1,20 @@
+"""The run directory's layout: `iteration-<k>/` folders, a `COMPLETE` marker once an iteration is whole,
+`metrics.jsonl` with one row per complete iteration."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def last_complete_iteration(run_dir: Path) -> int:
+    done = [int(p.parent.name.split("-")[1]) for p in run_dir.glob("iteration-*/COMPLETE")]
+    return max(done, default=0)
+
+
+def mark_complete(run_dir: Path, iteration: int, record: dict, probe: tuple[list[int], list[int]]) -> None:
+    """Rank 0, after every rank saved: the probe for a resume's re-sync, the metrics row, then the marker."""
+    it_dir = run_dir / f"iteration-{iteration}"
+    (it_dir / "probe.json").write_text(json.dumps(list(probe)))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    (it_dir / "COMPLETE").write_text("ok\n")

@@ -1,0 +1,59 @@
+"""The learner's pure parts: DeepSpeed settings derived once, the loss step, step summaries (no Ray, no DeepSpeed)."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evals.mi_bound import mi_lower_bound
+from sami.config import load_config
+from sami.groups import QueryGroup, tokenise_pairs
+from sami.learner import deepspeed_settings, micro_batch_loss, objective_for, summarise_steps
+
+
+def test_deepspeed_settings_derived_from_the_config():
+    cfg = load_config(None, ["optim.groups_per_step=16", "optim.micro_batch_groups=4", "optim.grad_clip=0.5",
+                             "deepspeed.zero_stage=3", "scaling.num_learners=2"])
+    s = deepspeed_settings(cfg, world_size=2, use_gpu=False)
+    assert (s.micro_groups, s.accumulation, s.bf16) == (4, 2, False)
+    assert s.config["train_batch_size"] == 16 and s.config["gradient_accumulation_steps"] == 2
+    assert s.config["zero_optimization"] == {"stage": 3} and s.config["gradient_clipping"] == 0.5
+    assert deepspeed_settings(cfg, 2, use_gpu=True).bf16  # bf16: auto means on where there is a GPU
+    # micro-batches larger than a rank's share are cut to it; a share they do not divide is refused
+    assert deepspeed_settings(load_config(None, ["optim.groups_per_step=4", "optim.micro_batch_groups=8"]), 2, False).micro_groups == 2
+    with pytest.raises(ValueError, match="must divide"):
+        deepspeed_settings(load_config(None, ["optim.groups_per_step=12", "optim.micro_batch_groups=4"]), 2, False)
+
+
+def test_objective_schedule():
+    cfg = load_config(None, ["objective.name=sft_then_sami", "objective.sft_iterations=2"])
+    assert [objective_for(cfg, k) for k in (1, 2, 3)] == ["sft", "sft", "sami"]
+
+
+def test_summarise_steps():
+    stats = [{"loss": 1.0, "kl": 0.1}, {"loss": 3.0, "kl": 0.3}, {"loss": 0.5, "kl": 0.2}, {"loss": 1.5, "kl": 0.2}]
+    out = summarise_steps(stats, accumulation=2)
+    assert out["loss_per_step"] == [2.0, 1.0] and (out["loss_first_step"], out["loss_last_step"]) == (2.0, 1.0)
+    assert out["loss"] == 1.5 and out["kl"] == pytest.approx(0.2)
+
+
+def test_learner_sami_loss_and_the_evaluations_mi_bound_agree(tiny_model_dir):
+    """Both score a group with the same tokenisation and layout: log C - learner loss == the MI bound."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = load_config(None, ["objective.kl_beta=0"])
+    groups_text = [(["Constitution:\n1. Be polite.\n\nQuery: the river\nResponse:",
+                     "Constitution:\n1. Be curt.\n\nQuery: the river\nResponse:"],
+                    ["Please note, the river is long.", "The river is long."]),
+                   (["Constitution:\n1. Be concise.\n\nQuery: the mountain\nResponse:",
+                     "Constitution:\n1. Be verbose.\n\nQuery: the mountain\nResponse:"],
+                    ["The mountain is tall.", "The mountain is tall and old and cold."])]
+    groups = [QueryGroup("q", "x", prompt_ids=p, response_ids=r)
+              for p, r in (tokenise_pairs(tokenizer, prompts, responses) for prompts, responses in groups_text)]
+    with torch.no_grad():
+        loss, stats = micro_batch_loss(model, None, groups, cfg, "sami", tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                       torch.device("cpu"))
+    bound = mi_lower_bound(model, tokenizer, groups_text)
+    assert stats["mi_lower_bound"] == pytest.approx(math.log(2) - loss.item(), abs=1e-6)
+    assert bound == pytest.approx(stats["mi_lower_bound"], abs=1e-5)
+    assert loss.item() != pytest.approx(math.log(2), abs=1e-4)  # a real model separates the pairs a little
