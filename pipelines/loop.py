@@ -28,7 +28,7 @@ from sami.data import iteration_queries
 from sami.filters import REASONS
 from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
 from sami.learner import Learner, log, objective_for, skip_cpu_shm_comm_op
-from sami.metrics import RunMetrics
+from sami.metrics import RunMetrics, health_warnings
 from sami.run_dir import last_complete_iteration, mark_complete
 
 Probe = tuple[list[int], list[int]]
@@ -57,6 +57,8 @@ class Loop:
     start: int  # the first iteration this run trains
     config: dict  # what the driver handed over: rollout actors, writer, queries
     metrics: Optional[RunMetrics]  # rank 0 only
+    history: list[dict]  # rank 0: metrics.jsonl rows so far (health warnings compare with them)
+    learner_restarts: int  # times this job's learner group was restarted after a failure, so far
 
     def phase(self, name: str) -> None:
         if self.metrics is not None:
@@ -80,15 +82,33 @@ def setup(config: dict) -> Loop:
     sync = WeightSync(config["actors"], cfg.rollout, cfg.deepspeed.zero_stage, rank,
                       use_nccl=use_gpu and cfg.rollout.engine == "vllm")
     run_dir = Path(config["run_dir"])
-    start = last_complete_iteration(run_dir) + 1 if config["resume"] else 1
+    # The driver refuses a folder holding a run unless --resume, so complete iterations here are this run's:
+    # after --resume, or after Ray Train restarted the learner group (scaling.max_learner_failures).
+    start = last_complete_iteration(run_dir) + 1
+    restarts = count_learner_starts(run_dir, config["attempt"], rank) - 1
     metrics = RunMetrics("train", cfg.run.name) if rank == 0 else None
-    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if rank == 0 and (run_dir / "metrics.jsonl").is_file() else []
+    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics, history, restarts)
     if start > 1:
         learner.restore(run_dir, start - 1)
         if rank == 0:
-            log(f"resumed from iteration {start - 1}; re-syncing the rollout engines")
+            how = f"learner group restarted after a failure (restart {restarts})" if restarts else "resumed"
+            log(f"{how}: continuing from iteration {start - 1}; re-syncing the rollout engines")
         sync_phase(loop, tuple(json.loads((run_dir / f"iteration-{start - 1}" / "probe.json").read_text())))
     return loop
+
+
+def count_learner_starts(run_dir: Path, attempt: str, rank: int) -> int:
+    """How many times this job (`attempt`: the driver's token) has started the learner group, this one included."""
+    path = run_dir / "learner_starts"
+    dist.barrier()  # every rank reads after rank 0 wrote
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(attempt + "\n")
+    dist.barrier()
+    return path.read_text().split().count(attempt)
 
 
 def generate_phase(loop: Loop, iteration: int) -> tuple[list[QueryGroup], Probe, dict]:
@@ -122,12 +142,17 @@ def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
     else:
         count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
         queries = iteration_queries(config["train_queries"], iteration, count, cfg.schedule.alternate_splits)
-        writer, actors = config["writer"], config["actors"]
+        writer, actors, sync = config["writer"], config["actors"], loop.sync
+        restarts_before = len(sync.restarts)
         groups, figures = build_groups(
             cfg, iteration, queries,
             constitutions=lambda ids, seed: ray.get(writer.iteration_constitutions.remote(ids, seed)),
-            generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds),
+            generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds, sync.incarnations,
+                                                                sync.recover, cfg.rollout.max_engine_failures),
             tokenizer=loop.learner.tokenizer)
+        restarted = sync.restarts[restarts_before:]
+        diffs = [r["probe_abs_diff"] for r in restarted if r["probe_abs_diff"] is not None]
+        figures.update(engine_restarts=len(restarted), restart_probe_abs_diff=max(diffs) if diffs else None)
         log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
             f"({ {k: v for k, v in figures.items() if k.startswith('filtered_')} })")
     it_dir = loop.run_dir / f"iteration-{iteration}"
@@ -192,9 +217,16 @@ def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe) -> 
     loop.phase("checkpoint")
     record["time_checkpoint"] = loop.learner.save(loop.run_dir, iteration, loop.rank)
     record.setdefault("mi_lower_bound", None)
+    record["learner_restarts"] = loop.learner_restarts
     dist.barrier()
     if loop.rank == 0:
+        first_loss = loop.history[0]["loss_first_step"] if loop.history else record["loss_first_step"]
+        record["warnings"] = health_warnings(record, first_loss, loop.history[-1] if loop.history else None)
+        record["warning_count"] = len(record["warnings"])
+        for warning in record["warnings"]:
+            log(f"warning: iteration {iteration}: {warning}")
         mark_complete(loop.run_dir, iteration, record, probe)
+        loop.history.append(record)
         loop.metrics.record(iteration, record)
         mi = record["mi_lower_bound"]
         log(f"iteration {iteration} done: loss {record['loss_first_step']:.4f} -> {record['loss_last_step']:.4f}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from pathlib import Path
 
 from pipelines.plan import WRITER_CPUS, format_plan
@@ -18,7 +19,7 @@ from sami.run_dir import last_complete_iteration
 def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     """Run the training job; returns the run directory."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.principle_writer import PrincipleWriterActor
@@ -57,11 +58,12 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path, "run_dir": str(run_dir),
-            "train_queries": train_rows, "resume": resume,
+            "train_queries": train_rows, "attempt": uuid.uuid4().hex,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_learners, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train")),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_learner_failures)),
     )
     try:
         trainer.fit()

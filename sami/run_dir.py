@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+
+def json_safe(record: dict) -> dict:
+    """Non-finite floats become null: metrics.jsonl stays JSON that any parser reads."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else
+            [None if isinstance(x, float) and not math.isfinite(x) else x for x in v] if isinstance(v, list) else v
+            for k, v in record.items()}
 
 
 def last_complete_iteration(run_dir: Path) -> int:
@@ -16,5 +24,5 @@ def mark_complete(run_dir: Path, iteration: int, record: dict, probe: tuple[list
     it_dir = run_dir / f"iteration-{iteration}"
     (it_dir / "probe.json").write_text(json.dumps(list(probe)))
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
     (it_dir / "COMPLETE").write_text("ok\n")
