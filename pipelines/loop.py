@@ -29,6 +29,7 @@ from sami.filters import REASONS
 from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
 from sami.learner import Learner, log, objective_for, skip_cpu_shm_comm_op
 from sami.metrics import RunMetrics, health_warnings
+from sami.principle_writer import PrincipleWriterCore
 from sami.run_dir import last_complete_iteration, mark_complete
 
 Probe = tuple[list[int], list[int]]
@@ -59,6 +60,16 @@ class Loop:
     metrics: Optional[RunMetrics]  # rank 0 only
     history: list[dict]  # rank 0: metrics.jsonl rows so far (health warnings compare with them)
     learner_restarts: int  # times this job's learner group was restarted after a failure, so far
+    local_writer: Optional[PrincipleWriterCore] = None  # rank 0, when the principles come from a file or the world
+
+    def constitutions(self, query_ids: list[str], seed: int):
+        """(library, each query's C constitutions) from the writer actor, or from the core when there is none."""
+        writer = self.config["writer"]
+        if writer is not None:
+            return ray.get(writer.iteration_constitutions.remote(query_ids, seed))
+        if self.local_writer is None:
+            self.local_writer = PrincipleWriterCore(self.cfg.principles, self.run_dir)
+        return self.local_writer.iteration_constitutions(query_ids, seed)
 
     def phase(self, name: str) -> None:
         if self.metrics is not None:
@@ -142,11 +153,10 @@ def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
     else:
         count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
         queries = iteration_queries(config["train_queries"], iteration, count, cfg.schedule.alternate_splits)
-        writer, actors, sync = config["writer"], config["actors"], loop.sync
+        actors, sync = config["actors"], loop.sync
         restarts_before = len(sync.restarts)
         groups, figures = build_groups(
-            cfg, iteration, queries,
-            constitutions=lambda ids, seed: ray.get(writer.iteration_constitutions.remote(ids, seed)),
+            cfg, iteration, queries, constitutions=loop.constitutions,
             generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds, sync.incarnations,
                                                                 sync.recover, cfg.rollout.max_engine_failures),
             tokenizer=loop.learner.tokenizer)

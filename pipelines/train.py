@@ -51,7 +51,10 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     connect_ray(cfg.scaling.num_learners + cfg.rollout.num_engines + 4, uses_gpu=use_gpu)
     log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
         f"{cfg.scaling.num_learners} learner(s), {cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)")
-    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir))
+    # A language-model writer gets an actor of its own; principles from a file or the world are served by the
+    # same core inside learner rank 0 (a process less).
+    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir)) \
+        if cfg.principles.source == "writer" else None
     actors = start_rollout_actors(model_path, cfg.rollout, cfg.model)
     resources = {"CPU": cfg.scaling.cpus_per_learner, **({"GPU": cfg.scaling.gpus_per_learner} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -68,7 +71,7 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     try:
         trainer.fit()
     finally:
-        for actor in actors + [writer]:
+        for actor in actors + ([writer] if writer is not None else []):
             ray.kill(actor)
     log(f"[sami] done: {run_dir} (metrics.jsonl, iteration-*/hf)")
     return run_dir
