@@ -12,6 +12,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from sami.config import ModelConfig, RolloutConfig, SamplingConfig
+from sami.learner import StopRun
 from sami.rollout_engines import make_engine
 
 
@@ -98,7 +99,7 @@ def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg:
     ]
 
 
-class RolloutEngineError(RuntimeError):
+class RolloutEngineError(StopRun):
     """An engine failed more often in one iteration than `rollout.max_engine_failures` allows."""
 
 

@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 import torch
 
 from sami.config import RolloutConfig
-from sami.learner import full_parameters, log
+from sami.learner import StopRun, full_parameters, log
 
 RESTART_TIMEOUT_S = 600  # a vLLM engine can take minutes to start on a busy node
 
@@ -109,7 +109,7 @@ class WeightSync:
             named = list(module.named_parameters())
             broken = next((name for name, t in named if not torch.isfinite(t).all()), None)
             if broken is not None:  # never hand an engine weights it would sample garbage from
-                raise RuntimeError(f"weight sync refused: parameter {broken} holds non-finite values")
+                raise StopRun(f"weight sync refused: parameter {broken} holds non-finite values")
             if self.nccl_group is not None:
                 refs = [actor.receive_weights.remote(*weight_metadata(named)) for actor in self.actors]
                 broadcast_weights(self.nccl_group, named)
@@ -132,7 +132,7 @@ class WeightSync:
         engines = ray.get([a.sequence_logprob.remote(probe[0], probe[1]) for a in actors])
         diff = max(abs(e - learner_logprob) for e in engines)
         if not math.isfinite(diff) or diff > self.rollout.probe_tolerance:  # NaN > tol is False: test it apart
-            raise RuntimeError(f"weight sync verification failed: rollout engines score the probe {engines}, the learner "
+            raise StopRun(f"weight sync verification failed: rollout engines score the probe {engines}, the learner "
                                f"{learner_logprob:.6f} (tolerance {self.rollout.probe_tolerance})")
         return diff
 

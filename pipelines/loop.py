@@ -27,24 +27,29 @@ from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
 from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
-from sami.learner import Learner, log, objective_for, skip_cpu_shm_comm_op
+from sami.learner import Learner, StopRun, log, objective_for, skip_cpu_shm_comm_op, stop_together
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
-from sami.run_dir import last_complete_iteration, mark_complete
+from sami.run_dir import last_complete_iteration, mark_complete, mark_stopped
 
 Probe = tuple[list[int], list[int]]
 
 
 def train_loop_per_worker(config: dict) -> None:
     """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint."""
-    loop = setup(config)
-    for iteration in range(loop.start, loop.cfg.run.iterations + 1):
-        groups, probe, record = generate_phase(loop, iteration)
-        loop.phase("train")
-        record.update(loop.learner.train(iteration, groups))
-        record.update(sync_phase(loop, probe))
-        checkpoint_phase(loop, iteration, record, probe)
-    loop.phase("idle")
+    try:
+        loop = setup(config)
+        for iteration in range(loop.start, loop.cfg.run.iterations + 1):
+            groups, probe, record = generate_phase(loop, iteration)
+            loop.phase("train")
+            record.update(loop.learner.train(iteration, groups))
+            record.update(sync_phase(loop, probe))
+            checkpoint_phase(loop, iteration, record, probe)
+        loop.phase("idle")
+    except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
+        if ray.train.get_context().get_world_rank() == 0:
+            log(f"stopped: {stop}")
+            mark_stopped(Path(config["run_dir"]), config["attempt"], str(stop))
 
 
 @dataclass
@@ -125,17 +130,21 @@ def count_learner_starts(run_dir: Path, attempt: str, rank: int) -> int:
 def generate_phase(loop: Loop, iteration: int) -> tuple[list[QueryGroup], Probe, dict]:
     """Rank 0 generates the iteration's groups; every rank receives its own shard (and the probe) only."""
     cfg, record = loop.cfg, {"iteration": iteration, "objective": objective_for(loop.cfg, iteration)}
-    payload = None
+    payload, problem = None, None
     if loop.rank == 0:
         loop.phase("generate")
         log(f"iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: generating")
-        groups, figures = rank0_groups(loop, iteration)
-        record.update(figures)
-        if len(groups) < loop.world:
-            raise RuntimeError(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
-                               f"({figures}); need at least one per learner")
-        probe = (groups[0].prompt_ids[0], groups[0].response_ids[0])
-        payload = [(shard, probe) for shard in equal_shards(groups, loop.world)]
+        try:
+            groups, figures = rank0_groups(loop, iteration)
+            record.update(figures)
+            if len(groups) < loop.world:
+                raise StopRun(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
+                              f"({figures}); need at least one per learner")
+            probe = (groups[0].prompt_ids[0], groups[0].response_ids[0])
+            payload = [(shard, probe) for shard in equal_shards(groups, loop.world)]
+        except StopRun as e:
+            problem = e
+    stop_together(problem)
     received = [None]
     dist.scatter_object_list(received, payload, src=0)
     shard, probe = received[0]
@@ -217,8 +226,14 @@ def sync_phase(loop: Loop, probe: Probe) -> dict:
     """The learner's weights to every rollout engine, then the probe check."""
     loop.phase("sync")
     started = time.perf_counter()
-    figures = loop.sync.push(loop.learner.module)
-    figures["probe_abs_diff"] = loop.sync.verify(loop.learner.probe_logprob(probe), probe)
+    learner_logprob = loop.learner.probe_logprob(probe)  # every rank: under ZeRO-3 it gathers the parameters
+    figures, problem = {}, None
+    try:  # rank 0 alone sends and checks; every rank must learn whether it failed
+        figures = loop.sync.push(loop.learner.module)
+        figures["probe_abs_diff"] = loop.sync.verify(learner_logprob, probe)
+    except StopRun as e:
+        problem = e
+    stop_together(problem)
     return {**figures, "time_sync": time.perf_counter() - started}
 
 

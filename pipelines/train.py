@@ -14,7 +14,11 @@ from pathlib import Path
 
 from pipelines.plan import WRITER_CPUS, format_plan
 from sami.config import ConfigError, TrainConfig, dump_config, load_config
-from sami.run_dir import last_complete_iteration
+from sami.run_dir import last_complete_iteration, stop_message
+
+class RunStopped(RuntimeError):
+    """The run stopped in order (a non-finite loss, a failed weight sync check, an engine failing too often)."""
+
 
 def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     """Run the training job; returns the run directory."""
@@ -56,12 +60,13 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir)) \
         if cfg.principles.source == "writer" else None
     actors = start_rollout_actors(model_path, cfg.rollout, cfg.model)
+    attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
     resources = {"CPU": cfg.scaling.cpus_per_learner, **({"GPU": cfg.scaling.gpus_per_learner} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path, "run_dir": str(run_dir),
-            "train_queries": train_rows, "attempt": uuid.uuid4().hex,
+            "train_queries": train_rows, "attempt": attempt,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_learners, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -73,6 +78,9 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     finally:
         for actor in actors + ([writer] if writer is not None else []):
             ray.kill(actor)
+    stopped = stop_message(run_dir, attempt)
+    if stopped is not None:
+        raise RunStopped(stopped)
     log(f"[sami] done: {run_dir} (metrics.jsonl, iteration-*/hf)")
     return run_dir
 
@@ -93,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

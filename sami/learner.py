@@ -108,7 +108,21 @@ def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConf
     return loss, {**stats, "loss": loss.item()}
 
 
-class NonFiniteError(RuntimeError):
+class StopRun(RuntimeError):
+    """A stop that running the same iteration again cannot fix (unlike a dead worker): every rank stops in order
+    and the driver reports the message, instead of Ray Train restarting the learner group into the same error."""
+
+
+def stop_together(problem: "StopRun | None") -> None:
+    """Raise on every rank if any rank met a `StopRun` (the others would otherwise wait in a collective forever)."""
+    flag = torch.tensor([1.0 if problem is not None else 0.0])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag)
+    if flag.item():
+        raise problem or StopRun("stopped together with another learner rank")
+
+
+class NonFiniteError(StopRun):
     """A loss or gradient norm that is not a finite number: the run stops before anything of it is synced or saved."""
 
 

@@ -19,6 +19,20 @@ def last_complete_iteration(run_dir: Path) -> int:
     return max(done, default=0)
 
 
+def mark_stopped(run_dir: Path, attempt: str, message: str) -> None:
+    """Rank 0: why the run stopped in order (a StopRun), for the driver to report."""
+    (run_dir / "STOPPED").write_text(json.dumps({"attempt": attempt, "message": message}) + "\n")
+
+
+def stop_message(run_dir: Path, attempt: str) -> str | None:
+    """The message of a stop of this driver's run (`attempt`), if it stopped."""
+    path = run_dir / "STOPPED"
+    if not path.is_file():
+        return None
+    note = json.loads(path.read_text())
+    return note["message"] if note["attempt"] == attempt else None
+
+
 def mark_complete(run_dir: Path, iteration: int, record: dict, probe: tuple[list[int], list[int]]) -> None:
     """Rank 0, after every rank saved: the probe for a resume's re-sync, the metrics row, then the marker."""
     it_dir = run_dir / f"iteration-{iteration}"
