@@ -78,7 +78,7 @@ def setup(config: dict) -> Loop:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(cfg, config["model_path"], world, device, use_gpu)
     sync = WeightSync(config["actors"], cfg.rollout, cfg.deepspeed.zero_stage, rank,
-                      use_nccl=use_gpu and cfg.rollout.engine == "vllm")
+                      use_nccl=use_gpu and cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "auto")
     run_dir = Path(config["run_dir"])
     start = last_complete_iteration(run_dir) + 1 if config["resume"] else 1
     metrics = RunMetrics("train", cfg.run.name) if rank == 0 else None
