@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny model saved like a hub model, and the real-data fixtures beside the repo."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -8,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN.md §4)
 
 REPO = Path(__file__).resolve().parents[1]
+# The vLLM lane runs in its own venv (`make test-vllm`); the main suite's venv has no vLLM.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_lane"]
 
 TINY_TEXTS = [
     "Constitution:\n1. Be polite.\n2. Be concise.\n\nQuery: Tell me about the river.\nResponse: Please note, the river is long.",
