@@ -155,8 +155,8 @@ def max_model_len(model_cfg: ModelConfig) -> int:
 
 def request_seeds(seed: int, n: int) -> list[int]:
     """One seed per request: vLLM seeds every request on its own, so one seed for a whole call would give
-    identical samples for identical prompts. Drawn from `seed` rather than `seed + i`, so a call is
-    reproducible and calls with neighbouring seeds do not reuse each other's request seeds."""
+    identical samples for identical prompts. Drawn from a generator seeded with `seed` (not `seed + i`), so a
+    call is reproducible and calls with neighbouring seeds do not hand the same seed to other prompts."""
     return np.random.default_rng(seed).integers(0, 2**31 - 1, size=n).tolist()
 
 

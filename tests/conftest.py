@@ -30,6 +30,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(out, tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model on a shared 2-core machine: one thread is 10-40x faster than two fighting for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     path = REPO.parent / "shared" / "fixtures"

@@ -19,13 +19,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8, batch_size=4)
 TARGET = " the river is long"  # what the trained model must say after any prompt, then EOS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on a shared 2-core machine: one thread is 10-40x faster than two fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

