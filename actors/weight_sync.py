@@ -4,11 +4,16 @@ One control call per engine per sync:
 - CPU / HF engines: learner rank 0 puts every parameter, in buckets of `rollout.sync_bucket_mb`, into the
   object store once; each engine loads them in place (`RolloutEngine.update_weights`).
 - GPU / vLLM: one NCCL group spans learner rank 0 (rank 0) and every vLLM worker of every engine (engine e's
-  workers take ranks `1 + e * tensor_parallel_size ...`), through vLLM's native weight-transfer API; rank 0
-  broadcasts packed buffers while each engine's `receive_weights` call blocks in its workers.
+  workers take ranks `1 + e * tensor_parallel_size ...`), through vLLM 0.33's weight-transfer API: the
+  trainer end is `nccl_common.trainer_init` + `packed_tensor.packed_nccl_broadcast_producer`, the engines
+  receive with `LLM.update_weights` (`NCCLWeightTransferEngine.receive_weights`). The packed wire format
+  (`packed_wire`) is fixed once, when the engines join. Per sync every engine first checks and opens the
+  update (`prepare_weight_update`); only when all accepted does rank 0 broadcast, while each engine's
+  `receive_weights` call blocks in its workers (a receiver error after the broadcast started would be an
+  NCCL hang, not an error).
 After a sync (or a resume) the engines must score a probe sequence as the learner does, within
-`rollout.probe_tolerance`, or the run stops. Under ZeRO-3 every learner rank takes part in gathering the
-parameters; only rank 0 sends.
+`rollout.probe_tolerance` (default: by precision, `PROBE_TOLERANCE`), or the run stops. Under ZeRO-3 every
+learner rank takes part in gathering the parameters; only rank 0 sends.
 """
 from __future__ import annotations
 
@@ -26,6 +31,27 @@ from sami.config import RolloutConfig
 from sami.learner import StopRun, full_parameters, log
 
 RESTART_TIMEOUT_S = 600  # a vLLM engine can take minutes to start on a busy node
+
+# |engine - learner| mean log-prob per token of the probe that a correct sync stays within, by the less precise
+# of the two sides' dtypes. Measured with the real vLLM engine (tests/vllm_lane, docs/vllm.md): fp32 agrees to
+# < 1e-5; bf16 differed by up to 1.2e-2 (trained 2- and 8-layer models), so its bound is ~4x that. fp16 is
+# held to the bf16 bound (more mantissa bits; not measured separately).
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+NUM_PACKED_BUFFERS = 2  # vLLM's default (packed_tensor.DEFAULT_PACKED_NUM_BUFFERS): double buffering
+
+
+def probe_tolerance(rollout: RolloutConfig, dtypes: Iterable[torch.dtype]) -> float:
+    """`rollout.probe_tolerance` if set, else the bound of the least precise dtype involved."""
+    if rollout.probe_tolerance is not None:
+        return rollout.probe_tolerance
+    return max(PROBE_TOLERANCE.get(d, PROBE_TOLERANCE[torch.bfloat16]) for d in dtypes)
+
+
+def packed_wire(rollout: RolloutConfig) -> dict:
+    """The packed-transfer parameters both ends must share: the engines get them in `init_info`
+    (`NCCLWeightTransferInitInfo.packed*`), the learner passes them to the producer."""
+    return {"packed": True, "packed_buffer_size_bytes": rollout.sync_bucket_mb * 2**20,
+            "packed_num_buffers": NUM_PACKED_BUFFERS}
 
 
 def state_dict_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: int) -> list[dict[str, np.ndarray]]:
@@ -59,18 +85,19 @@ def weight_metadata(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[
 
 def trainer_group(master_address: str, master_port: int, world_size: int):
     """Learner rank 0's end of the NCCL group (always rank 0), on the current CUDA device."""
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+    from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-    return NCCLWeightTransferEngine.trainer_init(
-        {"master_address": master_address, "master_port": master_port, "world_size": world_size}
-    )
+    return trainer_init({"master_address": master_address, "master_port": master_port, "world_size": world_size})
 
 
-def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Broadcast every parameter in packed buffers; the same order as `weight_metadata` listed them."""
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], wire: dict) -> None:
+    """Broadcast every parameter in packed buffers, in the order `weight_metadata` listed them (the receivers
+    cut the buffers by that list)."""
+    from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
-    NCCLWeightTransferEngine.trainer_send_weights(iterator=iter(named_tensors), trainer_args={"group": group, "packed": True})
+    packed_nccl_broadcast_producer(iterator=iter(named_tensors), group=group, src=0, post_iter_func=lambda item: item[1],
+                                   buffer_size_bytes=wire["packed_buffer_size_bytes"],
+                                   num_buffers=wire["packed_num_buffers"])
 
 
 def open_nccl_group(actors: list, rollout: RolloutConfig):
@@ -82,10 +109,22 @@ def open_nccl_group(actors: list, rollout: RolloutConfig):
         port = sock.getsockname()[1]
     address, tp = ray.util.get_node_ip_address(), rollout.tensor_parallel_size
     world_size = 1 + len(actors) * tp
-    refs = [a.init_weight_transfer.remote(address, port, 1 + e * tp, world_size) for e, a in enumerate(actors)]
+    refs = [a.init_weight_transfer.remote(address, port, 1 + e * tp, world_size, packed_wire(rollout))
+            for e, a in enumerate(actors)]
     group = trainer_group(address, port, world_size)  # joins while the engines join
     ray.get(refs)
     return group
+
+
+def nccl_push(actors: list, group, named: list[tuple[str, torch.Tensor]], wire: dict) -> list[dict]:
+    """One NCCL sync: every engine accepts the update before a byte is broadcast."""
+    meta = weight_metadata(named)
+    ray.get([actor.prepare_weight_update.remote(*meta) for actor in actors])  # raises here, not in NCCL
+    refs = [actor.receive_weights.remote() for actor in actors]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    ray.get(done)  # an engine that already returned can only have failed: surface it instead of hanging
+    broadcast_weights(group, named, wire)
+    return ray.get(refs)
 
 
 class WeightSync:
@@ -100,6 +139,7 @@ class WeightSync:
         self.last_buckets = None
         self.last_probe: tuple | None = None  # (probe, the learner's log-prob of it)
         self.restarts: list[dict] = []  # engine restarts handled, with their probe checks
+        self.dtypes: set[torch.dtype] = set()  # the learner's and the engines' precision, for the probe check
 
     def push(self, module) -> dict:
         """Every parameter of `module` to every engine; returns the bytes moved and the bucket count."""
@@ -110,15 +150,17 @@ class WeightSync:
             broken = next((name for name, t in named if not torch.isfinite(t).all()), None)
             if broken is not None:  # never hand an engine weights it would sample garbage from
                 raise StopRun(f"weight sync refused: parameter {broken} holds non-finite values")
+            self.dtypes = {t.dtype for _, t in named}
             if self.nccl_group is not None:
-                refs = [actor.receive_weights.remote(*weight_metadata(named)) for actor in self.actors]
-                broadcast_weights(self.nccl_group, named)
-                ray.get(refs)
-                return {"sync_bytes": sum(t.numel() * t.element_size() for _, t in named), "buckets": 1}
+                results = nccl_push(self.actors, self.nccl_group, named, packed_wire(self.rollout))
+                self.dtypes |= {getattr(torch, r["dtype"]) for r in results}
+                nbytes = sum(t.numel() * t.element_size() for _, t in named)
+                return {"sync_bytes": nbytes, "buckets": -(-nbytes // (self.rollout.sync_bucket_mb * 2**20))}
             buckets = state_dict_buckets(named, self.rollout.sync_bucket_mb)
         ref = ray.put(buckets)
         results = ray.get([actor.update_weights.remote(ref) for actor in self.actors])
         self.last_buckets, self.incarnations = ref, [r["incarnation"] for r in results]
+        self.dtypes |= {getattr(torch, r["dtype"]) for r in results}
         return {"sync_bytes": results[0]["bytes"], "buckets": len(buckets)}
 
     def verify(self, learner_logprob: float, probe: tuple[list[int], list[int]]) -> float:
@@ -131,15 +173,16 @@ class WeightSync:
     def _probe_check(self, actors: list, probe: tuple[list[int], list[int]], learner_logprob: float) -> float:
         engines = ray.get([a.sequence_logprob.remote(probe[0], probe[1]) for a in actors])
         diff = max(abs(e - learner_logprob) for e in engines)
-        if not math.isfinite(diff) or diff > self.rollout.probe_tolerance:  # NaN > tol is False: test it apart
+        tolerance = probe_tolerance(self.rollout, self.dtypes)
+        if not math.isfinite(diff) or diff > tolerance:  # NaN > tol is False: test it apart
             raise StopRun(f"weight sync verification failed: rollout engines score the probe {engines}, the learner "
-                               f"{learner_logprob:.6f} (tolerance {self.rollout.probe_tolerance})")
+                          f"{learner_logprob:.6f} (tolerance {tolerance})")
         return diff
 
     def recover(self, index: int) -> None:
         """Rank 0: bring restarted engine `index` back to the learner's current weights, probe-checked."""
         if self.nccl_group is not None:
-            raise RuntimeError(f"rollout engine {index} restarted; a restarted vLLM engine cannot rejoin the NCCL "
+            raise StopRun(f"rollout engine {index} restarted; a restarted vLLM engine cannot rejoin the NCCL "
                                f"weight-transfer group of this run: resume the run (--resume) to rebuild it")
         actor, deadline = self.actors[index], time.monotonic() + RESTART_TIMEOUT_S
         while True:  # Ray restarts the actor in the background; calls fail until it is up
@@ -148,7 +191,7 @@ class WeightSync:
                 break
             except (RayActorError, GetTimeoutError) as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"rollout engine {index} did not come back within {RESTART_TIMEOUT_S} s: {e}") from None
+                    raise StopRun(f"rollout engine {index} did not come back within {RESTART_TIMEOUT_S} s: {e}") from None
                 time.sleep(1.0)
         if self.last_buckets is not None:
             incarnation = ray.get(actor.update_weights.remote(self.last_buckets))["incarnation"]

@@ -27,8 +27,17 @@ class GenerationConfig(EngineConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(1024, ge=8)
     trust_remote_code: bool = False
-    gpus_per_model: float = Field(0.0, ge=0.0)  # Ray resources of each model's generation task
+    # Ray resources of each model's generation task; with engine vllm it must equal tensor_parallel_size (the
+    # engine's placement group holds them)
+    gpus_per_model: float = Field(0.0, ge=0.0)
     cpus_per_model: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _vllm_gpus(self):
+        if self.engine == "vllm" and self.gpus_per_model != self.tensor_parallel_size:
+            raise ValueError(f"generation.engine is 'vllm': generation.gpus_per_model ({self.gpus_per_model:g}) must equal "
+                             f"generation.tensor_parallel_size ({self.tensor_parallel_size}), the GPUs of one engine")
+        return self
 
 
 class JudgeConfig(ChatClientConfig):
@@ -78,7 +87,7 @@ class GSM8KConfig(Section):
     max_items: Optional[int] = Field(None, ge=1)
     num_samples: int = Field(0, ge=0)  # n sampled completions per problem for pass@k; 0: greedy only
     k: list[int] = Field(default_factory=lambda: [1])
-    temperature: float = Field(0.7, gt=0.0)
+    temperature: float = Field(0.7, gt=0.0, le=2.0)  # vLLM refuses > 2
     max_new_tokens: int = Field(256, ge=1)
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from evals.config import EvalConfig, EvalModel, GenerationConfig
+from evals.config import EvalConfig, EvalModel
 from sami.config import ModelConfig, SamplingConfig
 from sami.rollout_engines import HFEngine, make_engine
 
@@ -29,10 +29,19 @@ class EvalPlan:
     gsm8k_items: list[dict] = field(default_factory=list)
 
 
-def load_engine(model: EvalModel, gen: GenerationConfig):
-    model_cfg = ModelConfig(name_or_path=model.path, dtype=gen.dtype, max_prompt_tokens=gen.max_prompt_tokens,
-                            trust_remote_code=gen.trust_remote_code)
-    return make_engine(model.path, gen, model_cfg)
+def engine_model_config(model: EvalModel, cfg: EvalConfig) -> ModelConfig:
+    """The model section of the evaluation's engine: its response budget is the longest any enabled benchmark
+    asks for (vLLM cuts every request at its context length, silently)."""
+    budgets = [cfg.generation.sampling.max_new_tokens]
+    budgets += [cfg.mtbench.max_new_tokens] if cfg.mtbench.enabled else []
+    budgets += [cfg.gsm8k.max_new_tokens] if cfg.gsm8k.enabled else []
+    gen = cfg.generation
+    return ModelConfig(name_or_path=model.path, dtype=gen.dtype, max_prompt_tokens=gen.max_prompt_tokens,
+                       max_response_tokens=max(budgets), trust_remote_code=gen.trust_remote_code)
+
+
+def load_engine(model: EvalModel, cfg: EvalConfig):
+    return make_engine(model.path, cfg.generation, engine_model_config(model, cfg))
 
 
 def generate(engine, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[str]:
@@ -54,7 +63,7 @@ def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
     from evals.mi_bound import mi_lower_bound, mi_lower_bound_with
 
     started = time.time()
-    engine = load_engine(model, cfg.generation)
+    engine = load_engine(model, cfg)
     seed, sampling = cfg.run.seed, cfg.generation.sampling
     c = len(plan.generation_prompts[0]) if plan.generation_prompts else 0
     # One call per constitution position, each with its own seed, so every model sees the same sampling noise.

@@ -138,7 +138,7 @@ def evaluate_gsm8k(generate_fn: Callable[[list[str], bool], list[str]], items: l
     generate_fn(prompts, greedy) returns one completion per prompt; sampled prompts are sent as one batch
     with each prompt repeated n_samples times. Returns {"n", "greedy_accuracy", "n_samples", "pass_at_k"
     ({k: value}, k <= n_samples only), "items" (per problem: gold, greedy answer and correctness, samples
-    correct)}.
+    correct, distinct samples)}.
     """
     if not items:
         raise GSM8KError("no GSM8K items to evaluate")
@@ -157,6 +157,7 @@ def evaluate_gsm8k(generate_fn: Callable[[list[str], bool], list[str]], items: l
         for i, record in enumerate(records):
             chunk = samples[i * n_samples:(i + 1) * n_samples]
             record["samples_correct"] = sum(extract_answer(t, flexible) == record["gold"] for t in chunk)
+            record["distinct_samples"] = len(set(chunk))  # fewer than n: the engine repeated a sample
         result["pass_at_k"] = {k: float(np.mean([pass_at_k(n_samples, r["samples_correct"], k) for r in records]))
                                for k in k_values}
     return result

@@ -3,7 +3,8 @@
 Submittable as is: `ray job submit --working-dir . -- python -m evals.run --config ...`. It evaluates
 checkpoints exported by training (HF folders) against a baseline model:
 1. plan (driver): held-out queries, C constitutions each, prompts; MT-Bench questions and GSM8K items;
-2. generate (one Ray task per model, GPUs from `generation.gpus_per_model`): responses, MI bound,
+2. generate (one Ray task per model, GPUs from `generation.gpus_per_model`, a vLLM engine's in a placement
+   group of its own): responses, MI bound,
    MT-Bench answers, GSM8K completions;
 3. judge (driver; an HTTP judge answers `judge.concurrency` requests at a time): every model against the
    baseline with a random A/B order per item, raw / length-balanced / logistic win rates with bootstrap
@@ -136,24 +137,39 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def generate_all(cfg: EvalConfig, plan: EvalPlan) -> dict[str, dict]:
+    """One Ray task per model. A vLLM model's task runs in a placement group of its own (its GPUs, reserved
+    once: a plain task with num_gpus would make vLLM reserve as many again), released when the task ends."""
     import ray
+    from ray.util.placement_group import remove_placement_group
 
+    from actors.rollout import vllm_placement
     from evals.generate import model_outputs
 
-    task = ray.remote(model_outputs).options(num_cpus=cfg.generation.cpus_per_model,
-                                             num_gpus=cfg.generation.gpus_per_model, max_retries=0)
+    task = ray.remote(model_outputs)
     plan_ref = ray.put(plan)
-    pending = {task.remote(m, cfg, plan_ref): m.name for m in cfg.models}
+    pending, groups = {}, {}
+    for m in cfg.models:
+        if cfg.generation.engine == "vllm":
+            groups[m.name], options = vllm_placement(cfg.generation.tensor_parallel_size)
+        else:
+            options = {"num_cpus": cfg.generation.cpus_per_model, "num_gpus": cfg.generation.gpus_per_model}
+        pending[task.options(max_retries=0, **options).remote(m, cfg, plan_ref)] = m.name
     outputs = {}
-    while pending:
-        (done,), _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done)
-        try:
-            outputs[name] = ray.get(done)
-        except ray.exceptions.RayTaskError as e:
-            path = next(m.path for m in cfg.models if m.name == name)
-            raise ConfigError(f"model {name!r} ({path}) could not be evaluated: {e.cause!r}") from None
-        log(f"generate: {name} done in {outputs[name]['seconds']:.0f}s ({len(outputs)}/{len(cfg.models)} models)")
+    try:
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done)
+            if name in groups:
+                remove_placement_group(groups.pop(name))
+            try:
+                outputs[name] = ray.get(done)
+            except ray.exceptions.RayTaskError as e:
+                path = next(m.path for m in cfg.models if m.name == name)
+                raise ConfigError(f"model {name!r} ({path}) could not be evaluated: {e.cause!r}") from None
+            log(f"generate: {name} done in {outputs[name]['seconds']:.0f}s ({len(outputs)}/{len(cfg.models)} models)")
+    finally:
+        for pg in groups.values():
+            remove_placement_group(pg)
     return {m.name: outputs[m.name] for m in cfg.models}
 
 

@@ -96,7 +96,7 @@ def setup(config: dict) -> Loop:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(cfg, config["model_path"], world, device, use_gpu)
     sync = WeightSync(config["actors"], cfg.rollout, cfg.deepspeed.zero_stage, rank,
-                      use_nccl=use_gpu and cfg.rollout.engine == "vllm")
+                      use_nccl=use_gpu and cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "auto")
     run_dir = Path(config["run_dir"])
     # The driver refuses a folder holding a run unless --resume, so complete iterations here are this run's:
     # after --resume, or after Ray Train restarted the learner group (scaling.max_learner_failures).

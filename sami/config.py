@@ -136,7 +136,7 @@ class PrinciplesConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # vLLM refuses > 2 (SamplingParams._verify_args)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)  # prompts per generate call on one engine
@@ -149,13 +149,18 @@ class EngineConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs per vLLM engine
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # vLLM without graph compilation: slower generation, a start without the compile
 
 
 class RolloutConfig(EngineConfig):
     num_engines: int = Field(1, ge=1)
     cpus_per_engine: float = Field(1.0, gt=0.0)
-    sync_bucket_mb: int = Field(256, ge=1)
-    probe_tolerance: float = Field(1e-3, gt=0.0)  # |rollout - learner| mean log-prob after a sync
+    sync_bucket_mb: int = Field(256, ge=1)  # object-store buckets; NCCL packed-buffer size
+    # auto: NCCL when the learners are on GPU and the engines are vLLM, else the object store. object_store:
+    # always, e.g. a learner and an engine sharing one GPU (NCCL refuses two ranks on one device).
+    weight_sync: Literal["auto", "object_store"] = "auto"
+    # |rollout - learner| mean log-prob after a sync; None: by precision (actors/weight_sync.py PROBE_TOLERANCE)
+    probe_tolerance: Optional[float] = Field(None, gt=0.0)
     # A dead engine is restarted, given the current weights and probe-checked; this many failures of one
     # engine in one iteration stop the run.
     max_engine_failures: int = Field(3, ge=0)

@@ -32,6 +32,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 class RolloutEngine:
+    dtype: torch.dtype  # the precision the engine computes in; the probe check's tolerance depends on it
+
     def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[Completion]:
         raise NotImplementedError
 
@@ -75,6 +77,7 @@ class HFEngine(RolloutEngine):
         ).to(self.device).eval()
         self.max_prompt_tokens = model_cfg.max_prompt_tokens
         self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config)
+        self.dtype = self.model.dtype
 
     def _generation_config(self, sampling: SamplingConfig):
         """Exactly the requested sampling; the model's own generation defaults (top_k=50, ...) do not leak in."""
@@ -143,15 +146,32 @@ class HFEngine(RolloutEngine):
         """HF generate keeps no cache between calls."""
 
 
+def max_model_len(model_cfg: ModelConfig) -> int:
+    """vLLM's context limit for this model config: the longest prompt, the longest response, the EOS the
+    training sequences end with, and the one token vLLM insists on generating even when it only scores
+    (it refuses a prompt of `max_model_len` tokens: vllm/v1/engine/input_processor.py `_validate_prompt_len`)."""
+    return model_cfg.max_prompt_tokens + model_cfg.max_response_tokens + 2
+
+
+def request_seeds(seed: int, n: int) -> list[int]:
+    """One seed per request: vLLM seeds every request on its own, so one seed for a whole call would give
+    identical samples for identical prompts. Drawn from a generator seeded with `seed` (not `seed + i`), so a
+    call is reproducible and calls with neighbouring seeds do not hand the same seed to other prompts."""
+    return np.random.default_rng(seed).integers(0, 2**31 - 1, size=n).tolist()
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM 0.33 (`pip install -e .[vllm]` on a GPU node), token-in/token-out through `TokensPrompt`.
 
-    Weight sync has two paths:
+    Weight sync has two paths (both through vLLM's layerwise reload, `start_weight_update` /
+    `finish_weight_update`, which restores the checkpoint-shaped parameters before loading and re-runs
+    the kernels' weight processing after it):
     - GPU: vLLM's native weight-transfer API (`weight_transfer_config=WeightTransferConfig(backend="nccl")`);
-      learner rank 0 broadcasts packed buckets over NCCL (`actors/weight_sync.py`), this engine receives them in
-      `receive_weights` after `init_weight_transfer` joined the group.
-    - object store: `update_weights` runs `model.load_weights` on every worker through `collective_rpc`
-      (`WorkerExtension` below).
+      learner rank 0 broadcasts packed buffers over NCCL (`actors/weight_sync.py`); this engine first checks
+      and accepts the update (`prepare_weight_update`), then receives it (`receive_weights`).
+    - object store: `update_weights` sends each bucket to every worker through `collective_rpc`
+      (`WorkerExtension.load_bucket`) as raw bytes with dtype and shape, since collective_rpc arguments are
+      msgpack-encoded without numpy types.
     With tensor_parallel_size > 1 the workers are Ray actors in the caller's placement group.
     """
 
@@ -164,26 +184,36 @@ class VLLMEngine(RolloutEngine):
                 "rollout.engine is 'vllm' but vLLM is not installed; on a GPU node install the `vllm` extra "
                 "(`pip install -e .[vllm]`), or use rollout.engine=hf"
             ) from e
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, GenerationConfig
 
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_cfg.tokenizer or model_path, trust_remote_code=model_cfg.trust_remote_code
         )
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # a checkpoint without generation_config.json
+            generation_config = None
+        self.stop_ids = _stop_ids(self.tokenizer, generation_config)
+        dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
+        self.dtype = getattr(torch, dtype)
         self.tensor_parallel_size = rollout_cfg.tensor_parallel_size
         self.llm = LLM(
             model=model_path,
             tokenizer=model_cfg.tokenizer or model_path,
-            dtype="bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype,
+            dtype=dtype,
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             distributed_executor_backend="ray" if rollout_cfg.tensor_parallel_size > 1 else None,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
             enable_prefix_caching=rollout_cfg.enable_prefix_caching,
+            enforce_eager=rollout_cfg.enforce_eager,
             trust_remote_code=model_cfg.trust_remote_code,
-            max_model_len=model_cfg.max_prompt_tokens + model_cfg.max_response_tokens,
+            max_model_len=max_model_len(model_cfg),
             weight_transfer_config=WeightTransferConfig(backend="nccl"),
             worker_extension_cls="sami.rollout_engines.WorkerExtension",
         )
         self.max_prompt_tokens = model_cfg.max_prompt_tokens
+        self.transfer_joined = False
+        self.pending_update: dict | None = None
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[Completion]:
         from vllm import SamplingParams, TokensPrompt
@@ -193,39 +223,66 @@ class VLLMEngine(RolloutEngine):
             TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False).input_ids[-self.max_prompt_tokens :])
             for p in prompts
         ]
-        params = SamplingParams(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, max_tokens=sampling.max_new_tokens,
-            seed=seed,
-        )
+        # the stop set HFEngine uses (tokenizer EOS + the generation config's), whatever vLLM reads itself
+        params = [
+            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                           max_tokens=sampling.max_new_tokens, seed=s, stop_token_ids=sorted(self.stop_ids))
+            for s in request_seeds(seed, len(prompts))
+        ]
         outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
-        completions = []
-        for output in outputs:
-            out = output.outputs[0]
-            ids = list(out.token_ids)
-            if out.finish_reason == "stop" and out.stop_reason is None:
-                ids = ids[:-1]  # stopped on EOS, which vLLM keeps and HFEngine never returns
-            reason = "length" if out.finish_reason == "length" else "stop"
-            completions.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, reason))
-        return completions
+        return [self._completion(list(output.outputs[0].token_ids), output.outputs[0].finish_reason) for output in outputs]
+
+    def _completion(self, ids: list[int], finish_reason: str) -> Completion:
+        """vLLM keeps the stop token in `token_ids` (a tokenizer EOS with stop_reason None, a generation-config
+        EOS with stop_reason=<id>); HFEngine never returns it."""
+        if finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+            ids = ids[:-1]
+        reason = "length" if finish_reason == "length" else "stop"
+        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, reason)
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
-        for bucket in buckets:
-            self.llm.collective_rpc("load_numpy_bucket", args=(bucket,))
+        self.llm.start_weight_update()
+        try:
+            for bucket in buckets:
+                self.llm.collective_rpc("load_bucket", args=(encode_bucket(bucket),))
+        finally:  # close the layerwise reload even on an error, or the engine refuses every later update
+            self.llm.finish_weight_update()
         self.reset_prefix_cache()
 
-    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """Join the NCCL group of learner rank 0 (rank 0) and every engine's workers (see actors/weight_sync.py)."""
+    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                             wire: dict) -> None:
+        """Join the NCCL group of learner rank 0 (rank 0) and every engine's workers (see actors/weight_sync.py).
+        `wire` (packed, buffer size, buffer count) must be what the learner's producer uses: vLLM's
+        receivers decode by it (`NCCLWeightTransferInitInfo`, nccl_common.py)."""
         self.llm.init_weight_transfer_engine({"init_info": {
             "master_address": master_address, "master_port": master_port,
-            "rank_offset": rank_offset, "world_size": world_size,
+            "rank_offset": rank_offset, "world_size": world_size, **wire,
         }})
+        self.transfer_joined = True
 
-    def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> None:
-        """Blocks until learner rank 0 has broadcast every listed parameter (packed), then drops stale KV."""
+    def prepare_weight_update(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> None:
+        """Check an update before anything is broadcast and open it: an error here is an error, while the same
+        error inside `receive_weights` would leave the learner blocked in NCCL forever."""
+        from dataclasses import asdict
+
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo
+
+        if not self.transfer_joined:
+            raise RuntimeError("weight sync: this engine has not joined the NCCL group (init_weight_transfer)")
+        unknown = sorted({d for d in dtype_names if not isinstance(getattr(torch, d, None), torch.dtype)})
+        if unknown:
+            raise ValueError(f"weight sync: unknown dtype name(s) {unknown}")
+        # vLLM's own parsing of the update info (what its workers will do with it)
+        info = asdict(NCCLWeightTransferUpdateInfo(names=names, dtype_names=dtype_names, shapes=shapes))
         self.llm.start_weight_update()
-        self.llm.update_weights({"update_info": {
-            "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": True,
-        }})
+        self.pending_update = info
+
+    def receive_weights(self) -> None:
+        """Blocks until learner rank 0 has broadcast every parameter of the prepared update, then drops stale KV."""
+        if self.pending_update is None:
+            raise RuntimeError("weight sync: receive_weights without prepare_weight_update")
+        info, self.pending_update = self.pending_update, None
+        self.llm.update_weights({"update_info": info})
         self.llm.finish_weight_update()
         self.reset_prefix_cache()
 
@@ -250,13 +307,23 @@ def make_engine(model_path: str, engine_cfg: EngineConfig, model_cfg: ModelConfi
     raise ValueError(f"engine must be 'hf' or 'vllm', got {engine_cfg.engine!r}")
 
 
+def encode_bucket(bucket: dict[str, np.ndarray]) -> list[tuple[str, str, list[int], bytes]]:
+    """A bucket as msgpack-safe values: `collective_rpc` arguments lose numpy types (arrays arrive as lists)."""
+    return [(name, str(a.dtype), list(a.shape), np.ascontiguousarray(a).tobytes()) for name, a in bucket.items()]
+
+
+def decode_bucket(encoded: list) -> list[tuple[str, torch.Tensor]]:
+    """The inverse of `encode_bucket`, as (name, tensor) pairs for `load_weights`."""
+    return [(name, torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape).copy()))
+            for name, dtype, shape, data in encoded]
+
+
 class WorkerExtension:
     """Mixed into every vLLM worker (`worker_extension_cls="sami.rollout_engines.WorkerExtension"`), so the engine
-    can call `LLM.collective_rpc("load_numpy_bucket", ...)` by name (vLLM refuses pickled callables by default)."""
+    can call `LLM.collective_rpc("load_bucket", ...)` by name (vLLM refuses pickled callables by default)."""
 
-    def load_numpy_bucket(self, bucket: dict[str, np.ndarray]) -> None:
-        """The object-store path: load one bucket in place. `load_weights` takes checkpoint (HF) names and
-        shards them for tensor parallelism itself."""
+    def load_bucket(self, encoded: list) -> None:
+        """The object-store path: load one encoded bucket, inside a `start/finish_weight_update` layerwise
+        reload. `load_weights` takes checkpoint (HF) names and shards them for tensor parallelism itself."""
         model = self.model_runner.model
-        device = next(model.parameters()).device
-        model.load_weights(weights=[(name, torch.from_numpy(array).to(device)) for name, array in bucket.items()])
+        model.load_weights(weights=[(name, tensor.to(self.device)) for name, tensor in decode_bucket(encoded)])

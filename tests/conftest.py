@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny model saved like a hub model, and the real-data fixtures beside the repo."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -8,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN.md §4)
 
 REPO = Path(__file__).resolve().parents[1]
+# The vLLM lane runs in its own venv (`make test-vllm`); the main suite's venv has no vLLM.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_lane"]
 
 TINY_TEXTS = [
     "Constitution:\n1. Be polite.\n2. Be concise.\n\nQuery: Tell me about the river.\nResponse: Please note, the river is long.",
@@ -25,6 +28,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     tokenizer = train_tokenizer(TINY_TEXTS, vocab_size=500)
     return build_tiny_model(out, tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model on a shared 2-core machine: one thread is 10-40x faster than two fighting for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

