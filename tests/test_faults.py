@@ -46,14 +46,20 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path):
-    out = tmp_path / "run"
+def run_and_kill(out: Path, process_name: str) -> tuple[str, list[dict]]:
+    """A 3-iteration run whose `process_name` is killed in iteration 2: (console, metrics rows); it must finish."""
     driver = start(out)
-    kill_when_iteration_one_completes(driver, out, "ray::RolloutWorker")
+    kill_when_iteration_one_completes(driver, out, process_name)
     log, _ = driver.communicate(timeout=500)
     assert driver.returncode == 0, log[-3000:]
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]
+    return log, rows
+
+
+def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path):
+    out = tmp_path / "run"
+    log, rows = run_and_kill(out, "ray::RolloutWorker")
     assert sum(r["engine_restarts"] for r in rows) == 1
     restarted = next(r for r in rows if r["engine_restarts"])
     assert restarted["iteration"] == 2 and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
@@ -66,13 +72,7 @@ def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path):
 
 
 def test_a_killed_learner_worker_restarts_the_group_from_the_last_iteration(tmp_path):
-    out = tmp_path / "run"
-    driver = start(out)
-    kill_when_iteration_one_completes(driver, out, "ray::RayTrainWorker")
-    log, _ = driver.communicate(timeout=500)
-    assert driver.returncode == 0, log[-3000:]
-    rows = metrics(out)
-    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]
+    log, rows = run_and_kill(tmp_path / "run", "ray::RayTrainWorker")
     assert [r["learner_restarts"] for r in rows] == [0, 1, 1]
     assert "learner group restarted after a failure (restart 1): continuing from iteration 1" in log
     assert all(r["probe_abs_diff"] <= 1e-4 for r in rows)
