@@ -83,11 +83,42 @@ def test_resume_continues_at_iteration_three(sami_run):
     before = (sami_run / "iteration-1" / "groups.parquet").stat().st_mtime_ns
     with pytest.raises(ConfigError, match="--resume"):
         run(tiny(sami_run, "run.iterations=3"))
-    run(tiny(sami_run, "run.iterations=3"), resume=True)
+    lines = []
+    run(tiny(sami_run, "run.iterations=3"), resume=True, log=lines.append)
+    assert f"[sami] resuming {sami_run} from iteration 2 (DeepSpeed checkpoint: weights and optimiser, checksums " \
+           f"verified); next: iteration 3 of 3" in lines
     rows = metrics(sami_run)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert (sami_run / "iteration-1" / "groups.parquet").stat().st_mtime_ns == before  # no repeated work
     assert rows[2]["probe_abs_diff"] <= 1e-4
+
+
+def test_resume_without_a_deepspeed_checkpoint(ray_session, tmp_path):
+    """The demo's setting: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError)."""
+    from pipelines.train import run
+
+    out = tmp_path / "hf-only"
+    run(tiny(out, "run.iterations=1", "checkpoint.deepspeed=false"))
+    lines = []
+    run(tiny(out, "run.iterations=2", "checkpoint.deepspeed=false"), resume=True, log=lines.append)
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["probe_abs_diff"] <= 1e-4
+    assert not (out / "deepspeed").exists()
+    assert any(f"from iteration 1 (weights from {out}/iteration-1/hf, a fresh optimiser" in line for line in lines)
+
+
+def test_a_failure_inside_the_workers_is_one_line_with_the_resume_command(ray_session, tmp_path, capsys):
+    from pipelines.train import main
+
+    out = tmp_path / "failing"
+    # Every response fails the pattern, so rank 0 raises inside the Ray Train worker.
+    code = main(["--config", "configs/tiny.yaml", f"run.output_dir={out}", "data.queries_per_iteration=32",
+                 "run.iterations=1", "filters.response_pattern=never"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err
+    assert err.startswith("error: RuntimeError: iteration 1: only 0 query groups survived filtering"), err
+    assert err.endswith(f"continue with: python -m pipelines.train --config {out}/config.yaml --resume"), err
+    assert "Traceback" in (out / "error.log").read_text()
 
 
 def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
