@@ -4,6 +4,7 @@ import pytest
 import ray
 import yaml
 
+from evals.run import main as eval_main
 from pipelines.preflight import check_run_dir, save_run_config
 from pipelines.train import main as train_main
 from pipelines.train import root_cause
@@ -74,6 +75,25 @@ def test_a_down_principle_writer_is_one_line_before_ray(tmp_path, capsys, no_ray
                  "principles.writer.base_url=http://127.0.0.1:9/v1", "principles.writer.retries=0") == 2
     err = one_error_line(capsys)
     assert "principle writer: http://127.0.0.1:9/v1/chat/completions failed after 1 attempt(s)" in err
+
+
+def test_a_down_judge_stops_the_evaluation_before_it_generates(tmp_path, capsys, no_ray):
+    code = eval_main(["--config", "configs/eval_world.yaml", f"run.output_dir={tmp_path / 'eval'}",
+                      "models=[{name: base, path: 'builtin:world'}, {name: other, path: 'builtin:world'}]",
+                      "judge.backend=openai", "judge.model=judge", "judge.base_url=http://127.0.0.1:9/v1",
+                      "judge.retries=0"])
+    err = one_error_line(capsys)
+    assert code == 2 and "judge: http://127.0.0.1:9/v1/chat/completions failed" in err and "cannot reach" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluation_dry_run_refuses_a_malformed_principle_file(tmp_path, capsys, no_ray):
+    path = tmp_path / "principles.yaml"
+    path.write_text(yaml.safe_dump([GOOD[0], GOOD[0]]))
+    code = eval_main(["--config", "configs/eval_world.yaml", "--dry-run", "judge.backend=openai", "judge.model=j",
+                      "judge.base_url=http://127.0.0.1:9/v1", "data.source=jsonl", "data.task=dialogue",
+                      f"data.path={path}", "principles.source=file", f"principles.path={path}"])
+    assert code == 2 and "duplicate name 'p0'" in capsys.readouterr().err
 
 
 # --- --resume ------------------------------------------------------------------------------------------------
