@@ -29,14 +29,14 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True) -> None:
     try:
         library, _ = PrincipleWriterCore(p, run_dir).read_library()
         if library is None and contact_endpoints:
-            check_endpoint(p.writer, field_prefix="principles.writer", purpose="principle writer")
+            check_endpoint(p.writer, field_prefix="principles.writer", purpose="principles.writer")
         if library is not None:  # the mode, k and held-out names must fit the library
             sample_constitutions(library, p.num_constitutions, p.mode, random.Random(0),
                                  k=p.principles_per_constitution, heldout=p.heldout_names)
     except PrincipleError as e:
         raise ConfigError(f"{field}: {e}") from None
     except ChatClientError as e:
-        raise ConfigError(f"principles.writer: {e}") from None
+        raise ConfigError(str(e)) from None  # it names principles.writer and the URL
     except ValueError as e:
         raise ConfigError(f"principles: {e}") from None
     if cfg.data.source == "jsonl":

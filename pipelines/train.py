@@ -37,6 +37,14 @@ def root_cause(error: BaseException) -> BaseException:
 
 def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool = False) -> Path:
     """Run the training job; returns the run directory."""
+    run_dir = Path(cfg.run.output_dir).resolve()
+    # What a user can get wrong is checked first: before the slow imports, config.yaml and Ray.
+    check_inputs(cfg)
+    done, continues_from = check_run_dir(cfg, resume, override_config)
+    if resume and done >= cfg.run.iterations:
+        log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
+        return run_dir
+
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -48,13 +56,6 @@ def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool
     from sami.data import load_queries, split_queries
     from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
-    run_dir = Path(cfg.run.output_dir).resolve()
-    # Everything a user can get wrong is checked here, before config.yaml is written and before Ray starts.
-    check_inputs(cfg)
-    done, continues_from = check_run_dir(cfg, resume, override_config)
-    if resume and done >= cfg.run.iterations:
-        log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
-        return run_dir
     try:
         model_path = resolve_model(cfg.model.name_or_path, log)
     except ValueError as e:

@@ -1,5 +1,8 @@
 """Bad input is refused before Ray starts, and `--resume` overwrites nothing: each case through the entry points'
 `main`, in-process, with a fresh RAY_TMPDIR that must stay empty and `ray.is_initialized()` False after it."""
+import subprocess
+import sys
+
 import pytest
 import ray
 import yaml
@@ -50,6 +53,18 @@ def test_a_malformed_principle_file_is_one_line_before_ray(tmp_path, capsys, no_
     assert not (tmp_path / "run").exists()  # nothing written either
 
 
+def test_the_cli_refuses_before_it_imports_ray(tmp_path):
+    """In a fresh interpreter: the answer comes before Ray (or torch) is even imported, so in well under a second."""
+    path = tmp_path / "principles.yaml"
+    path.write_text(yaml.safe_dump([GOOD[0], GOOD[0]]))
+    code = ("import sys; from pipelines.train import main; "
+            f"code = main(['--config', 'configs/tiny.yaml', 'run.output_dir={tmp_path}/run', 'principles.source=file', "
+            f"'principles.path={path}']); print(code, 'ray' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("principle #2 ('p0'): duplicate name 'p0'")
+
+
 def test_a_library_too_small_for_the_mode_is_refused(tmp_path, capsys, no_ray):
     path = tmp_path / "principles.yaml"
     path.write_text(yaml.safe_dump(GOOD[:2]))  # tiny.yaml samples k=3 principles per constitution
@@ -74,7 +89,7 @@ def test_a_down_principle_writer_is_one_line_before_ray(tmp_path, capsys, no_ray
     assert train(tmp_path, "principles.source=writer", "principles.writer.model=m", "principles.mode=antithesis_all",
                  "principles.writer.base_url=http://127.0.0.1:9/v1", "principles.writer.retries=0") == 2
     err = one_error_line(capsys)
-    assert "principle writer: http://127.0.0.1:9/v1/chat/completions failed after 1 attempt(s)" in err
+    assert err.startswith("error: principles.writer: http://127.0.0.1:9/v1/chat/completions failed after 1 attempt(s)")
 
 
 def test_a_down_judge_stops_the_evaluation_before_it_generates(tmp_path, capsys, no_ray):
