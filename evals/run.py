@@ -272,12 +272,13 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
         model.path = resolve_model(model.path, log)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = RunMetrics("eval", cfg.run.name)
+    if not judge_only:
+        connect_ray(math.ceil(cfg.generation.cpus_per_model) + 1, uses_gpu=cfg.generation.gpus_per_model > 0)
+    metrics = RunMetrics("eval", cfg.run.name)  # after connecting: outside Ray the metrics are inactive
     if judge_only:
         log("phase 2/4: generate: skipped (--judge-only), judging the saved responses")
         outputs = load_outputs(cfg, plan, out)
     else:
-        connect_ray(math.ceil(cfg.generation.cpus_per_model) + 1, uses_gpu=cfg.generation.gpus_per_model > 0)
         metrics.set_phase("generate")
         log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray task per model)")
         outputs = generate_all(cfg, plan)
