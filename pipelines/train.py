@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:
+        import ray
+
+        ray.shutdown()  # Ray prints its buffered worker logs now, so the one line below is the last
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
