@@ -27,5 +27,7 @@ def connect_ray(min_cpus: int, uses_gpu: bool = False) -> None:
         return
     # The dashboard (loopback only) shows the run; Ray Train's placement-group cleaner also polls its state
     # API and warns every few seconds without it.
+    # No prestarted idle workers: the jobs run actors and a few tasks, and each idle worker costs ~300 MiB.
     ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=True)
+             runtime_env={"env_vars": env}, log_to_driver=True,
+             _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False})

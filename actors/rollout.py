@@ -3,12 +3,16 @@ and the actor group's one generation call, `generate_on_engines`."""
 from __future__ import annotations
 
 import time
+import uuid
+from collections import Counter, deque
+from typing import Callable, Optional
 
 import numpy as np
 import ray
-from ray.util import ActorPool
+from ray.exceptions import RayActorError
 
 from sami.config import ModelConfig, RolloutConfig, SamplingConfig
+from sami.learner import StopRun
 from sami.rollout_engines import make_engine
 
 
@@ -17,19 +21,25 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig):
         self.engine = make_engine(model_path, rollout_cfg, model_cfg)
+        # A restarted actor is a new incarnation holding the weights on disk, not the learner's: callers compare.
+        self.incarnation = uuid.uuid4().hex
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[dict]:
-        """Completions as plain dicts (`text`, `token_ids`, `finish_reason`), cheap to ship through Ray."""
-        return [c.__dict__ for c in self.engine.generate(prompts, sampling, seed)]
+    def whoami(self) -> str:
+        return self.incarnation
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> dict:
+        """{"incarnation", "completions"}: completions as plain dicts (`text`, `token_ids`, `finish_reason`)."""
+        return {"incarnation": self.incarnation,
+                "completions": [c.__dict__ for c in self.engine.generate(prompts, sampling, seed)]}
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> dict:
         """One control call per sync: the caller passes ONE object ref holding all buckets (Ray resolves it
-        to the list here, zero-copy for numpy). Returns the time spent loading and the bytes moved."""
+        to the list here, zero-copy for numpy). Returns the time spent loading, the bytes moved, the incarnation."""
         start = time.perf_counter()
         self.engine.update_weights(buckets)
         self.engine.reset_prefix_cache()
         nbytes = sum(a.nbytes for bucket in buckets for a in bucket.values())
-        return {"seconds": time.perf_counter() - start, "bytes": nbytes}
+        return {"seconds": time.perf_counter() - start, "bytes": nbytes, "incarnation": self.incarnation}
 
     def sequence_logprob(self, prompt_ids: list[int], response_ids: list[int]) -> float:
         return self.engine.sequence_logprob(prompt_ids, response_ids)
@@ -79,18 +89,52 @@ def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
 
 
 def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig) -> list:
-    """`rollout.num_engines` actors, each holding one engine (one control call per call, one at a time)."""
+    """`rollout.num_engines` actors, each holding one engine (one control call per call, one at a time). Ray
+    restarts a dead one (without limit: `generate_on_engines` bounds the failures per iteration); its calls
+    are never retried, since the restarted engine must first get the learner's weights back."""
     return [
-        RolloutActor.options(max_concurrency=1, **rollout_actor_options(rollout_cfg)).remote(model_path, rollout_cfg, model_cfg)
+        RolloutActor.options(max_concurrency=1, max_restarts=-1, max_task_retries=0, **rollout_actor_options(rollout_cfg))
+        .remote(model_path, rollout_cfg, model_cfg)
         for _ in range(rollout_cfg.num_engines)
     ]
 
 
-def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig,
-                        seeds: list[int]) -> list[dict]:
+class RolloutEngineError(StopRun):
+    """An engine failed more often in one iteration than `rollout.max_engine_failures` allows."""
+
+
+def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[int],
+                        incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
+                        max_failures: int = 0) -> list[dict]:
     """Every batch's completions, in batch order. Each batch goes to the first engine that is free (load, not a
-    hash, decides), so the engines are the bounded pool: one call in flight per engine, no proxy processes."""
-    pool = ActorPool(actors)
-    jobs = zip(prompt_batches, seeds)
-    batches = pool.map(lambda actor, job: actor.generate.remote(job[0], sampling, job[1]), jobs)
-    return [completion for batch in batches for completion in batch]
+    hash, decides), so the engines are the bounded pool: one call in flight per engine, no proxy processes.
+
+    A batch answered by an engine that died, or by a new incarnation of it (restarted, so holding the weights on
+    disk), is thrown away and generated again after `recover(engine index)` has given that engine the current
+    weights and updated `incarnations`; more than `max_failures` failures of one engine stop the iteration.
+    """
+    results: list[Optional[list[dict]]] = [None] * len(prompt_batches)
+    todo, free, running, failures = deque(range(len(prompt_batches))), deque(range(len(actors))), {}, Counter()
+    while todo or running:
+        while todo and free:
+            engine, batch = free.popleft(), todo.popleft()
+            running[actors[engine].generate.remote(prompt_batches[batch], sampling, seeds[batch])] = (engine, batch)
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        engine, batch = running.pop(ref)
+        try:
+            answer = ray.get(ref)
+            problem = None if answer["incarnation"] == incarnations[engine] else "it restarted with the weights on disk"
+        except RayActorError as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        if problem is None:
+            results[batch] = answer["completions"]
+            free.append(engine)
+            continue
+        failures[engine] += 1
+        if recover is None or failures[engine] > max_failures:
+            raise RolloutEngineError(f"rollout engine {engine} failed {failures[engine]} time(s) in one iteration "
+                                     f"(rollout.max_engine_failures={max_failures}); last: {problem}")
+        recover(engine)  # the current weights and a probe check before it serves again
+        todo.appendleft(batch)
+        free.append(engine)
+    return [completion for batch in results for completion in batch]

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import math
+import time
+
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 import torch
 
 from sami.config import RolloutConfig
-from sami.learner import full_parameters
+from sami.learner import StopRun, full_parameters, log
+
+RESTART_TIMEOUT_S = 600  # a vLLM engine can take minutes to start on a busy node
 
 
 def state_dict_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: int) -> list[dict[str, np.ndarray]]:
@@ -88,6 +94,12 @@ class WeightSync:
     def __init__(self, actors: list, rollout: RolloutConfig, zero_stage: int, rank: int, use_nccl: bool):
         self.actors, self.rollout, self.zero_stage, self.rank = actors, rollout, zero_stage, rank
         self.nccl_group = open_nccl_group(actors, rollout) if use_nccl and rank == 0 else None
+        # Rank 0 remembers what the engines should hold, to bring a restarted one back: the incarnation each
+        # engine had at the last sync, the last buckets pushed (None: the weights on disk) and the last probe.
+        self.incarnations = ray.get([a.whoami.remote() for a in actors]) if rank == 0 else []
+        self.last_buckets = None
+        self.last_probe: tuple | None = None  # (probe, the learner's log-prob of it)
+        self.restarts: list[dict] = []  # engine restarts handled, with their probe checks
 
     def push(self, module) -> dict:
         """Every parameter of `module` to every engine; returns the bytes moved and the bucket count."""
@@ -95,6 +107,9 @@ class WeightSync:
             if self.rank != 0:
                 return {}
             named = list(module.named_parameters())
+            broken = next((name for name, t in named if not torch.isfinite(t).all()), None)
+            if broken is not None:  # never hand an engine weights it would sample garbage from
+                raise StopRun(f"weight sync refused: parameter {broken} holds non-finite values")
             if self.nccl_group is not None:
                 refs = [actor.receive_weights.remote(*weight_metadata(named)) for actor in self.actors]
                 broadcast_weights(self.nccl_group, named)
@@ -103,15 +118,42 @@ class WeightSync:
             buckets = state_dict_buckets(named, self.rollout.sync_bucket_mb)
         ref = ray.put(buckets)
         results = ray.get([actor.update_weights.remote(ref) for actor in self.actors])
+        self.last_buckets, self.incarnations = ref, [r["incarnation"] for r in results]
         return {"sync_bytes": results[0]["bytes"], "buckets": len(buckets)}
 
     def verify(self, learner_logprob: float, probe: tuple[list[int], list[int]]) -> float:
         """Rank 0: the engines' probe log-prob against the learner's; raises past the tolerance."""
         if self.rank != 0:
             return 0.0
-        engines = ray.get([a.sequence_logprob.remote(probe[0], probe[1]) for a in self.actors])
+        self.last_probe = (probe, learner_logprob)
+        return self._probe_check(self.actors, probe, learner_logprob)
+
+    def _probe_check(self, actors: list, probe: tuple[list[int], list[int]], learner_logprob: float) -> float:
+        engines = ray.get([a.sequence_logprob.remote(probe[0], probe[1]) for a in actors])
         diff = max(abs(e - learner_logprob) for e in engines)
-        if diff > self.rollout.probe_tolerance:
-            raise RuntimeError(f"weight sync verification failed: rollout engines score the probe {engines}, the learner "
+        if not math.isfinite(diff) or diff > self.rollout.probe_tolerance:  # NaN > tol is False: test it apart
+            raise StopRun(f"weight sync verification failed: rollout engines score the probe {engines}, the learner "
                                f"{learner_logprob:.6f} (tolerance {self.rollout.probe_tolerance})")
         return diff
+
+    def recover(self, index: int) -> None:
+        """Rank 0: bring restarted engine `index` back to the learner's current weights, probe-checked."""
+        if self.nccl_group is not None:
+            raise RuntimeError(f"rollout engine {index} restarted; a restarted vLLM engine cannot rejoin the NCCL "
+                               f"weight-transfer group of this run: resume the run (--resume) to rebuild it")
+        actor, deadline = self.actors[index], time.monotonic() + RESTART_TIMEOUT_S
+        while True:  # Ray restarts the actor in the background; calls fail until it is up
+            try:
+                incarnation = ray.get(actor.whoami.remote(), timeout=max(deadline - time.monotonic(), 1))
+                break
+            except (RayActorError, GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rollout engine {index} did not come back within {RESTART_TIMEOUT_S} s: {e}") from None
+                time.sleep(1.0)
+        if self.last_buckets is not None:
+            incarnation = ray.get(actor.update_weights.remote(self.last_buckets))["incarnation"]
+        diff = self._probe_check([actor], *self.last_probe) if self.last_probe is not None else None
+        self.incarnations[index] = incarnation
+        self.restarts.append({"engine": index, "probe_abs_diff": diff})
+        log(f"rollout engine {index} restarted: current weights loaded"
+            + (f", probe check passed (|diff| {diff:.2e})" if diff is not None else " (the weights on disk are current)"))

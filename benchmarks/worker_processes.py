@@ -3,9 +3,12 @@
     python -m benchmarks.worker_processes [--out runs/bench-workers] [key.path=value ...]
 
 Runs `python -m pipelines.train --config configs/tiny.yaml sampling.batch_size=8` (plus the overrides) as
-a child process and counts processes whose command line starts with `ray::` (Ray names its workers so).
+a child process and counts its descendants whose command line starts with `ray::` (Ray names its workers so;
+other Ray sessions on the machine are not counted).
 The per-node agents (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) are listed but not counted: they are
-not workers and a node has them whatever runs. Peak RSS is the largest sum over the counted workers.
+not workers and a node has them whatever runs. Peak RSS is the largest sum over the counted workers. Both are
+reported for the whole run and for the iterations alone (from the first "generating" line of the log on), since
+start-up briefly holds workers that are about to become actors.
 """
 from __future__ import annotations
 
@@ -17,14 +20,22 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
-def ray_processes() -> list[tuple[str, int]]:
-    """(name, RSS KiB) of every `ray::` process on this machine."""
-    out = subprocess.run(["ps", "-eo", "rss=,args="], capture_output=True, text=True).stdout.splitlines()
-    rows = [line.split(None, 1) for line in out if line.strip()]
-    return [(args.split()[0], int(rss)) for rss, args in rows if args.startswith("ray::")]
+def ray_processes(root: int) -> list[tuple[str, int]]:
+    """(name, RSS KiB) of every `ray::` process started under process `root` (the run's driver)."""
+    found = []
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            args = proc.cmdline()
+            if args and args[0].startswith("ray::"):
+                found.append((args[0].split()[0], proc.memory_info().rss // 1024))
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def main() -> None:
@@ -37,18 +48,25 @@ def main() -> None:
                f"run.output_dir={args.out}", *args.overrides]
     log = open(args.out.with_suffix(".log"), "w")
     child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    peak, peak_names, peak_rss, started = 0, {}, 0.0, time.time()
+    peaks = {"whole run": (0, {}, 0.0), "iterations": (0, {}, 0.0)}
+    started = time.time()
     while child.poll() is None:
-        workers = [(n, rss) for n, rss in ray_processes() if n not in AGENTS]
-        if len(workers) > peak:
-            peak, peak_names = len(workers), dict(collections.Counter(n for n, _ in workers))
-        peak_rss = max(peak_rss, sum(rss for _, rss in workers) / 1024)
+        try:
+            workers = [(n, rss) for n, rss in ray_processes(child.pid) if n not in AGENTS]
+        except psutil.NoSuchProcess:  # the driver exited between poll() and the scan
+            break
+        phases = ["whole run"] + (["iterations"] if ": generating" in args.out.with_suffix(".log").read_text() else [])
+        for phase in phases:
+            count, names, rss = peaks[phase]
+            if len(workers) > count:
+                count, names = len(workers), dict(collections.Counter(n for n, _ in workers))
+            peaks[phase] = (count, names, max(rss, sum(r for _, r in workers) / 1024))
         time.sleep(0.5)
     print(f"exit {child.returncode} after {time.time() - started:.0f} s (log: {log.name})")
-    print(f"peak Ray worker processes: {peak} (node agents not counted)")
-    for name, count in sorted(peak_names.items()):
-        print(f"  {count:3d}  {name}")
-    print(f"peak worker RSS: {peak_rss:.0f} MiB")
+    for phase, (count, names, rss) in peaks.items():
+        print(f"{phase}: peak {count} Ray worker processes (node agents not counted), peak worker RSS {rss:.0f} MiB")
+        for name, n in sorted(names.items()):
+            print(f"  {n:3d}  {name}")
 
 
 if __name__ == "__main__":

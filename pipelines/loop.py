@@ -27,23 +27,29 @@ from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
 from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
-from sami.learner import Learner, log, objective_for, skip_cpu_shm_comm_op
-from sami.metrics import RunMetrics
-from sami.run_dir import last_complete_iteration, mark_complete
+from sami.learner import Learner, StopRun, log, objective_for, skip_cpu_shm_comm_op, stop_together
+from sami.metrics import RunMetrics, health_warnings
+from sami.principle_writer import PrincipleWriterCore
+from sami.run_dir import last_complete_iteration, mark_complete, mark_stopped
 
 Probe = tuple[list[int], list[int]]
 
 
 def train_loop_per_worker(config: dict) -> None:
     """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint."""
-    loop = setup(config)
-    for iteration in range(loop.start, loop.cfg.run.iterations + 1):
-        groups, probe, record = generate_phase(loop, iteration)
-        loop.phase("train")
-        record.update(loop.learner.train(iteration, groups))
-        record.update(sync_phase(loop, probe))
-        checkpoint_phase(loop, iteration, record, probe)
-    loop.phase("idle")
+    try:
+        loop = setup(config)
+        for iteration in range(loop.start, loop.cfg.run.iterations + 1):
+            groups, probe, record = generate_phase(loop, iteration)
+            loop.phase("train")
+            record.update(loop.learner.train(iteration, groups))
+            record.update(sync_phase(loop, probe))
+            checkpoint_phase(loop, iteration, record, probe)
+        loop.phase("idle")
+    except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
+        if ray.train.get_context().get_world_rank() == 0:
+            log(f"stopped: {stop}")
+            mark_stopped(Path(config["run_dir"]), config["attempt"], str(stop))
 
 
 @dataclass
@@ -57,6 +63,18 @@ class Loop:
     start: int  # the first iteration this run trains
     config: dict  # what the driver handed over: rollout actors, writer, queries
     metrics: Optional[RunMetrics]  # rank 0 only
+    history: list[dict]  # rank 0: metrics.jsonl rows so far (health warnings compare with them)
+    learner_restarts: int  # times this job's learner group was restarted after a failure, so far
+    local_writer: Optional[PrincipleWriterCore] = None  # rank 0, when the principles come from a file or the world
+
+    def constitutions(self, query_ids: list[str], seed: int):
+        """(library, each query's C constitutions) from the writer actor, or from the core when there is none."""
+        writer = self.config["writer"]
+        if writer is not None:
+            return ray.get(writer.iteration_constitutions.remote(query_ids, seed))
+        if self.local_writer is None:
+            self.local_writer = PrincipleWriterCore(self.cfg.principles, self.run_dir)
+        return self.local_writer.iteration_constitutions(query_ids, seed)
 
     def phase(self, name: str) -> None:
         if self.metrics is not None:
@@ -80,31 +98,53 @@ def setup(config: dict) -> Loop:
     sync = WeightSync(config["actors"], cfg.rollout, cfg.deepspeed.zero_stage, rank,
                       use_nccl=use_gpu and cfg.rollout.engine == "vllm")
     run_dir = Path(config["run_dir"])
-    start = last_complete_iteration(run_dir) + 1 if config["resume"] else 1
+    # The driver refuses a folder holding a run unless --resume, so complete iterations here are this run's:
+    # after --resume, or after Ray Train restarted the learner group (scaling.max_learner_failures).
+    start = last_complete_iteration(run_dir) + 1
+    restarts = count_learner_starts(run_dir, config["attempt"], rank) - 1
     metrics = RunMetrics("train", cfg.run.name) if rank == 0 else None
-    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if rank == 0 and (run_dir / "metrics.jsonl").is_file() else []
+    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics, history, restarts)
     if start > 1:
         learner.restore(run_dir, start - 1)
         if rank == 0:
-            log(f"resumed from iteration {start - 1}; re-syncing the rollout engines")
+            how = f"learner group restarted after a failure (restart {restarts})" if restarts else "resumed"
+            log(f"{how}: continuing from iteration {start - 1}; re-syncing the rollout engines")
         sync_phase(loop, tuple(json.loads((run_dir / f"iteration-{start - 1}" / "probe.json").read_text())))
     return loop
+
+
+def count_learner_starts(run_dir: Path, attempt: str, rank: int) -> int:
+    """How many times this job (`attempt`: the driver's token) has started the learner group, this one included."""
+    path = run_dir / "learner_starts"
+    dist.barrier()  # every rank reads after rank 0 wrote
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(attempt + "\n")
+    dist.barrier()
+    return path.read_text().split().count(attempt)
 
 
 def generate_phase(loop: Loop, iteration: int) -> tuple[list[QueryGroup], Probe, dict]:
     """Rank 0 generates the iteration's groups; every rank receives its own shard (and the probe) only."""
     cfg, record = loop.cfg, {"iteration": iteration, "objective": objective_for(loop.cfg, iteration)}
-    payload = None
+    payload, problem = None, None
     if loop.rank == 0:
         loop.phase("generate")
         log(f"iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: generating")
-        groups, figures = rank0_groups(loop, iteration)
-        record.update(figures)
-        if len(groups) < loop.world:
-            raise RuntimeError(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
-                               f"({figures}); need at least one per learner")
-        probe = (groups[0].prompt_ids[0], groups[0].response_ids[0])
-        payload = [(shard, probe) for shard in equal_shards(groups, loop.world)]
+        try:
+            groups, figures = rank0_groups(loop, iteration)
+            record.update(figures)
+            if len(groups) < loop.world:
+                raise StopRun(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
+                              f"({figures}); need at least one per learner")
+            probe = (groups[0].prompt_ids[0], groups[0].response_ids[0])
+            payload = [(shard, probe) for shard in equal_shards(groups, loop.world)]
+        except StopRun as e:
+            problem = e
+    stop_together(problem)
     received = [None]
     dist.scatter_object_list(received, payload, src=0)
     shard, probe = received[0]
@@ -122,12 +162,16 @@ def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
     else:
         count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
         queries = iteration_queries(config["train_queries"], iteration, count, cfg.schedule.alternate_splits)
-        writer, actors = config["writer"], config["actors"]
+        actors, sync = config["actors"], loop.sync
+        restarts_before = len(sync.restarts)
         groups, figures = build_groups(
-            cfg, iteration, queries,
-            constitutions=lambda ids, seed: ray.get(writer.iteration_constitutions.remote(ids, seed)),
-            generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds),
+            cfg, iteration, queries, constitutions=loop.constitutions,
+            generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds, sync.incarnations,
+                                                                sync.recover, cfg.rollout.max_engine_failures),
             tokenizer=loop.learner.tokenizer)
+        restarted = sync.restarts[restarts_before:]
+        diffs = [r["probe_abs_diff"] for r in restarted if r["probe_abs_diff"] is not None]
+        figures.update(engine_restarts=len(restarted), restart_probe_abs_diff=max(diffs) if diffs else None)
         log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
             f"({ {k: v for k, v in figures.items() if k.startswith('filtered_')} })")
     it_dir = loop.run_dir / f"iteration-{iteration}"
@@ -182,8 +226,14 @@ def sync_phase(loop: Loop, probe: Probe) -> dict:
     """The learner's weights to every rollout engine, then the probe check."""
     loop.phase("sync")
     started = time.perf_counter()
-    figures = loop.sync.push(loop.learner.module)
-    figures["probe_abs_diff"] = loop.sync.verify(loop.learner.probe_logprob(probe), probe)
+    learner_logprob = loop.learner.probe_logprob(probe)  # every rank: under ZeRO-3 it gathers the parameters
+    figures, problem = {}, None
+    try:  # rank 0 alone sends and checks; every rank must learn whether it failed
+        figures = loop.sync.push(loop.learner.module)
+        figures["probe_abs_diff"] = loop.sync.verify(learner_logprob, probe)
+    except StopRun as e:
+        problem = e
+    stop_together(problem)
     return {**figures, "time_sync": time.perf_counter() - started}
 
 
@@ -192,9 +242,16 @@ def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe) -> 
     loop.phase("checkpoint")
     record["time_checkpoint"] = loop.learner.save(loop.run_dir, iteration, loop.rank)
     record.setdefault("mi_lower_bound", None)
+    record["learner_restarts"] = loop.learner_restarts
     dist.barrier()
     if loop.rank == 0:
+        first_loss = loop.history[0]["loss_first_step"] if loop.history else record["loss_first_step"]
+        record["warnings"] = health_warnings(record, first_loss, loop.history[-1] if loop.history else None)
+        record["warning_count"] = len(record["warnings"])
+        for warning in record["warnings"]:
+            log(f"warning: iteration {iteration}: {warning}")
         mark_complete(loop.run_dir, iteration, record, probe)
+        loop.history.append(record)
         loop.metrics.record(iteration, record)
         mi = record["mi_lower_bound"]
         log(f"iteration {iteration} done: loss {record['loss_first_step']:.4f} -> {record['loss_last_step']:.4f}"

@@ -98,8 +98,10 @@ def resource_plan(cfg: TrainConfig) -> dict:
     else:
         rollout = {"count": r.num_engines, "engine": "hf", "tensor_parallel_size": 1, "gpus_each": 0,
                    "cpus_each": r.cpus_per_engine, "placement_group": None}
-    writer = {"count": 1, "gpus_each": 0, "cpus_each": WRITER_CPUS, "backend": cfg.principles.source
-              if cfg.principles.source != "writer" else f"writer ({cfg.principles.writer.backend})"}
+    # Only a language-model writer is an actor of its own; a file or the world is read on learner rank 0.
+    lm_writer = cfg.principles.source == "writer"
+    writer = {"count": int(lm_writer), "gpus_each": 0, "cpus_each": WRITER_CPUS,
+              "backend": f"writer ({cfg.principles.writer.backend})" if lm_writer else cfg.principles.source}
     groups = {"learners": learners, "rollout": rollout, "principle_writer": writer}
     total_gpus = sum(g["count"] * g["gpus_each"] for g in groups.values())
     total_cpus = sum(g["count"] * g["cpus_each"] for g in groups.values())
@@ -159,8 +161,9 @@ def format_plan(cfg: TrainConfig) -> str:
         f"  rollout engines:  {g['rollout']['count']} x {g['rollout']['engine']} ({g['rollout']['gpus_each']:g} GPU, "
         f"{g['rollout']['cpus_each']:g} CPU, tensor parallel {g['rollout']['tensor_parallel_size']})"
         f"{_bundles(g['rollout']['placement_group'])}",
-        f"  principle writer: 1 x (0 GPU, {g['principle_writer']['cpus_each']:g} CPU), principles from "
-        f"{g['principle_writer']['backend']}",
+        (f"  principle writer: 1 x (0 GPU, {g['principle_writer']['cpus_each']:g} CPU), principles from "
+         f"{g['principle_writer']['backend']}" if g["principle_writer"]["count"] else
+         f"  principle writer: in learner rank 0 (principles from {g['principle_writer']['backend']})"),
         f"  total:            {plan['total']['gpus']:g} GPU, {plan['total']['cpus']:g} CPU reserved in Ray (the job's "
         f"driver runs on the head node and reserves none)",
         f"checkpoints in {plan['checkpoints']['directory']} (estimates):",

@@ -10,11 +10,18 @@ import argparse
 import json
 import sys
 import traceback
+import uuid
 from pathlib import Path
 
 from pipelines.plan import WRITER_CPUS, format_plan
 from pipelines.preflight import check_inputs, check_run_dir, save_run_config
 from sami.config import ConfigError, TrainConfig, load_config
+from sami.run_dir import stop_message
+
+
+class RunStopped(RuntimeError):
+    """The run stopped in order (a non-finite loss, a failed weight sync check, an engine failing too often)."""
+
 
 class RunFailed(RuntimeError):
     """The run stopped inside Ray (a learner or an actor); the message is one line: the root cause and the
@@ -46,7 +53,7 @@ def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool
         return run_dir
 
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.principle_writer import PrincipleWriterActor
@@ -72,18 +79,23 @@ def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool
     connect_ray(cfg.scaling.num_learners + cfg.rollout.num_engines + 4, uses_gpu=use_gpu)
     log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
         f"{cfg.scaling.num_learners} learner(s), {cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)")
-    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir))
+    # A language-model writer gets an actor of its own; principles from a file or the world are served by the
+    # same core inside learner rank 0 (a process less).
+    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir)) \
+        if cfg.principles.source == "writer" else None
     actors = start_rollout_actors(model_path, cfg.rollout, cfg.model)
+    attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
     resources = {"CPU": cfg.scaling.cpus_per_learner, **({"GPU": cfg.scaling.gpus_per_learner} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path, "run_dir": str(run_dir),
-            "train_queries": train_rows, "resume": resume,
+            "train_queries": train_rows, "attempt": attempt,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_learners, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train")),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_learner_failures)),
     )
     try:
         trainer.fit()
@@ -94,8 +106,11 @@ def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool
         raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {run_dir / 'error.log'}); continue with: "
                         f"python -m pipelines.train --config {run_dir / 'config.yaml'} --resume") from e
     finally:
-        for actor in actors + [writer]:
+        for actor in actors + ([writer] if writer is not None else []):
             ray.kill(actor)
+    stopped = stop_message(run_dir, attempt)
+    if stopped is not None:
+        raise RunStopped(stopped)
     log(f"[sami] done: {run_dir} (metrics.jsonl, iteration-*/hf)")
     return run_dir
 
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RunFailed as e:
+    except (RunFailed, RunStopped) as e:
         import ray
 
         ray.shutdown()  # Ray prints its buffered worker logs now, so the one line below is the last

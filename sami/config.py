@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `optim.lr=.inf` or `nan` is refused, never trained on
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -155,6 +156,9 @@ class RolloutConfig(EngineConfig):
     cpus_per_engine: float = Field(1.0, gt=0.0)
     sync_bucket_mb: int = Field(256, ge=1)
     probe_tolerance: float = Field(1e-3, gt=0.0)  # |rollout - learner| mean log-prob after a sync
+    # A dead engine is restarted, given the current weights and probe-checked; this many failures of one
+    # engine in one iteration stop the run.
+    max_engine_failures: int = Field(3, ge=0)
 
 
 class FilterConfig(Section):
@@ -226,6 +230,8 @@ class ScalingConfig(Section):
     gpus_per_learner: float = Field(0.0, ge=0.0)
     # Fractional CPUs leave room for Ray Data and the actors on small machines (2 cores).
     cpus_per_learner: float = Field(0.5, gt=0.0)
+    # A failed learner worker restarts the whole learner group from the last complete iteration, this many times.
+    max_learner_failures: int = Field(2, ge=0)
 
 
 class CheckpointConfig(Section):

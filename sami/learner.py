@@ -6,6 +6,7 @@ fresh optimiser from memory, never from disk.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -108,6 +109,38 @@ def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConf
     return loss, {**stats, "loss": loss.item()}
 
 
+class StopRun(RuntimeError):
+    """A stop that running the same iteration again cannot fix (unlike a dead worker): every rank stops in order
+    and the driver reports the message, instead of Ray Train restarting the learner group into the same error."""
+
+
+def stop_together(problem: "StopRun | None") -> None:
+    """Raise on every rank if any rank met a `StopRun` (the others would otherwise wait in a collective forever)."""
+    flag = torch.tensor([1.0 if problem is not None else 0.0])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag)
+    if flag.item():
+        raise problem or StopRun("stopped together with another learner rank")
+
+
+class NonFiniteError(StopRun):
+    """A loss or gradient norm that is not a finite number: the run stops before anything of it is synced or saved."""
+
+
+def every_rank_finite(value: float) -> bool:
+    """Whether `value` is finite on every rank (so all ranks stop together instead of one hanging in a collective)."""
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return bad.item() == 0.0
+
+
+def non_finite_message(iteration: int, step: int, what: str, value: float, last: dict | None) -> str:
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in last.items()) if last else "none yet"
+    return (f"iteration {iteration}, optimiser step {step}: the {what} is {value}; last finite figures: {figures}. "
+            f"Nothing of iteration {iteration} was synced, saved or exported (lower optim.lr?)")
+
+
 def summarise_steps(step_stats: list[dict], accumulation: int) -> dict:
     """Means over every micro-batch, and the loss of each optimiser step (the mean of its micro-batches)."""
     mean = {k: sum(s[k] for s in step_stats) / len(step_stats) for k in step_stats[0]}
@@ -175,12 +208,19 @@ class Learner:
         started = time.perf_counter()
         self.engine.train()
         step_stats, cursor = [], 0
-        for _ in range(cfg.steps_for_iteration(iteration) * s.accumulation):
+        for micro in range(cfg.steps_for_iteration(iteration) * s.accumulation):
+            step = micro // s.accumulation + 1
             batch = [groups[(cursor + i) % len(groups)] for i in range(s.micro_groups)]
             cursor += s.micro_groups
             loss, stats = micro_batch_loss(self.module, self.base, batch, cfg, objective, self.pad_id, self.device)
+            last = step_stats[-1] if step_stats else None
+            if not every_rank_finite(loss.item()):  # before backward: no step is taken on it
+                raise NonFiniteError(non_finite_message(iteration, step, "loss", loss.item(), last))
             self.engine.backward(loss)
             self.engine.step()
+            norm = self.engine.get_global_grad_norm()  # set at each accumulation boundary
+            if norm is not None and (micro + 1) % s.accumulation == 0 and not every_rank_finite(float(norm)):
+                raise NonFiniteError(non_finite_message(iteration, step, "gradient norm", float(norm), last))
             step_stats.append(stats)
         self.engine.eval()
         return {**summarise_steps(step_stats, s.accumulation), "time_train": time.perf_counter() - started}

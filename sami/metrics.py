@@ -31,9 +31,33 @@ GAUGES = {
     "truncated": "responses cut at max_new_tokens",
     "win_rate": "evaluation: win rate against the baseline",
     "adherence": "evaluation: share of responses that follow the constitution",
+    "warning_count": "health warnings of the iteration (loss explosion, filtered groups jumping)",
+    "engine_restarts": "rollout engines restarted (and brought back to the current weights) in the iteration",
+    "learner_restarts": "times the learner group was restarted after a failure, so far in this job",
 }
 # The learner's record names the sync time `time_sync`; the dashboard shows it as sync_seconds.
 ALIASES = {"time_sync": "sync_seconds"}
+
+
+LOSS_EXPLOSION = 20.0  # a step's loss this many times the run's first loss
+KEPT_SHARE_DROP = 0.2  # the share of groups surviving the filters falling this much from one iteration to the next
+
+
+def kept_share(record: dict) -> float:
+    dropped = sum(v for k, v in record.items() if k.startswith("filtered_"))
+    return record["groups"] / max(record["groups"] + dropped, 1)
+
+
+def health_warnings(record: dict, first_loss: float | None, previous: dict | None) -> list[str]:
+    """What a person should look at now: a loss exploding, or responses ceasing to be well formed."""
+    out = []
+    worst = max(record.get("loss_per_step") or [record["loss"]])
+    if first_loss and worst > LOSS_EXPLOSION * abs(first_loss):
+        out.append(f"the loss reached {worst:.4g}, {worst / abs(first_loss):.0f}x the run's first loss {first_loss:.4g}")
+    if previous is not None and kept_share(previous) - kept_share(record) >= KEPT_SHARE_DROP:
+        out.append(f"groups kept by the filters fell from {kept_share(previous):.0%} to {kept_share(record):.0%} "
+                   f"(filtered: { {k: v for k, v in record.items() if k.startswith('filtered_') and v} })")
+    return out
 
 
 def gauge_values(values: dict) -> tuple[dict[str, float], dict[str, float]]:

@@ -1,5 +1,9 @@
 """The typed training config: YAML + overrides, and errors that name the field and the bad value."""
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +86,11 @@ def test_overrides_index_lists_and_the_eval_schema_checks_itself(tmp_path):
         extra += ["gsm8k.k=[1, 8]"] if override.startswith("gsm8k") else []
         with pytest.raises(ConfigError, match=re.escape(expected)):
             load_config(path, [override, *extra], model_cls=EvalConfig)
+
+
+def test_non_finite_settings_are_refused_before_ray_starts():
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml", "optim.lr=.inf"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].strip() == "optim.lr: Input should be a finite number (got inf)"
+    assert time.time() - started < 30 and "Started a local Ray instance" not in done.stderr

@@ -57,3 +57,14 @@ def test_learner_sami_loss_and_the_evaluations_mi_bound_agree(tiny_model_dir):
     assert stats["mi_lower_bound"] == pytest.approx(math.log(2) - loss.item(), abs=1e-6)
     assert bound == pytest.approx(stats["mi_lower_bound"], abs=1e-5)
     assert loss.item() != pytest.approx(math.log(2), abs=1e-4)  # a real model separates the pairs a little
+
+
+def test_health_warnings():
+    from sami.metrics import health_warnings
+
+    record = {"loss": 0.7, "loss_per_step": [0.7, 15.0], "groups": 10, "filtered_malformed": 10, "filtered_empty": 0}
+    previous = {"groups": 19, "filtered_malformed": 1}
+    warnings = health_warnings(record, first_loss=0.69, previous=previous)
+    assert warnings[0].startswith("the loss reached 15, 22x the run's first loss 0.69")
+    assert warnings[1].startswith("groups kept by the filters fell from 95% to 50%")
+    assert health_warnings({**record, "loss_per_step": [0.7, 0.6]}, 0.69, {"groups": 11, "filtered_malformed": 9}) == []

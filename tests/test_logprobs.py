@@ -1,12 +1,10 @@
 """Chunked response log-probs agree with a naive full log_softmax and use less memory."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+import weakref
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 
@@ -56,38 +54,45 @@ def test_gradients_match_naive(tiny_model_dir):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-PEAK_SCRIPT = """
-import resource, sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from sami.logprobs import token_logprobs
-sys.path.insert(0, "tests")
-from test_logprobs import naive_token_logprobs
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=2048)
-model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-ids = torch.randint(0, 32000, (1, 1024))
-mask = torch.ones_like(ids)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with torch.no_grad():
-    if sys.argv[1] == "naive":
-        naive_token_logprobs(model, ids, mask)
-    else:
-        token_logprobs(model, ids, mask, chunk_size=64)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
-"""
+class PeakTensorBytes(TorchDispatchMode):
+    """The peak of live tensor storage allocated inside the block, counted op by op (exact, whatever else the
+    machine does; the process high-water mark was not: it under-read under memory pressure)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def _release(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in self.seen or storage.nbytes() == 0:
+                continue  # a view of, or the same storage as, something already counted
+            self.seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, storage.nbytes())
+            weakref.finalize(storage, self.seen.discard, storage.data_ptr())
+        self.peak = max(self.peak, self.live)
+        return out
 
 
-def _peak_growth_bytes(kind: str) -> int:
-    # ru_maxrss is a per-process high-water mark, so each variant runs in its own process.
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return int(out.stdout.strip().splitlines()[-1])
+def _peak_bytes(score) -> int:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 32000, (1, 1024))
+    with torch.no_grad(), PeakTensorBytes() as meter:
+        score(model, ids, torch.ones_like(ids))
+    return meter.peak
 
 
 def test_peak_memory_is_lower_on_long_sequence_with_large_vocab():
-    naive = _peak_growth_bytes("naive")
-    chunked = _peak_growth_bytes("chunked")
+    naive = _peak_bytes(naive_token_logprobs)
+    chunked = _peak_bytes(lambda model, ids, mask: token_logprobs(model, ids, mask, chunk_size=64))
     full_fp32 = 1024 * 32000 * 4  # one [T, V] float32 tensor: 131 MB
     assert naive > full_fp32, naive
     assert chunked < full_fp32 and chunked * 2 < naive, (chunked, naive)

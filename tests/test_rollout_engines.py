@@ -178,7 +178,42 @@ def test_rollout_actor_syncs_through_one_object_ref(tiny_model_dir, trained):
         probe = ray.get(actor.sequence_logprob.remote(prompt_ids, target), timeout=60)
         assert probe == pytest.approx(direct_logprob(model, prompt_ids, target, tok.pad_token_id), abs=1e-5)
         out = ray.get(actor.generate.remote(PROMPTS[:2], GREEDY, 0), timeout=60)
-        assert [c["text"] for c in out] == [TARGET.strip()] * 2 and out[0]["finish_reason"] == "stop"
+        assert out["incarnation"] == result["incarnation"] == ray.get(actor.whoami.remote())
+        assert [c["text"] for c in out["completions"]] == [TARGET.strip()] * 2
+        assert out["completions"][0]["finish_reason"] == "stop"
         ray.get(actor.reset_prefix_cache.remote(), timeout=30)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_engine_gets_the_current_weights_back(tiny_model_dir, trained):
+    """Kill a rollout actor (Ray restarts it from the weights on disk): the batch it lost is generated again
+    after the engine got the synced weights and passed the probe check, and the output is the synced model's."""
+    ray = pytest.importorskip("ray")
+    from actors.rollout import RolloutEngineError, generate_on_engines, start_rollout_actors
+    from actors.weight_sync import WeightSync
+
+    model, tok, target = trained
+    cfg = RolloutConfig(engine="hf", cpus_per_engine=1, probe_tolerance=1e-4, max_engine_failures=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        (actor,) = start_rollout_actors(str(tiny_model_dir), cfg, ModelConfig())
+        sync = WeightSync([actor], cfg, zero_stage=2, rank=0, use_nccl=False)
+        sync.push(model)
+        probe = (tok(PROMPTS[1], add_special_tokens=False).input_ids, target)
+        sync.verify(direct_logprob(model, *probe, tok.pad_token_id), probe)
+        before = list(sync.incarnations)
+        ray.kill(actor, no_restart=False)
+        texts = [c["text"] for c in generate_on_engines([actor], [PROMPTS[:2], PROMPTS[2:]], GREEDY, [0, 1],
+                                                        sync.incarnations, sync.recover, cfg.max_engine_failures)]
+        assert texts == [TARGET.strip()] * len(PROMPTS)  # the trained model's answer: the base model says something else
+        assert sync.incarnations != before and len(sync.restarts) == 1
+        assert sync.restarts[0]["probe_abs_diff"] <= 1e-4
+        ray.kill(actor, no_restart=False)  # a second failure in one call is more than max_engine_failures=1
+        sync.restarts.clear()
+        with pytest.raises(RolloutEngineError, match="rollout engine 0 failed 2 time"):
+            generate_on_engines([actor], [PROMPTS[:1]] * 3, GREEDY, [0, 1, 2], sync.incarnations,
+                                lambda e: ray.kill(actor, no_restart=False), cfg.max_engine_failures)
     finally:
         ray.shutdown()

@@ -1,0 +1,91 @@
+"""Faults on a real run of configs/tiny.yaml (local Ray, CPU): a killed rollout actor, a killed learner worker,
+a loss that turns NaN. Each run is `python -m pipelines.train` in a subprocess, so processes can be killed by
+pid (found among the driver's descendants by their Ray names) and the exit code read as a user sees it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+REPO = Path(__file__).resolve().parents[1]
+# Three short iterations: 32 queries, 2 steps each.
+SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
+
+
+def start(out: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
+                             f"run.output_dir={out}", *SMALL, *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when_iteration_one_completes(driver: subprocess.Popen, out: Path, process_name: str) -> int:
+    """SIGKILL the first descendant of the driver named `process_name` once iteration 1 is complete."""
+    deadline = time.time() + 300
+    while not (out / "iteration-1" / "COMPLETE").is_file():
+        assert driver.poll() is None and time.time() < deadline, "the run ended or stalled before iteration 1 completed"
+        time.sleep(0.2)
+    for proc in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith(process_name):
+                os.kill(proc.pid, signal.SIGKILL)
+                return proc.pid
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no process named {process_name} under the driver")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path):
+    out = tmp_path / "run"
+    driver = start(out)
+    kill_when_iteration_one_completes(driver, out, "ray::RolloutWorker")
+    log, _ = driver.communicate(timeout=500)
+    assert driver.returncode == 0, log[-3000:]
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]
+    assert sum(r["engine_restarts"] for r in rows) == 1
+    restarted = next(r for r in rows if r["engine_restarts"])
+    assert restarted["iteration"] == 2 and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
+    groups = pyarrow.parquet.read_table(out / "iteration-2" / "groups.parquet").to_pylist()
+    ids = [g["query_id"] for g in groups]
+    assert len(ids) == len(set(ids)) == restarted["groups"]
+    filtered = sum(v for k, v in restarted.items() if k.startswith("filtered_"))
+    assert restarted["groups"] + filtered == 32  # every query's group generated exactly once
+    assert "rollout engine 0 restarted: current weights loaded, probe check passed" in log
+
+
+def test_a_killed_learner_worker_restarts_the_group_from_the_last_iteration(tmp_path):
+    out = tmp_path / "run"
+    driver = start(out)
+    kill_when_iteration_one_completes(driver, out, "ray::RayTrainWorker")
+    log, _ = driver.communicate(timeout=500)
+    assert driver.returncode == 0, log[-3000:]
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]
+    assert [r["learner_restarts"] for r in rows] == [0, 1, 1]
+    assert "learner group restarted after a failure (restart 1): continuing from iteration 1" in log
+    assert all(r["probe_abs_diff"] <= 1e-4 for r in rows)
+
+
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path):
+    out = tmp_path / "run"
+    # lr 1e30: the first step is finite, its update is not, so the second step's loss is NaN.
+    driver = start(out, "optim.lr=1e30")
+    log, _ = driver.communicate(timeout=500)
+    assert driver.returncode != 0
+    assert "iteration 1, optimiser step 2: the loss is nan" in log, log[-3000:]
+    assert not (out / "iteration-1" / "COMPLETE").exists() and not (out / "iteration-1" / "hf").exists()
+    assert not (out / "deepspeed").exists()
+    assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) \
+        if (out / "metrics.jsonl").exists() else True
