@@ -39,7 +39,9 @@ class ServeArgs(BaseModel):
     task: Literal["dialogue", "summarization", "world"] = "dialogue"
     constitution: Optional[str] = None  # default system text, or a path to a file holding it
     max_prompt_tokens: int = Field(2048, ge=8)
-    max_tokens_limit: int = Field(1024, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)  # a request's max_tokens is capped at this
+    max_n: int = Field(8, ge=1)  # choices per chat request; more is a 400
+    max_prompts: int = Field(64, ge=1)  # prompts per completions request; more is a 400
     num_replicas: int = Field(1, ge=1)
     trust_remote_code: bool = False
 
@@ -56,6 +58,16 @@ def pick_engine(requested: str) -> str:
 
 class RequestError(ValueError):
     """A bad request; answered with HTTP 400 and this message."""
+
+
+def int_field(request: dict, name: str, default: int, low: int, high: int) -> int:
+    """An integer request field within [low, high]; anything else (text, 2.5, true) is a RequestError (400)."""
+    value = request.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}")
+    return value
 
 
 class CompletionCore:
@@ -108,11 +120,11 @@ class CompletionCore:
     def _generate(self, prompts: list[str], request: dict, seed: int) -> list:
         try:
             sampling = SamplingConfig(temperature=request.get("temperature", 1.0), top_p=request.get("top_p", 1.0),
-                                      max_new_tokens=min(int(request.get("max_tokens", 128)), self.args.max_tokens_limit),
+                                      max_new_tokens=min(int_field(request, "max_tokens", 128, 1, 2**31),
+                                                         self.args.max_tokens_limit),
                                       batch_size=max(len(prompts), 1))
-        except (ValidationError, TypeError, ValueError) as e:
-            message = format_validation_error(e, "request") if isinstance(e, ValidationError) else str(e)
-            raise RequestError(message) from None
+        except ValidationError as e:
+            raise RequestError(format_validation_error(e, "request")) from None
         with self.lock:
             completions = self.engine.generate(prompts, sampling, seed)
         stops = request.get("stop") or []
@@ -136,8 +148,8 @@ class CompletionCore:
 
     def chat(self, request: dict) -> dict:
         prompt = self.chat_prompt(request.get("messages"))
-        n = int(request.get("n", 1))
-        results = self._generate([prompt] * n, request, int(request.get("seed", 0)))
+        n = int_field(request, "n", 1, 1, self.args.max_n)
+        results = self._generate([prompt] * n, request, int_field(request, "seed", 0, 0, 2**63 - 1))
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
                    for i, (text, reason, _) in enumerate(results)]
         return self._envelope("chat.completion", choices, self._count([prompt]), sum(r[2] for r in results))
@@ -147,9 +159,11 @@ class CompletionCore:
         prompts = [raw] if isinstance(raw, str) else raw
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError("prompt must be a string or a non-empty list of strings")
+        if len(prompts) > self.args.max_prompts:
+            raise RequestError(f"prompt has {len(prompts)} entries; this server takes at most {self.args.max_prompts}")
         system = request.get("system", self.constitution)
         prompts = [self.plain_prompt(system, p) for p in prompts]
-        results = self._generate(prompts, request, int(request.get("seed", 0)))
+        results = self._generate(prompts, request, int_field(request, "seed", 0, 0, 2**63 - 1))
         choices = [{"index": i, "text": text, "finish_reason": reason} for i, (text, reason, _) in enumerate(results)]
         return self._envelope("text_completion", choices, self._count(prompts), sum(r[2] for r in results))
 

@@ -48,8 +48,10 @@ def enable_token_auth_if_available(environ=os.environ) -> str:
     return environ.get("RAY_AUTH_MODE", "disabled")
 
 
-def entrypoint(config_path: str, overrides: list[str], resume: bool = False, module: str = "pipelines.train") -> str:
-    args = ["python", "-m", module, "--config", config_path, *overrides] + (["--resume"] if resume else [])
+def entrypoint(config_path: str, overrides: list[str], resume: bool = False, module: str = "pipelines.train",
+               override_config: bool = False) -> str:
+    args = ["python", "-m", module, "--config", config_path, *overrides] + (["--resume"] if resume else []) \
+        + (["--override-config"] if override_config else [])
     return shlex.join(args)
 
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, passed on to the job")
     parser.add_argument("--eval", action="store_true", help="submit `python -m evals.run` instead of training")
     parser.add_argument("--resume", action="store_true", help="training: continue from the last complete iteration")
+    parser.add_argument("--override-config", action="store_true",
+                        help="training, with --resume: continue with settings that differ from the run's config.yaml")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
                         help=f"Ray dashboard address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})")
     parser.add_argument("--working-dir", default=".", help="repository root to upload (default: .)")
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             uses_gpu, plan = cfg.scaling.gpus_per_learner > 0, format_plan(cfg)
-        command = entrypoint(config_path, args.overrides, args.resume, "evals.run" if args.eval else "pipelines.train")
+        command = entrypoint(config_path, args.overrides, args.resume, "evals.run" if args.eval else "pipelines.train",
+                             args.override_config)
         runtime_env = build_runtime_env(uses_gpu, working_dir)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

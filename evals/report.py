@@ -3,6 +3,7 @@ intervals, MI bound per model, response-length distributions), all in the evalua
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 ESTIMATORS = ("raw", "balanced", "logistic")
@@ -118,8 +119,10 @@ def plot(results: dict, out: Path) -> list[str]:
 def write_report(out: Path, results: dict) -> Path:
     """Write results.json, the plots and report.md into `out`; returns the report's path."""
     out = Path(out)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     plots = plot(results, out)
     path = out / "report.md"
     path.write_text(markdown(results, plots))
+    # last, under a temporary name: results.json is whole and new, or the previous one
+    (out / "results.json.tmp").write_text(json.dumps(results, indent=2))
+    os.replace(out / "results.json.tmp", out / "results.json")
     return path

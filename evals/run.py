@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -204,7 +205,7 @@ def judge_win_rates(cfg: EvalConfig, judge, plan: EvalPlan, outputs: dict, out: 
 
 
 def judge_mtbench(cfg: EvalConfig, client, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
-    from evals.mtbench import category_table, judge_pairwise, judge_single, load_judge_prompts, write_answers
+    from evals.mtbench import category_table, judge_pairwise, judge_single, load_judge_prompts
 
     prompts = load_judge_prompts(cfg.mtbench.judge_prompts)
     principles = "\n".join(f"- {p.definition}" for p in load_library(cfg)) if cfg.mtbench.principle_conditioned else None
@@ -212,7 +213,6 @@ def judge_mtbench(cfg: EvalConfig, client, plan: EvalPlan, outputs: dict, out: P
     baseline = cfg.baseline_name
     tables = {}
     for name, by_id in answers.items():
-        write_answers(str(out / "mtbench" / "model_answer" / f"{name}.jsonl"), list(by_id.values()))
         single = judge_single(client, prompts, plan.mtbench_questions, by_id)
         write_jsonl(out / "mtbench" / "judgments" / f"{name}-single.jsonl", single)
         tables[name] = {"single": {f"turn_{t}": category_table([r for r in single if r["turn"] == t]) for t in (1, 2)},
@@ -226,39 +226,79 @@ def judge_mtbench(cfg: EvalConfig, client, plan: EvalPlan, outputs: dict, out: P
     return tables
 
 
-def run(cfg: EvalConfig) -> Path:
-    import ray
+def save_outputs(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> None:
+    """What judging needs from each model, written before judging so `--judge-only` can judge it again:
+    responses/<model>.jsonl (one row per query), responses/<model>.json (its figures), MT-Bench answers."""
+    from evals.mtbench import write_answers
 
+    for name, output in outputs.items():
+        write_jsonl(out / "responses" / f"{name}.jsonl", [
+            {"query_id": row["query_id"], "query": row["query"], "constitution": texts[0], "prompt": prompts[0],
+             "response": responses[0], "length_words": words(responses[0])}
+            for row, texts, prompts, responses in zip(plan.rows, plan.constitution_texts, plan.generation_prompts,
+                                                      output["responses"])])
+        path = next(m.path for m in cfg.models if m.name == name)
+        (out / "responses" / f"{name}.json").write_text(json.dumps(
+            {"path": path, **{k: output[k] for k in ("mi_lower_bound", "gsm8k", "seconds")}}))
+        if output["mtbench_answers"] is not None:
+            write_answers(str(out / "mtbench" / "model_answer" / f"{name}.jsonl"), output["mtbench_answers"])
+
+
+def load_outputs(cfg: EvalConfig, plan: EvalPlan, out: Path) -> dict[str, dict]:
+    """`--judge-only`: each model's outputs as `save_outputs` wrote them, checked against this config's plan."""
+    from evals.mtbench import read_answers
+
+    outputs = {}
+    expected = [(row["query_id"], texts[0]) for row, texts in zip(plan.rows, plan.constitution_texts)]
+    for m in cfg.models:
+        figures_path, rows_path = out / "responses" / f"{m.name}.json", out / "responses" / f"{m.name}.jsonl"
+        if not (figures_path.is_file() and rows_path.is_file()):
+            raise ConfigError(f"--judge-only: no saved responses for model {m.name!r} ({figures_path} and "
+                              f"{rows_path.name}); run once without --judge-only")
+        figures = json.loads(figures_path.read_text())
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+        if figures["path"] != m.path or [(r["query_id"], r["constitution"]) for r in rows] != expected:
+            raise ConfigError(f"--judge-only: {rows_path} answers another model, queries or constitutions than "
+                              f"this config asks for; run without --judge-only to generate again")
+        answers = out / "mtbench" / "model_answer" / f"{m.name}.jsonl"
+        outputs[m.name] = {**figures, "responses": [[r["response"]] for r in rows],
+                           "mtbench_answers": list(read_answers(str(answers)).values()) if cfg.mtbench.enabled else None}
+    return outputs
+
+
+def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
     from actors.ray_session import connect_ray
     from evals.judges import make_judge
     from evals.report import write_report
+    from sami.chat_clients import check_endpoint
     from sami.metrics import RunMetrics
     from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
     problems = missing_paths(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for model in cfg.models:  # builtin:world is the world's cached base model
-        model.path = resolve_model(model.path, log)
-    dump_config(cfg, out / "config.yaml")
     log(f"phase 1/4: plan ({', '.join(m.name for m in cfg.models)} vs baseline {cfg.baseline_name!r})")
     plan = build_plan(cfg)
     log(f"plan: {len(plan.rows)} held-out queries x {cfg.principles.num_constitutions} constitutions"
         + (f", {len(plan.mtbench_questions)} MT-Bench questions" if cfg.mtbench.enabled else "")
         + (f", {len(plan.gsm8k_items)} GSM8K problems" if cfg.gsm8k.enabled else ""))
-    connect_ray(math.ceil(cfg.generation.cpus_per_model) + 1, uses_gpu=cfg.generation.gpus_per_model > 0)
-    metrics = RunMetrics("eval", cfg.run.name)
-    metrics.set_phase("generate")
-    log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray task per model)")
-    outputs = generate_all(cfg, plan)
-    for name, output in outputs.items() if plan.rows else ():
-        write_jsonl(out / "responses" / f"{name}.jsonl", [
-            {"query_id": row["query_id"], "query": row["query"], "constitution": texts[0], "prompt": prompts[0],
-             "response": responses[0], "length_words": words(responses[0])}
-            for row, texts, prompts, responses in zip(plan.rows, plan.constitution_texts, plan.generation_prompts,
-                                                      output["responses"])])
+    if cfg.win_rates.enabled or cfg.mtbench.enabled:  # a down judge stops the job before it generates anything
+        check_endpoint(cfg.judge, field_prefix="judge", purpose="judge")
+    for model in cfg.models:  # builtin:world is the world's cached base model
+        model.path = resolve_model(model.path, log)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not judge_only:
+        connect_ray(math.ceil(cfg.generation.cpus_per_model) + 1, uses_gpu=cfg.generation.gpus_per_model > 0)
+    metrics = RunMetrics("eval", cfg.run.name)  # after connecting: outside Ray the metrics are inactive
+    if judge_only:
+        log("phase 2/4: generate: skipped (--judge-only), judging the saved responses")
+        outputs = load_outputs(cfg, plan, out)
+    else:
+        metrics.set_phase("generate")
+        log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray task per model)")
+        outputs = generate_all(cfg, plan)
+        save_outputs(cfg, plan, outputs, out)
     metrics.set_phase("evaluate")
     log(f"phase 3/4: judge ({cfg.judge.backend} judge" + (f" {cfg.judge.model}" if cfg.judge.model else "") + ")")
     judge = make_judge(cfg.judge) if cfg.win_rates.enabled or cfg.mtbench.enabled else None
@@ -286,7 +326,10 @@ def run(cfg: EvalConfig) -> Path:
     meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.rows),
             "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,
             "model": cfg.judge.model, "swap": cfg.judge.swap}}
+    # config.yaml and results.json change together, and only here: a failed run leaves the previous pair.
+    dump_config(cfg, out / "config.yaml.tmp")
     report = write_report(out, {"meta": meta, "models": models})
+    os.replace(out / "config.yaml.tmp", out / "config.yaml")
     metrics.set_phase("idle")
     log(f"done: {report} (results.json, responses/, judgments/)")
     return out
@@ -296,11 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="an evaluation config (configs/eval_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.output_dir=runs/eval2")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and print what would run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, the principle file and the judge endpoint; print what would run")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="judge the responses a previous run of this config saved in run.output_dir/responses/ "
+                             "instead of generating them again (no Ray)")
     args = parser.parse_args(argv)
     from evals.gsm8k import GSM8KError
     from evals.mtbench import MTBenchError
-    from sami.chat_clients import ChatClientError
+    from sami.chat_clients import ChatClientError, check_endpoint
     from sami.principles import PrincipleError
 
     try:
@@ -309,9 +356,16 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(cfg))
             for problem in missing_paths(cfg):
                 print(f"warning: {problem} (fine if it is on the cluster's storage)")
+            if cfg.needs_queries and cfg.principles.source == "file" and Path(cfg.principles.path).is_file():
+                load_library(cfg)  # present but malformed: an error here too
+            if cfg.win_rates.enabled or cfg.mtbench.enabled:
+                try:
+                    check_endpoint(cfg.judge, field_prefix="judge", purpose="judge", retries=0)
+                except ChatClientError as e:
+                    print(f"warning: {e} (fine if the endpoint is reachable from the cluster)")
             print("config OK; nothing started (--dry-run)")
             return 0
-        run(cfg)
+        run(cfg, judge_only=args.judge_only)
     except (ConfigError, ChatClientError, MTBenchError, GSM8KError, PrincipleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,10 @@ class Judgements:
                              f"({len(self.test_len)}) must have the same length")
         if self.categories and len(self.categories) != n:
             raise ValueError(f"categories has {len(self.categories)} entries, expected {n}")
+        for name, lengths in (("baseline_len", self.baseline_len), ("test_len", self.test_len)):
+            bad = ~(np.isfinite(lengths) & (lengths >= 0))  # a length is a count: a negative one is a broken file
+            if bad.any():
+                raise ValueError(f"{name} must be finite and >= 0; item {int(np.argmax(bad))} is {lengths[bad][0]}")
         bad = ~np.isin(self.scores, (0.0, 0.5, 1.0))
         if bad.any():
             raise ValueError(f"scores must be 0, 0.5 or 1; item {int(np.argmax(bad))} is {self.scores[bad][0]}")

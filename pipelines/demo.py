@@ -40,7 +40,7 @@ def run_training(name: str, args, extra: list[str]) -> Path:
                  f"run.output_dir={args.out / name}"] + extra + args.overrides + baseline_overrides(name, args.out / "sami")
     cfg = load_config(CONFIG, overrides)
     t = time.time()
-    run_dir = run(cfg, resume=(args.out / name / "metrics.jsonl").exists(), log=log)
+    run_dir = run(cfg, resume=(args.out / name / "config.yaml").exists(), log=log)  # a rerun continues
     log(f"{name}: trained in {time.time() - t:.0f}s")
     return run_dir
 

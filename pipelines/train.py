@@ -1,4 +1,4 @@
-"""The training job: `python -m pipelines.train --config configs/<name>.yaml [key.path=value ...] [--resume] [--dry-run]`.
+"""The training job: `python -m pipelines.train --config configs/<name>.yaml [key.path=value ...] [--resume [--override-config]] [--dry-run]`.
 
 Connects to the Ray cluster it runs in (under `ray job submit`, or with RAY_ADDRESS set), else starts a
 local Ray; starts the principle writer and the rollout actors; runs the whole online loop inside one Ray
@@ -9,19 +9,49 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 import uuid
 from pathlib import Path
 
 from pipelines.plan import WRITER_CPUS, format_plan
-from sami.config import ConfigError, TrainConfig, dump_config, load_config
-from sami.run_dir import last_complete_iteration, stop_message
+from pipelines.preflight import check_inputs, check_run_dir, save_run_config
+from sami.config import ConfigError, TrainConfig, load_config
+from sami.run_dir import stop_message
+
 
 class RunStopped(RuntimeError):
     """The run stopped in order (a non-finite loss, a failed weight sync check, an engine failing too often)."""
 
 
-def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+class RunFailed(RuntimeError):
+    """The run stopped inside Ray (a learner or an actor); the message is one line: the root cause and the
+    command that continues the run."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception behind Ray Train's and Ray's wrappers (worker failures, task errors, __cause__)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: exception}
+        inner = (failures[min(failures)] if failures else None) or getattr(error, "controller_failure", None) \
+            or getattr(error, "cause", None) or error.__cause__  # RayTaskError.cause: the task's own exception
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool = False) -> Path:
     """Run the training job; returns the run directory."""
+    run_dir = Path(cfg.run.output_dir).resolve()
+    # What a user can get wrong is checked first: before the slow imports, config.yaml and Ray.
+    check_inputs(cfg)
+    done, continues_from = check_run_dir(cfg, resume, override_config)
+    if resume and done >= cfg.run.iterations:
+        log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
+        return run_dir
+
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -33,21 +63,15 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     from sami.data import load_queries, split_queries
     from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
-    run_dir = Path(cfg.run.output_dir).resolve()
-    done = last_complete_iteration(run_dir)
-    if (run_dir / "metrics.jsonl").exists() and not resume:
-        raise ConfigError(f"run.output_dir {run_dir} already holds a run (iteration {done} complete); pass --resume "
-                          f"to continue it or choose another run.output_dir")
-    if resume and done >= cfg.run.iterations:
-        log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
     try:
         model_path = resolve_model(cfg.model.name_or_path, log)
     except ValueError as e:
         raise ConfigError(f"model.name_or_path: {e}") from None
     train_rows, heldout_rows = split_queries(load_queries(cfg.data, cfg.run.seed), cfg.data.heldout_queries)
+    if resume:
+        log(f"[sami] resuming {run_dir} from {continues_from}; next: iteration {done + 1} of {cfg.run.iterations}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir, done)
     (run_dir / "heldout_queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout_rows))
 
     use_gpu = cfg.scaling.gpus_per_learner > 0
@@ -75,6 +99,12 @@ def run(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     )
     try:
         trainer.fit()
+    except Exception as e:  # a learner or an actor failed: one line for the console, the rest to a file
+        (run_dir / "error.log").write_text("".join(traceback.format_exception(e)))
+        cause = root_cause(e)
+        message = " ".join(str(cause).split())[:400]
+        raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {run_dir / 'error.log'}); continue with: "
+                        f"python -m pipelines.train --config {run_dir / 'config.yaml'} --resume") from e
     finally:
         for actor in actors + ([writer] if writer is not None else []):
             ray.kill(actor)
@@ -90,18 +120,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults to the built-in world")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete iteration")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and print the resource plan")
-    args = parser.parse_args(argv)
+    parser.add_argument("--override-config", action="store_true",
+                        help="with --resume: continue with settings that differ from the run's config.yaml (the "
+                             "differences are listed; the old file is kept as config.iteration-<k>.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, principles, data files and what --resume would continue from; "
+                             "print the resource plan")
+    args = parser.parse_intermixed_args(argv)  # overrides may come after --resume as well as before
+    if args.override_config and not args.resume:
+        print("error: --override-config only applies with --resume", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
+            check_inputs(cfg, contact_endpoints=False)
+            _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
             print(format_plan(cfg))
+            print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
             return 0
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, override_config=args.override_config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RunStopped as e:
+    except (RunFailed, RunStopped) as e:
+        import ray
+
+        ray.shutdown()  # Ray prints its buffered worker logs now, so the one line below is the last
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

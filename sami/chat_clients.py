@@ -92,3 +92,14 @@ def make_chat_client(cfg, *, field_prefix: str, purpose: str):
         return OpenAIChatClient(cfg.base_url, cfg.model, cfg.api_key_env, timeout=cfg.timeout, retries=cfg.retries,
                                 purpose=purpose)
     return HFChatClient(cfg.model)
+
+
+def check_endpoint(cfg, *, field_prefix: str, purpose: str, retries: int | None = None) -> None:
+    """One cheap request (a one-token answer) to an OpenAI-compatible endpoint, so a down or misnamed endpoint
+    stops a job before it starts any work; `retries` overrides the section's. Raises ChatClientError."""
+    if cfg.backend not in ("openai", "vllm"):
+        return  # a local model: nothing to reach
+    if retries is not None:
+        cfg = cfg.model_copy(update={"retries": retries})
+    make_chat_client(cfg, field_prefix=field_prefix, purpose=purpose).complete(
+        [{"role": "user", "content": "Answer with one word: OK"}], 0.0, 1)

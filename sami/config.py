@@ -369,3 +369,15 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
 def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def config_differences(old: BaseModel, new: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (old value, new value) for every setting that differs between two configs."""
+    def flat(data: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    a, b = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

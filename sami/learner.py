@@ -19,6 +19,7 @@ from sami.config import OptimConfig, TrainConfig
 from sami.groups import QueryGroup
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences
+from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
 
 
 def log(message: str) -> None:
@@ -179,8 +180,23 @@ class Learner:
     def module(self):
         return self.engine.module
 
-    def restore(self, run_dir: Path, iteration: int) -> None:
-        self.engine.load_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{iteration}")
+    def restore(self, run_dir: Path, iteration: int) -> str:
+        """Continue after `iteration`: its DeepSpeed checkpoint once the manifest matches, else the weights of its
+        HF export (safetensors, nothing unpickled) with a fresh optimiser. Returns which ("deepspeed" / "hf")."""
+        source = resume_source(run_dir, iteration)
+        if source == "deepspeed":
+            verify_manifest(deepspeed_dir(run_dir, iteration))  # DeepSpeed's torch.load unpickles: check first
+            self.engine.load_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{iteration}")
+        elif source == "hf":
+            from transformers import AutoModelForCausalLM
+
+            saved = AutoModelForCausalLM.from_pretrained(hf_dir(run_dir, iteration), use_safetensors=True,
+                                                         trust_remote_code=self.cfg.model.trust_remote_code)
+            self.model.load_state_dict(saved.state_dict())
+            self.engine = self._deepspeed_engine()  # ZeRO keeps its own copy of the weights: rebuild it
+        else:
+            raise CheckpointError(f"{run_dir}: iteration {iteration} has neither a DeepSpeed checkpoint nor an HF export")
+        return source
 
     def train(self, iteration: int, groups: list[QueryGroup]) -> dict:
         """The iteration's optimiser steps on this rank's groups (cycled); returns the step figures."""

@@ -93,19 +93,22 @@ class PrincipleWriterCore:
         """Write (or reuse) the run's principles; returns what happened, for the logs."""
         if self._principles is not None:
             return {"principles": len(self._principles), "rejected": self.rejected, "source": "memory"}
-        if self.path.is_file():
-            self._principles = load_principles(self.path)
-            source = "saved"
-        elif self.cfg.source == "file":
-            self._principles = load_principles(self.cfg.path)
-            source = "file"
-        elif self.cfg.source == "world":
-            self._principles, source = list(WORLD_PRINCIPLES), "world"
-        else:
+        self._principles, source = self.read_library()
+        if self._principles is None:
             self._principles, self.rejected = write_principles(self.cfg.writer, self.client or chat_client_for(self.cfg.writer))
-            source = "writer"
         save_principles(self._principles, self.path)
         return {"principles": len(self._principles), "rejected": self.rejected, "source": source}
+
+    def read_library(self) -> tuple[list[Principle] | None, str]:
+        """(principles, source) without writing anything: the run's saved library, the file or the world; (None,
+        "writer") when an LM is to write them. Raises PrincipleError on a malformed library."""
+        if self.path.is_file():
+            return load_principles(self.path), "saved"
+        if self.cfg.source == "file":
+            return load_principles(self.cfg.path), "file"
+        if self.cfg.source == "world":
+            return list(WORLD_PRINCIPLES), "world"
+        return None, "writer"
 
     def principles(self) -> list[Principle]:
         if self._principles is None:

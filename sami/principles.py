@@ -57,8 +57,12 @@ def load_principles(path: str | Path) -> list[Principle]:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except json.JSONDecodeError as e:
         raise PrincipleError(f"{path}: cannot parse: {e}") from None
+    except yaml.YAMLError as e:  # its own message spans lines, with a caret drawing: one line instead
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise PrincipleError(f"{path}: cannot parse as YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if isinstance(data, dict) and set(data) == {"principles"}:
         data = data["principles"]
     return validate_principles(data, str(path))

@@ -118,3 +118,10 @@ def test_gauge_values_split_record():
     gauges, filtered = gauge_values(record)
     assert gauges == {"iteration": 2.0, "loss": 0.25, "sync_seconds": 1.5, "groups": 61.0}
     assert filtered == {"empty": 3.0, "identical": 0.0}
+
+
+def test_the_shared_folder_is_not_world_writable():
+    """A resume unpickles DeepSpeed checkpoints from /mnt/shared: only the containers' user may write there."""
+    commands = " ".join(cluster_config()["initialization_commands"])
+    assert "777" not in commands and "o+w" not in commands and "a+w" not in commands
+    assert "sudo chown 1000:100 /mnt/shared && sudo chmod 0750 /mnt/shared" in commands

@@ -207,6 +207,27 @@ def test_evaluation_job_with_a_loopback_judge(tmp_path, tiny_model_dir):
     for png in ("win_rates.png", "mi_bound.png", "lengths.png"):
         assert (out / png).stat().st_size > 5000 and f"]({png})" in report
 
+    # A judge that answers the first request and then fails: the job stops, the previous results and config stay.
+    previous = {name: (out / name).read_bytes() for name in ("results.json", "config.yaml")}
+    failing = ChatServer(judge_answer, statuses=[200, 400])
+    try:
+        broken = run_job(config, f"judge.base_url={failing.url}", "--judge-only")
+    finally:
+        failing.close()
+    assert broken.returncode == 2 and "HTTP 400" in broken.stderr and "Traceback" not in broken.stderr
+    assert {name: (out / name).read_bytes() for name in previous} == previous
+    # Judging again from the saved responses: nothing is generated, the figures are the same.
+    server = ChatServer(judge_answer)
+    try:
+        again = run_job(config, f"judge.base_url={server.url}", "--judge-only")
+    finally:
+        server.close()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "generate: skipped (--judge-only)" in again.stdout and "one Ray task per model" not in again.stdout
+    rejudged = json.loads((out / "results.json").read_text())["models"]
+    assert rejudged["sami-iter1"]["win_rate_vs_baseline"]["raw"] == win["raw"]
+    assert rejudged["sami-iter1"]["mi_lower_bound"] == test["mi_lower_bound"] and rejudged["sami-iter1"]["gsm8k"] == gsm
+
 
 @pytest.mark.timeout(120)
 def test_evaluation_job_reports_user_mistakes(tmp_path, tiny_model_dir):

@@ -52,6 +52,8 @@ def test_runtime_env_uploads_the_repository_without_the_venv(tmp_path):
 def test_entrypoint_and_config_path():
     assert entrypoint("configs/tiny.yaml", ["optim.lr=1e-4", "run.name=a b"], resume=True) == (
         "python -m pipelines.train --config configs/tiny.yaml optim.lr=1e-4 'run.name=a b' --resume")
+    assert entrypoint("configs/tiny.yaml", ["optim.lr=1e-4"], resume=True, override_config=True).endswith(
+        "optim.lr=1e-4 --resume --override-config")
     assert relative_config(str(TINY), REPO) == "configs/tiny.yaml"
     from sami.config import ConfigError
 

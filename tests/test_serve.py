@@ -51,6 +51,30 @@ def test_bad_requests_name_the_problem(core):
         core.chat({"messages": [{"role": "user", "content": "hi"}], "temperature": -1})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("n", 200000, "n must be between 1 and 8, got 200000"),
+    ("n", "2", "n must be an integer, got '2'"),
+    ("n", 2.5, "n must be an integer, got 2.5"),
+    ("seed", "abc", "seed must be an integer, got 'abc'"),
+    ("seed", True, "seed must be an integer, got True"),
+    ("max_tokens", "many", "max_tokens must be an integer, got 'many'"),
+    ("max_tokens", 0, "max_tokens must be between 1 and"),
+])
+def test_bad_counts_and_types_are_request_errors(core, field, value, message):
+    """RequestError is what the HTTP layer answers with 400 (a ValueError from int() was a 500)."""
+    with pytest.raises(RequestError, match=message):
+        core.chat({"messages": [{"role": "user", "content": "hi"}], field: value})
+
+
+def test_prompts_per_request_are_capped(tiny_model_dir):
+    capped = CompletionCore(ServeArgs(model_path=str(tiny_model_dir), engine="hf", max_prompts=2, max_n=3,
+                                      max_tokens_limit=4))
+    with pytest.raises(RequestError, match="prompt has 3 entries; this server takes at most 2"):
+        capped.complete({"prompt": ["a", "b", "c"]})
+    answer = capped.chat({"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 100, "seed": 1})
+    assert len(answer["choices"]) == 3 and answer["usage"]["completion_tokens"] <= 3 * 4
+
+
 def test_build_app_rejects_unknown_arguments():
     with pytest.raises(ValueError, match="modle_path: unknown field"):
         build_app({"model_path": "x", "modle_path": "y"})

@@ -83,11 +83,28 @@ def test_resume_continues_at_iteration_three(sami_run):
     before = (sami_run / "iteration-1" / "groups.parquet").stat().st_mtime_ns
     with pytest.raises(ConfigError, match="--resume"):
         run(tiny(sami_run, "run.iterations=3"))
-    run(tiny(sami_run, "run.iterations=3"), resume=True)
+    lines = []
+    run(tiny(sami_run, "run.iterations=3"), resume=True, log=lines.append)
+    assert f"[sami] resuming {sami_run} from iteration 2 (DeepSpeed checkpoint: weights and optimiser, checksums " \
+           f"verified); next: iteration 3 of 3" in lines
     rows = metrics(sami_run)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert (sami_run / "iteration-1" / "groups.parquet").stat().st_mtime_ns == before  # no repeated work
     assert rows[2]["probe_abs_diff"] <= 1e-4
+
+
+def test_resume_without_a_deepspeed_checkpoint(ray_session, tmp_path):
+    """The demo's setting: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError)."""
+    from pipelines.train import run
+
+    out = tmp_path / "hf-only"
+    run(tiny(out, "run.iterations=1", "checkpoint.deepspeed=false"))
+    lines = []
+    run(tiny(out, "run.iterations=2", "checkpoint.deepspeed=false"), resume=True, log=lines.append)
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["probe_abs_diff"] <= 1e-4
+    assert not (out / "deepspeed").exists()
+    assert any(f"from iteration 1 (weights from {out}/iteration-1/hf, a fresh optimiser" in line for line in lines)
 
 
 def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
@@ -109,3 +126,21 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
     assert last < first - 0.03, rows[0]["loss_per_step"]  # SFT's NLL falls (measured 1.159 -> 1.089)
     # SAMI's figures in iteration 2: the bound is log C minus the loss without its KL term (beta 0.3)
     assert rows[1]["mi_lower_bound"] == pytest.approx(math.log(2) - (rows[1]["loss"] - 0.3 * rows[1]["kl"]), abs=1e-6)
+
+
+def test_a_failure_inside_the_workers_is_one_line_with_the_resume_command(ray_session, tmp_path, capsys):
+    """Last in the module: the entry point shuts Ray down before it prints."""
+    from pipelines.train import main
+
+    out, other = tmp_path / "failing", tmp_path / "other"
+    # A replayed groups file that exists (so the driver's check passes) but is not Parquet: rank 0 raises inside
+    # the Ray Train worker; no learner restarts, so the failure reaches the driver at once.
+    (other / "iteration-1").mkdir(parents=True)
+    (other / "iteration-1" / "groups.parquet").write_text("not parquet")
+    code = main(["--config", "configs/tiny.yaml", f"run.output_dir={out}", "run.iterations=1",
+                 f"data.replay_groups_from={other}", "scaling.max_learner_failures=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err
+    assert err.startswith("error: ArrowInvalid: Could not open Parquet input source"), err
+    assert err.endswith(f"continue with: python -m pipelines.train --config {out}/config.yaml --resume"), err
+    assert "Traceback" in (out / "error.log").read_text()

@@ -54,7 +54,7 @@ def test_length_bias_is_removed_by_balanced_and_logistic():
     # A judge that only prefers the longer response: raw rewards the longer model, controlled estimators do not.
     rng = np.random.default_rng(0)
     baseline = rng.integers(50, 150, size=400)
-    test = baseline + rng.integers(-60, 140, size=400)
+    test = baseline + rng.integers(-45, 140, size=400)  # lengths stay positive
     scores = (test > baseline).astype(float)
     j = Judgements(scores, baseline, test)
     assert win_rate(j, "raw") > 0.65
@@ -147,6 +147,15 @@ def test_cli_json_and_errors(tmp_path, capsys):
         assert main([str(good), str(path)]) == 2
         err = capsys.readouterr().err
         assert name in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_negative_lengths_are_refused(tmp_path, capsys):
+    path = tmp_path / "negative.json"
+    path.write_text(json.dumps([[1, 10, 20], [0, 10, -5]]))
+    assert main([str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {path}: test_len must be finite and >= 0; item 1 is -5.0"
+    with pytest.raises(ValueError, match="baseline_len must be finite and >= 0; item 0 is -1.0"):
+        Judgements([1.0], [-1], [3])
 
 
 def test_cli_module_entry_point_exit_code(tmp_path):

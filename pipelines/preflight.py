@@ -1,0 +1,96 @@
+"""What the training driver checks before Ray starts (and `--dry-run` checks too): the inputs a run reads, and
+what `--resume` would continue from. Every problem is a ConfigError, one line naming the field or the file.
+
+A bad principle file, a missing data file or a down principle-writer endpoint used to surface only inside the
+actors, after Ray and the learners had started, as a long traceback.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from sami.chat_clients import ChatClientError, check_endpoint
+from sami.config import ConfigError, TrainConfig, config_differences, dump_config, load_config
+from sami.constitutions import sample_constitutions
+from sami.principle_writer import PrincipleWriterCore
+from sami.principles import PrincipleError
+from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, last_complete_iteration, resume_source, verify_manifest
+
+# Extending (or shortening) a run is what --resume is for; any other change needs --override-config.
+RESUMABLE_CHANGES = {"run.iterations"}
+
+
+def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True) -> None:
+    """Principles, data files and replayed groups; with `contact_endpoints`, one cheap request to the writer's
+    endpoint (not from --dry-run: presets name endpoints that only exist on the cluster)."""
+    run_dir = Path(cfg.run.output_dir)
+    p = cfg.principles
+    field = "principles.path" if p.source == "file" else "principles"
+    try:
+        library, _ = PrincipleWriterCore(p, run_dir).read_library()
+        if library is None and contact_endpoints:
+            check_endpoint(p.writer, field_prefix="principles.writer", purpose="principles.writer")
+        if library is not None:  # the mode, k and held-out names must fit the library
+            sample_constitutions(library, p.num_constitutions, p.mode, random.Random(0),
+                                 k=p.principles_per_constitution, heldout=p.heldout_names)
+    except PrincipleError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    except ChatClientError as e:
+        raise ConfigError(str(e)) from None  # it names principles.writer and the URL
+    except ValueError as e:
+        raise ConfigError(f"principles: {e}") from None
+    if cfg.data.source == "jsonl":
+        from sami.data import load_queries
+
+        load_queries(cfg.data, cfg.run.seed)  # the file exists and every line is JSON with a query
+    if cfg.data.replay_groups_from:
+        missing = [k for k in range(1, cfg.run.iterations + 1)
+                   if not (Path(cfg.data.replay_groups_from) / f"iteration-{k}" / "groups.parquet").is_file()]
+        if missing:
+            raise ConfigError(f"data.replay_groups_from: {cfg.data.replay_groups_from} has no groups.parquet for "
+                              f"iteration(s) {missing}")
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tuple[int, str]:
+    """(last complete iteration, what a resume continues from, for the console). Refuses to start over a run,
+    to resume an empty folder, changed settings without `override_config`, or a checkpoint it cannot load."""
+    run_dir = Path(cfg.run.output_dir).resolve()
+    done = last_complete_iteration(run_dir)
+    saved = run_dir / "config.yaml"
+    if not resume:
+        if saved.exists() or (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run.output_dir {run_dir} already holds a run (iteration {done} complete); pass --resume "
+                              f"to continue it or choose another run.output_dir")
+        return 0, "a new run"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start one without --resume")
+    changed = config_differences(load_config(saved), cfg)
+    if set(changed) - RESUMABLE_CHANGES and not override_config:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume: settings differ from {saved}: {listed}; pass --override-config to continue "
+                          f"with the new ones, or --config {saved} to keep the old")
+    if done == 0:
+        return 0, "no complete iteration: starting again at iteration 1"
+    source = resume_source(run_dir, done)
+    if source == "deepspeed":
+        try:
+            verify_manifest(deepspeed_dir(run_dir, done))
+        except CheckpointError as e:
+            raise ConfigError(f"--resume: {e}") from None
+        return done, f"iteration {done} (DeepSpeed checkpoint: weights and optimiser, checksums verified)"
+    if source == "hf" and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(f"--resume: iteration {done} has no DeepSpeed checkpoint (checkpoint.deepspeed was false) "
+                          f"and ZeRO-3 cannot load the HF export's weights; rerun with deepspeed.zero_stage<=2")
+    if source == "hf":
+        return done, (f"iteration {done} (weights from {hf_dir(run_dir, done)}, a fresh optimiser: "
+                      f"the run kept no DeepSpeed checkpoint)")
+    raise ConfigError(f"--resume: iteration {done} kept neither a DeepSpeed checkpoint nor an HF export "
+                      f"(checkpoint.deepspeed and checkpoint.export_hf were false): nothing to continue from")
+
+
+def save_run_config(cfg: TrainConfig, run_dir: Path, done: int) -> None:
+    """config.yaml, once every check passed; a resume with other settings keeps the old one beside it."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and config_differences(load_config(saved), cfg):
+        saved.rename(run_dir / f"config.iteration-{done}.yaml")
+    dump_config(cfg, saved)

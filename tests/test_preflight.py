@@ -1,0 +1,214 @@
+"""Bad input is refused before Ray starts, and `--resume` overwrites nothing: each case through the entry points'
+`main`, in-process, with a fresh RAY_TMPDIR that must stay empty and `ray.is_initialized()` False after it."""
+import subprocess
+import sys
+
+import pytest
+import ray
+import yaml
+
+from evals.run import main as eval_main
+from pipelines.preflight import check_run_dir, save_run_config
+from pipelines.train import main as train_main
+from pipelines.train import root_cause
+from sami.config import dump_config, load_config
+from sami.run_dir import MANIFEST, write_manifest
+
+GOOD = [{"name": f"p{i}", "definition": f"Do thing {i}.", "antithesis": f"Never do thing {i}."} for i in range(4)]
+
+
+@pytest.fixture
+def no_ray(tmp_path, monkeypatch):
+    """Asserts, after the test, that no Ray process was started: no session directory, no Ray in-process."""
+    ray_tmp = tmp_path / "ray-tmp"
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    yield
+    assert not ray.is_initialized()
+    assert not ray_tmp.exists() or not any(ray_tmp.iterdir())
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def train(tmp_path, *args) -> int:
+    return train_main(["--config", "configs/tiny.yaml", f"run.output_dir={tmp_path / 'run'}", *args])
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{**GOOD[0], "antithesis": None}, *GOOD[1:]], "principle #1 ('p0'): missing 'antithesis'"),
+    ([*GOOD, GOOD[1]], "principle #5 ('p1'): duplicate name 'p1'"),
+    ([{**GOOD[0], "definition": "  "}, *GOOD[1:]], "'definition' must be non-empty text"),
+    ("principles: [name: x\n", "cannot parse"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_malformed_principle_file_is_one_line_before_ray(tmp_path, capsys, no_ray, entries, message, dry_run):
+    path = tmp_path / "principles.yaml"
+    path.write_text(entries if isinstance(entries, str) else yaml.safe_dump(entries))
+    code = train(tmp_path, "principles.source=file", f"principles.path={path}", *(["--dry-run"] if dry_run else []))
+    err = one_error_line(capsys)
+    assert code == 2 and err.startswith(f"error: principles.path: {path}") and message in err
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_the_cli_refuses_before_it_imports_ray(tmp_path):
+    """In a fresh interpreter: the answer comes before Ray (or torch) is even imported, so in well under a second."""
+    path = tmp_path / "principles.yaml"
+    path.write_text(yaml.safe_dump([GOOD[0], GOOD[0]]))
+    code = ("import sys; from pipelines.train import main; "
+            f"code = main(['--config', 'configs/tiny.yaml', 'run.output_dir={tmp_path}/run', 'principles.source=file', "
+            f"'principles.path={path}']); print(code, 'ray' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("principle #2 ('p0'): duplicate name 'p0'")
+
+
+def test_a_library_too_small_for_the_mode_is_refused(tmp_path, capsys, no_ray):
+    path = tmp_path / "principles.yaml"
+    path.write_text(yaml.safe_dump(GOOD[:2]))  # tiny.yaml samples k=3 principles per constitution
+    assert train(tmp_path, "principles.source=file", f"principles.path={path}", "--dry-run") == 2
+    assert "needs 1 <= k <= 2 training principles, got k=3" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_missing_or_broken_data_files_are_one_line_before_ray(tmp_path, capsys, no_ray, dry_run):
+    flag = ["--dry-run"] if dry_run else []
+    assert train(tmp_path, "data.source=jsonl", "data.task=dialogue", f"data.path={tmp_path}/none.jsonl", *flag) == 2
+    assert f"data.path: file not found: {tmp_path}/none.jsonl" in one_error_line(capsys)
+    broken = tmp_path / "queries.jsonl"
+    broken.write_text('{"query": "hello"}\nnot json\n')
+    assert train(tmp_path, "data.source=jsonl", "data.task=dialogue", f"data.path={broken}", *flag) == 2
+    assert "line 2 is not JSON" in one_error_line(capsys)
+    assert train(tmp_path, f"data.replay_groups_from={tmp_path}/other-run", *flag) == 2
+    assert "has no groups.parquet for iteration(s) [1, 2]" in one_error_line(capsys)
+
+
+def test_a_down_principle_writer_is_one_line_before_ray(tmp_path, capsys, no_ray):
+    assert train(tmp_path, "principles.source=writer", "principles.writer.model=m", "principles.mode=antithesis_all",
+                 "principles.writer.base_url=http://127.0.0.1:9/v1", "principles.writer.retries=0") == 2
+    err = one_error_line(capsys)
+    assert err.startswith("error: principles.writer: http://127.0.0.1:9/v1/chat/completions failed after 1 attempt(s)")
+
+
+def test_a_down_judge_stops_the_evaluation_before_it_generates(tmp_path, capsys, no_ray):
+    code = eval_main(["--config", "configs/eval_world.yaml", f"run.output_dir={tmp_path / 'eval'}",
+                      "models=[{name: base, path: 'builtin:world'}, {name: other, path: 'builtin:world'}]",
+                      "judge.backend=openai", "judge.model=judge", "judge.base_url=http://127.0.0.1:9/v1",
+                      "judge.retries=0"])
+    err = one_error_line(capsys)
+    assert code == 2 and "judge: http://127.0.0.1:9/v1/chat/completions failed" in err and "cannot reach" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluation_dry_run_refuses_a_malformed_principle_file(tmp_path, capsys, no_ray):
+    path = tmp_path / "principles.yaml"
+    path.write_text(yaml.safe_dump([GOOD[0], GOOD[0]]))
+    code = eval_main(["--config", "configs/eval_world.yaml", "--dry-run", "judge.backend=openai", "judge.model=j",
+                      "judge.base_url=http://127.0.0.1:9/v1", "data.source=jsonl", "data.task=dialogue",
+                      f"data.path={path}", "principles.source=file", f"principles.path={path}"])
+    assert code == 2 and "duplicate name 'p0'" in capsys.readouterr().err
+
+
+# --- --resume ------------------------------------------------------------------------------------------------
+
+def fake_run(tmp_path, *overrides, deepspeed=True, hf=False):
+    """A run directory as training leaves it after iteration 1 (checkpoint files are stand-ins: only their
+    bytes matter to the checks under test)."""
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path / 'run'}", *overrides])
+    run_dir = tmp_path / "run"
+    dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "iteration-1").mkdir()
+    (run_dir / "iteration-1" / "COMPLETE").write_text("ok\n")
+    if deepspeed:
+        ckpt = run_dir / "deepspeed" / "iteration-1"
+        ckpt.mkdir(parents=True)
+        (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+        write_manifest(ckpt)
+    if hf:
+        (run_dir / "iteration-1" / "hf").mkdir()
+        (run_dir / "iteration-1" / "hf" / "config.json").write_text("{}")
+    return run_dir
+
+
+def test_resume_refuses_an_empty_folder(tmp_path, capsys, no_ray):
+    (tmp_path / "run").mkdir()
+    assert train(tmp_path, "--resume") == 2
+    assert f"--resume: {tmp_path / 'run'} holds no run (no config.yaml)" in one_error_line(capsys)
+
+
+def test_resume_refuses_changed_settings_and_leaves_config_yaml(tmp_path, capsys, no_ray):
+    run_dir = fake_run(tmp_path)
+    before = (run_dir / "config.yaml").read_bytes()
+    assert train(tmp_path, "--resume", "optim.lr=1e-3", "sampling.batch_size=32") == 2
+    err = one_error_line(capsys)
+    assert "optim.lr: 0.0003 -> 0.001; sampling.batch_size: 64 -> 32; pass --override-config" in err
+    assert (run_dir / "config.yaml").read_bytes() == before
+    # a fresh run over it is refused too
+    assert train(tmp_path) == 2 and "already holds a run (iteration 1 complete)" in one_error_line(capsys)
+
+
+def test_override_config_keeps_the_old_config_beside_the_new(tmp_path):
+    run_dir = fake_run(tmp_path)
+    before = (run_dir / "config.yaml").read_text()
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "optim.lr=1e-3"])
+    assert check_run_dir(cfg, resume=True, override_config=True)[0] == 1
+    save_run_config(cfg, run_dir, 1)
+    assert (run_dir / "config.iteration-1.yaml").read_text() == before
+    assert load_config(run_dir / "config.yaml").optim.lr == 1e-3
+    # run.iterations may change without --override-config: extending a run is what --resume is for
+    longer = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "optim.lr=1e-3", "run.iterations=3"])
+    assert check_run_dir(longer, resume=True, override_config=False)[0] == 1
+
+
+def test_resume_refuses_a_checkpoint_the_run_did_not_write(tmp_path, capsys, no_ray):
+    run_dir = fake_run(tmp_path)
+    ckpt = run_dir / "deepspeed" / "iteration-1"
+    assert train(tmp_path, "--resume", "--dry-run") == 0
+    assert "would continue from iteration 1 (DeepSpeed checkpoint: weights and optimiser, checksums verified)" \
+        in capsys.readouterr().out
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"evil" * 100)
+    assert train(tmp_path, "--resume") == 2
+    assert "['mp_rank_00_model_states.pt'] changed since the run wrote them" in one_error_line(capsys)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+    (ckpt / "extra.pt").write_bytes(b"planted")
+    assert train(tmp_path, "--resume") == 2
+    assert "not in it: ['extra.pt']" in one_error_line(capsys)
+    (ckpt / MANIFEST).unlink()
+    (ckpt / "extra.pt").unlink()
+    assert train(tmp_path, "--resume") == 2
+    assert f"no {MANIFEST}" in one_error_line(capsys)
+
+
+def test_resume_without_a_deepspeed_checkpoint(tmp_path, capsys, no_ray):
+    run_dir = fake_run(tmp_path, "checkpoint.deepspeed=false", deepspeed=False, hf=True)
+    assert train(tmp_path, "checkpoint.deepspeed=false", "--resume", "--dry-run") == 0
+    assert (f"would continue from iteration 1 (weights from {run_dir}/iteration-1/hf, a fresh optimiser"
+            in capsys.readouterr().out)
+    assert train(tmp_path, "checkpoint.deepspeed=false", "deepspeed.zero_stage=3", "--resume", "--override-config") == 2
+    assert "ZeRO-3 cannot load the HF export's weights" in one_error_line(capsys)
+    (run_dir / "iteration-1" / "hf" / "config.json").unlink()
+    assert train(tmp_path, "checkpoint.deepspeed=false", "--resume") == 2
+    assert "kept neither a DeepSpeed checkpoint nor an HF export" in one_error_line(capsys)
+
+
+def test_override_config_needs_resume(tmp_path, capsys):
+    assert train(tmp_path, "--override-config") == 2
+    assert "--override-config only applies with --resume" in one_error_line(capsys)
+
+
+def test_root_cause_sees_through_ray_trains_wrappers():
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    inner = RuntimeError("iteration 1: only 0 query groups survived filtering")
+    wrapped = WorkerGroupError("rank 0 failed", {1: ValueError("later rank"), 0: inner})
+    assert root_cause(ControllerError(wrapped)) is inner
+    task = RayTaskError("f", "traceback text", KeyError("x"))
+    try:
+        raise RuntimeError("outer") from task
+    except RuntimeError as e:
+        assert isinstance(root_cause(e), KeyError)
+    plain = ValueError("plain")
+    assert root_cause(plain) is plain

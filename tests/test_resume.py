@@ -1,0 +1,74 @@
+"""What a resume loads, on one real DeepSpeed learner (ZeRO-2, CPU, gloo, world size 1; no Ray): the DeepSpeed
+checkpoint only when its manifest matches, else the HF export's weights with a fresh optimiser."""
+import os
+import socket
+
+import pytest
+import torch
+
+from sami.config import load_config
+from sami.run_dir import CheckpointError, deepspeed_dir, mark_complete
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import deepspeed
+
+    from sami.learner import skip_cpu_shm_comm_op
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    skip_cpu_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def learner(tiny_model_dir, *overrides):
+    from sami.learner import Learner
+
+    cfg = load_config(None, ["scaling.num_learners=1", "optim.groups_per_step=1", "deepspeed.zero_stage=2",
+                             "objective.kl_beta=0", *overrides])
+    return Learner(cfg, str(tiny_model_dir), 1, torch.device("cpu"), use_gpu=False)
+
+
+def params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def perturb(one) -> None:
+    with torch.no_grad():
+        for p in one.module.parameters():
+            p.add_(0.01)
+
+
+def test_resume_from_the_hf_export_loads_its_weights_with_a_fresh_optimiser(process_group, tiny_model_dir, tmp_path):
+    trained = learner(tiny_model_dir, "checkpoint.deepspeed=false")
+    perturb(trained)  # stands in for an iteration of training: weights that differ from the base
+    trained.save(tmp_path, 1, rank=0)
+    assert not (tmp_path / "deepspeed").exists()
+    fresh = learner(tiny_model_dir, "checkpoint.deepspeed=false")
+    assert fresh.restore(tmp_path, 1) == "hf"
+    expected, got = params(trained.module), params(fresh.module)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert fresh.engine.optimizer.state_dict()["base_optimizer_state"]["state"] == {}  # fresh: no Adam moments
+
+
+def test_resume_from_deepspeed_checks_the_manifest_before_loading(process_group, tiny_model_dir, tmp_path):
+    trained = learner(tiny_model_dir)
+    perturb(trained)
+    trained.save(tmp_path, 1, rank=0)
+    (tmp_path / "iteration-1").mkdir(exist_ok=True)
+    mark_complete(tmp_path, 1, {"iteration": 1}, ([1], [2]))  # writes the manifest of what DeepSpeed saved
+    fresh = learner(tiny_model_dir)
+    assert fresh.restore(tmp_path, 1) == "deepspeed"
+    assert all(torch.equal(a, b) for a, b in zip(params(trained.module).values(), params(fresh.module).values()))
+    states = next(deepspeed_dir(tmp_path, 1).glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes() + b"\0")  # a file the run did not write
+    with pytest.raises(CheckpointError, match="changed since the run wrote them"):
+        learner(tiny_model_dir).restore(tmp_path, 1)
