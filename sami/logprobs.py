@@ -139,7 +139,8 @@ def shared_prefix_logprobs(
     Returns `token_lp` `[G*C*C, R]` float32 (token t of response j given prompt i) and its `response_mask`,
     rows as in `pack_groups`. Equal, up to float rounding, to scoring `[prompt_i, response_j]` alone; the LM
     head runs on response tokens only, in chunks recomputed in the backward pass, so no `[*, V]` float32
-    logits outlive one chunk.
+    logits outlive one chunk. The model's attention must take a 4D additive mask (transformers' `sdpa` and
+    `eager` do; `flash_attention_2` does not).
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in pack_groups(groups, pad_id, include_eos).items()}
