@@ -2,7 +2,7 @@
 
 Each group is C training prompts (one per constitution) and the C responses the model sampled under
 them; L[i, j] = mean per-token log p(y_j | c_i, x), tokenised, laid out and scored by the training code's own
-functions (`sami.groups.tokenise_pairs`, the `sami` objective's pairs).
+functions (`sami.groups.tokenise_pairs`, the `sami` objective's pairs, `sami.learner.score_groups`).
 `mi_lower_bound` batches an HF model; `mi_lower_bound_with` takes any scorer of one (prompt, response)
 pair, such as a rollout engine's `sequence_logprob` (vLLM).
 """
@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from sami.groups import QueryGroup, tokenise_pairs
-from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.learner import score_groups
+from sami.logprobs import sequence_logprobs
 from sami.objectives import OBJECTIVES, pair_sequences, sami_loss
 
 
@@ -39,12 +40,10 @@ def mi_lower_bound(model, tokenizer, groups: list[tuple[list[str], list[str]]], 
     bounds = []
     for start in range(0, len(groups), batch_groups):
         chunk = groups[start : start + batch_groups]
-        prompts, responses = pair_sequences([_tokenised(tokenizer, p, r) for p, r in chunk], OBJECTIVES["sami"].pairs(c))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batch = collate_sequences(prompts, responses, pad)
-        device = next(model.parameters()).device
-        token_lp = token_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        seq = sequence_logprobs(token_lp, batch["response_mask"].to(device)).view(len(chunk), c, c)
+        token_lp, mask = score_groups(model, [_tokenised(tokenizer, p, r) for p, r in chunk], OBJECTIVES["sami"].pairs(c),
+                                      pad, True, next(model.parameters()).device)
+        seq = sequence_logprobs(token_lp, mask).view(len(chunk), c, c)
         bounds.append(sami_loss(seq).mi_lower_bound.item() * len(chunk))
     return sum(bounds) / len(groups)
 

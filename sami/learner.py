@@ -17,8 +17,8 @@ import torch
 
 from sami.config import OptimConfig, TrainConfig
 from sami.groups import QueryGroup
-from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
-from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences
+from sami.logprobs import collate_sequences, sequence_logprobs, shared_prefix_logprobs, token_logprobs
+from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
 from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
 
 
@@ -94,17 +94,29 @@ def score(module, prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return token_logprobs(module, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]
 
 
+def score_groups(module, groups: list[QueryGroup], pairs: list[tuple[int, int]], pad_id: int, include_eos: bool,
+                 device):
+    """(token log-probs, response mask) of `pairs` of every group, rows group-major in `pairs` order.
+
+    The full C x C layout runs each prompt once with its C responses packed behind it; any other layout
+    scores each (prompt, response) pair as its own padded sequence.
+    """
+    if pairs == sami_pairs(len(groups[0].prompt_ids)):
+        return shared_prefix_logprobs(module, [(g.prompt_ids, g.response_ids) for g in groups], pad_id, include_eos)
+    prompts, responses = pair_sequences(groups, pairs)
+    return score(module, prompts, responses, pad_id, include_eos, device)
+
+
 def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConfig, objective: str, pad_id: int,
                      device) -> tuple[torch.Tensor, dict]:
     """(loss, figures) of `groups` under `objective`, laid out by the objective table."""
     spec, c = OBJECTIVES[objective], cfg.principles.num_constitutions
-    prompts, responses = pair_sequences(groups, spec.pairs(c))
-    include_eos = cfg.objective.sami.include_eos
-    token_lp, mask = score(module, prompts, responses, pad_id, include_eos, device)
+    pairs, include_eos = spec.pairs(c), cfg.objective.sami.include_eos
+    token_lp, mask = score_groups(module, groups, pairs, pad_id, include_eos, device)
     reference_lp = None
     if spec.needs_reference(cfg.objective):
         with torch.no_grad():
-            reference_lp, _ = score(reference, prompts, responses, pad_id, include_eos, device)
+            reference_lp, _ = score_groups(reference, groups, pairs, pad_id, include_eos, device)
     loss, stats = spec.step(ScoredPairs(token_lp, mask, reference_lp, len(groups), c), cfg.objective)
     return loss, {**stats, "loss": loss.item()}
 

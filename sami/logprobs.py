@@ -1,12 +1,19 @@
-"""Log-probabilities of response tokens given prompt tokens, in memory linear in sequence length.
+"""Log-probabilities of response tokens given prompt tokens, without full-vocabulary float32 logits.
 
 A naive `log_softmax(logits.float())` holds `[N, T, V]` float32 values: for a 32k vocabulary and 2k tokens
 that is 256 MiB per sequence. `token_logprobs` runs the model body once for hidden states, then applies
-the LM head and a float32 logsumexp to `chunk_size` positions at a time, keeping only the label's logit.
+the LM head and a float32 log-softmax to `chunk_size` positions at a time, keeping only the label's logit
+(under autograd each chunk's logits stay saved for the backward pass).
+
+`shared_prefix_logprobs` scores SAMI's C x C pairs of a query group with each prompt run once: one packed
+sequence per prompt holds all C responses behind a block attention mask, and the head runs on response
+tokens only, in chunks recomputed in the backward pass. `benchmarks/sami_scoring.py` measures both.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def collate_sequences(
@@ -34,23 +41,119 @@ def collate_sequences(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
+def _label_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, scale) -> torch.Tensor:
+    """`log softmax(head(hidden))[label]` in float32 for a chunk of positions `[..., H]`."""
+    logits = head(hidden).float()
+    if scale is not None:  # a few architectures (e.g. Cohere) scale logits
+        logits = logits * scale
+    # cross_entropy's fused log-softmax and its backward take fewer passes over [*, V] than logsumexp + gather
+    return -F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def _body_and_head(model: torch.nn.Module):
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return body, model.get_output_embeddings(), getattr(model.config, "logit_scale", None)
+
+
 def token_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int = 256
 ) -> torch.Tensor:
     """`log p(x_{t+1} | x_{<=t})` for every position, `[N, T-1]` float32, computed chunk by chunk."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings()
+    body, head, scale = _body_and_head(model)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
     labels = input_ids[:, 1:]
-    scale = getattr(model.config, "logit_scale", None)  # a few architectures (e.g. Cohere) scale logits
-    out = []
-    for start in range(0, hidden.shape[1], chunk_size):
-        logits = head(hidden[:, start : start + chunk_size]).float()
-        if scale is not None:
-            logits = logits * scale
-        label_logits = logits.gather(-1, labels[:, start : start + chunk_size, None]).squeeze(-1)
-        out.append(label_logits - torch.logsumexp(logits, dim=-1))
+    out = [_label_logprobs(head, hidden[:, start : start + chunk_size], labels[:, start : start + chunk_size], scale)
+           for start in range(0, hidden.shape[1], chunk_size)]
     return torch.cat(out, dim=1)
+
+
+def pack_groups(
+    groups: list[tuple[list[list[int]], list[list[int]]]], pad_id: int, include_eos: bool = True
+) -> dict[str, torch.Tensor]:
+    """One packed sequence per prompt: `[prompt_i, response_1, ..., response_C]` of its group, right-padded.
+
+    `groups` holds (C prompts, C responses) per group. `segment` is 0 on the prompt, j + 1 on response j and
+    -1 on padding; positions restart after the prompt for every response, so each response sits where it
+    would in `[prompt_i, response_j]` alone. The scored tokens, flattened, are (`seq`, `pos`) -> `label`,
+    the hidden state at `pos` predicting `label`, stored at (`row`, `col`) of the `[G*C*C, R]` output
+    (rows group-major, (i, j) row-major as in `OBJECTIVES["sami"].pairs`); `response_mask` marks its tokens.
+    """
+    sequences, positions, segments, scored = [], [], [], []
+    row = 0
+    for prompts, responses in groups:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses in a group")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("a prompt is empty: the first response token needs a context")
+            seq, pos, seg = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+            for j, response in enumerate(responses):
+                start = len(seq)
+                # token t of the response is predicted at the prompt's last token (t = 0) or at response token t-1
+                sources = [len(prompt) - 1] + list(range(start, start + len(response) - 1))
+                scored.append((len(sequences), sources, response, row, len(response) - (0 if include_eos else 1)))
+                seq += response
+                pos += range(len(prompt), len(prompt) + len(response))
+                seg += [j + 1] * len(response)
+                row += 1
+            sequences.append(seq)
+            positions.append(pos)
+            segments.append(seg)
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    segment = torch.full((len(sequences), width), -1, dtype=torch.long)
+    for n, (seq, pos, seg) in enumerate(zip(sequences, positions, segments)):
+        input_ids[n, : len(seq)], position_ids[n, : len(seq)], segment[n, : len(seq)] = (
+            torch.tensor(seq), torch.tensor(pos), torch.tensor(seg))
+    response_width = max(len(r) for _, _, r, _, _ in scored)
+    response_mask = torch.zeros((row, response_width), dtype=torch.long)
+    flat = {"seq": [], "pos": [], "label": [], "row": [], "col": []}
+    for n, sources, response, r, kept in scored:
+        response_mask[r, : max(kept, 0)] = 1
+        flat["seq"] += [n] * len(response)
+        flat["pos"] += sources
+        flat["label"] += response
+        flat["row"] += [r] * len(response)
+        flat["col"] += range(len(response))
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment": segment, "response_mask": response_mask,
+            **{k: torch.tensor(v, dtype=torch.long) for k, v in flat.items()}}
+
+
+def block_attention_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `[N, 1, T, T]` mask: causal, and a response token sees the prompt and its own response only."""
+    width = segment.shape[1]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segment.device).tril()
+    keys, queries = segment[:, None, :], segment[:, :, None]
+    allowed = causal & ((keys == 0) | (keys == queries))  # padding (-1, at the end) sees prompt and padding only
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def shared_prefix_logprobs(
+    model: torch.nn.Module, groups: list[tuple[list[list[int]], list[list[int]]]], pad_id: int,
+    include_eos: bool = True, chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs of every (prompt i, response j) pair of each group, running each prompt once.
+
+    Returns `token_lp` `[G*C*C, R]` float32 (token t of response j given prompt i) and its `response_mask`,
+    rows as in `pack_groups`. Equal, up to float rounding, to scoring `[prompt_i, response_j]` alone; the LM
+    head runs on response tokens only, in chunks recomputed in the backward pass, so no `[*, V]` float32
+    logits outlive one chunk. The model's attention must take a 4D additive mask (transformers' `sdpa` and
+    `eager` do; `flash_attention_2` does not).
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in pack_groups(groups, pad_id, include_eos).items()}
+    body, head, scale = _body_and_head(model)
+    mask = block_attention_mask(batch["segment"], next(body.parameters()).dtype)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
+    hidden, labels = hidden[batch["seq"], batch["pos"]], batch["label"]
+    out = [checkpoint(_label_logprobs, head, hidden[start : start + chunk_size], labels[start : start + chunk_size],
+                      scale, use_reentrant=False)
+           for start in range(0, len(labels), chunk_size)]
+    token_lp = torch.zeros(batch["response_mask"].shape, dtype=torch.float32, device=device)
+    token_lp = token_lp.index_put((batch["row"], batch["col"]), torch.cat(out))
+    return token_lp, batch["response_mask"]
 
 
 def sequence_logprobs(token_lp: torch.Tensor, response_mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -104,8 +104,10 @@ def kl_to_reference(
 class ScoredPairs:
     """Token log-probs of a micro-batch of `groups` query groups, laid out by an objective's pairs (group-major)."""
 
-    token_lp: torch.Tensor  # [groups * len(pairs), T-1]
-    response_mask: torch.Tensor  # [groups * len(pairs), T-1]
+    # [groups * len(pairs), T]: T runs over a padded sequence's positions or, packed, a response's tokens alone;
+    # the losses only read token_lp where response_mask is 1
+    token_lp: torch.Tensor
+    response_mask: torch.Tensor
     reference_lp: Optional[torch.Tensor]  # the frozen reference's token log-probs, when the objective needs them
     groups: int
     c: int  # constitutions per group

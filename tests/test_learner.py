@@ -9,6 +9,7 @@ from evals.mi_bound import mi_lower_bound
 from sami.config import load_config
 from sami.groups import QueryGroup, tokenise_pairs
 from sami.learner import deepspeed_settings, micro_batch_loss, objective_for, summarise_steps
+from sami.logprobs import collate_sequences, token_logprobs
 
 
 def test_deepspeed_settings_derived_from_the_config():
@@ -37,19 +38,25 @@ def test_summarise_steps():
     assert out["loss"] == 1.5 and out["kl"] == pytest.approx(0.2)
 
 
+GROUPS_TEXT = [(["Constitution:\n1. Be polite.\n\nQuery: the river\nResponse:",
+                 "Constitution:\n1. Be curt.\n\nQuery: the river\nResponse:"],
+                ["Please note, the river is long.", "The river is long."]),
+               (["Constitution:\n1. Be concise.\n\nQuery: the mountain\nResponse:",
+                 "Constitution:\n1. Be verbose.\n\nQuery: the mountain\nResponse:"],
+                ["The mountain is tall.", "The mountain is tall and old and cold."])]
+
+
+def _groups(tokenizer) -> list[QueryGroup]:
+    return [QueryGroup("q", "x", prompt_ids=p, response_ids=r)
+            for p, r in (tokenise_pairs(tokenizer, prompts, responses) for prompts, responses in GROUPS_TEXT)]
+
+
 def test_learner_sami_loss_and_the_evaluations_mi_bound_agree(tiny_model_dir):
     """Both score a group with the same tokenisation and layout: log C - learner loss == the MI bound."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = load_config(None, ["objective.kl_beta=0"])
-    groups_text = [(["Constitution:\n1. Be polite.\n\nQuery: the river\nResponse:",
-                     "Constitution:\n1. Be curt.\n\nQuery: the river\nResponse:"],
-                    ["Please note, the river is long.", "The river is long."]),
-                   (["Constitution:\n1. Be concise.\n\nQuery: the mountain\nResponse:",
-                     "Constitution:\n1. Be verbose.\n\nQuery: the mountain\nResponse:"],
-                    ["The mountain is tall.", "The mountain is tall and old and cold."])]
-    groups = [QueryGroup("q", "x", prompt_ids=p, response_ids=r)
-              for p, r in (tokenise_pairs(tokenizer, prompts, responses) for prompts, responses in groups_text)]
+    groups_text, groups = GROUPS_TEXT, _groups(tokenizer)
     with torch.no_grad():
         loss, stats = micro_batch_loss(model, None, groups, cfg, "sami", tokenizer.pad_token_id or tokenizer.eos_token_id,
                                        torch.device("cpu"))
@@ -68,3 +75,22 @@ def test_health_warnings():
     assert warnings[0].startswith("the loss reached 15, 22x the run's first loss 0.69")
     assert warnings[1].startswith("groups kept by the filters fell from 95% to 50%")
     assert health_warnings({**record, "loss_per_step": [0.7, 0.6]}, 0.69, {"groups": 11, "filtered_malformed": 9}) == []
+
+
+def test_sft_and_kl_terms_read_the_packed_sami_layout(tiny_model_dir):
+    """SAMI scores its C x C pairs packed; the SFT term still reads pair (0, 0) and the KL term the same tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    groups, pad = _groups(tokenizer), tokenizer.pad_token_id or tokenizer.eos_token_id
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        sami_only, _ = micro_batch_loss(model, None, groups, load_config(None, ["objective.kl_beta=0"]), "sami", pad, cpu)
+        cfg = load_config(None, ["objective.kl_beta=0.5", "objective.sft_weight=0.25"])
+        loss, stats = micro_batch_loss(model, model, groups, cfg, "sami", pad, cpu)  # the reference is the policy
+        # each group's positive pair scored on its own, as one padded sequence
+        batch = collate_sequences([g.prompt_ids[0] for g in groups], [g.response_ids[0] for g in groups], pad)
+        token_lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    positive_nll = -(token_lp * batch["response_mask"]).sum() / batch["response_mask"].sum()
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert positive_nll.item() > 1.0
+    assert loss.item() == pytest.approx(sami_only.item() + 0.25 * positive_nll.item(), abs=1e-5)

@@ -1,4 +1,5 @@
-"""Chunked response log-probs agree with a naive full log_softmax and use less memory."""
+"""Chunked response log-probs agree with a naive full log_softmax and use less memory; shared-prefix scoring
+agrees with scoring every (prompt, response) pair on its own."""
 import weakref
 
 import pytest
@@ -6,7 +7,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.groups import QueryGroup
+
+from sami.logprobs import (block_attention_mask, collate_sequences, pack_groups, sequence_logprobs,
+                           shared_prefix_logprobs, token_logprobs)
+from sami.objectives import OBJECTIVES, pair_sequences, sami_loss
 
 
 def naive_token_logprobs(model, input_ids, attention_mask):
@@ -52,6 +57,64 @@ def test_gradients_match_naive(tiny_model_dir):
         sequence_logprobs(fn(), batch["response_mask"]).sum().backward()
         grads.append(model.lm_head.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_pack_groups_runs_each_prompt_once_with_every_response():
+    batch = pack_groups([([[5, 6], [7]], [[9, 2], [10, 11, 2]])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 9, 2, 10, 11, 2], [7, 9, 2, 10, 11, 2, 0]]
+    # every response starts where it would right after its prompt
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 1, 2, 3, 0]]
+    assert batch["segment"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 2, -1]]
+    assert batch["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]]
+    # pair (prompt 1, response 1) is row 3: its tokens 10, 11, 2 are predicted at the prompt's last token (0),
+    # then at its own previous tokens (3, 4) of packed sequence 1
+    scored = list(zip(*(batch[k].tolist() for k in ("seq", "pos", "label", "row", "col"))))
+    assert [s for s in scored if s[3] == 3] == [(1, 0, 10, 3, 0), (1, 3, 11, 3, 1), (1, 4, 2, 3, 2)]
+    allowed = block_attention_mask(batch["segment"], torch.float32)[1, 0] == 0
+    assert allowed[3].tolist() == [True, False, False, True, False, False, False]  # prompt and itself, not response 0
+    assert allowed[6].tolist() == [True] + [False] * 5 + [True]  # padding sees the prompt and itself: no empty row
+    no_eos = pack_groups([([[5, 6], [7]], [[9, 2], [10, 11, 2]])], pad_id=0, include_eos=False)
+    assert no_eos["response_mask"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 0]]
+
+
+def _sami_matrix_and_grads(model, groups, score):
+    model.zero_grad()
+    c = len(groups[0][0])
+    token_lp, mask = score(groups)
+    matrix = sequence_logprobs(token_lp, mask).view(len(groups), c, c)
+    sami_loss(matrix).loss.backward()
+    return matrix.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("c", [2, 3])
+@pytest.mark.parametrize("include_eos", [True, False])
+def test_shared_prefix_matches_every_pair_on_its_own(tiny_model_dir, c, include_eos):
+    """The C x C matrix and the SAMI loss's gradient equal those of C^2 right-padded sequences (fp32)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(c)
+
+    def ids(n):
+        return torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist()
+
+    # prompts and responses of different lengths: padding in both layouts
+    groups = [([ids(4 + 3 * i + g) for i in range(c)], [ids(2 + 2 * j + g) + [2] for j in range(c)]) for g in range(2)]
+
+    def padded(groups):
+        prompts, responses = pair_sequences([QueryGroup("q", "x", prompt_ids=p, response_ids=r) for p, r in groups],
+                                            OBJECTIVES["sami"].pairs(c))
+        batch = collate_sequences(prompts, responses, pad_id=0, include_eos=include_eos)
+        return token_logprobs(model, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]
+
+    def shared(groups):
+        return shared_prefix_logprobs(model, groups, pad_id=0, include_eos=include_eos, chunk_size=7)
+
+    want, want_grads = _sami_matrix_and_grads(model, groups, padded)
+    got, got_grads = _sami_matrix_and_grads(model, groups, shared)
+    assert got.shape == (2, c, c) and want.std() > 0.03  # a real matrix, not a constant
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+    assert all(want_grads[n].abs().max() > 0 for n in want_grads)
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], rtol=0, atol=1e-5), name
 
 
 class PeakTensorBytes(TorchDispatchMode):
