@@ -8,7 +8,6 @@ steps, evaluates every model on held-out queries and writes `<out>/report.json`,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

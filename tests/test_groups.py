@@ -12,11 +12,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipelines.loop import build_groups, equal_shards, replay_groups
-from sami.config import FilterConfig, TrainConfig, load_config
+from sami.config import FilterConfig, load_config
 from sami.constitutions import sample_constitutions
-from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups, tokenise_pairs
+from sami.groups import attach_completions, filter_and_tokenise, plan_groups, tokenise_pairs
 from sami.prompts import training_prompt
-from sami.world.rules import PRINCIPLES, TRAINING_PRINCIPLES
+from sami.world.rules import PRINCIPLES
 
 QUERIES = [{"query_id": f"w{i}", "query": f"Tell me about the river {i}.", "subject": "river"} for i in range(6)]
 

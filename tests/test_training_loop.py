@@ -8,7 +8,6 @@ import math
 import os
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
