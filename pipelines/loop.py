@@ -118,12 +118,11 @@ def setup(config: dict) -> Loop:
 def count_learner_starts(run_dir: Path, attempt: str, rank: int) -> int:
     """How many times this job (`attempt`: the driver's token) has started the learner group, this one included."""
     path = run_dir / "learner_starts"
-    dist.barrier()  # every rank reads after rank 0 wrote
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(attempt + "\n")
-    dist.barrier()
+    dist.barrier()  # every rank reads after rank 0 wrote
     return path.read_text().split().count(attempt)
 
 
