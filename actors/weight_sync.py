@@ -27,6 +27,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 import torch
 
+from actors.rollout import dtype_name
 from sami.config import RolloutConfig
 from sami.learner import StopRun, full_parameters, log
 
@@ -78,7 +79,7 @@ def weight_metadata(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[
     names, dtypes, shapes = [], [], []
     for name, tensor in named_tensors:
         names.append(name)
-        dtypes.append(str(tensor.dtype).removeprefix("torch."))
+        dtypes.append(dtype_name(tensor.dtype))
         shapes.append(list(tensor.shape))
     return names, dtypes, shapes
 

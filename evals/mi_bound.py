@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from sami.groups import QueryGroup, tokenise_pairs
+from sami.groups import QueryGroup, padding_id, tokenise_pairs
 from sami.learner import score_groups
 from sami.logprobs import sequence_logprobs
 from sami.objectives import OBJECTIVES, pair_sequences, sami_loss
@@ -36,13 +36,12 @@ def _check(groups) -> int:
 @torch.no_grad()
 def mi_lower_bound(model, tokenizer, groups: list[tuple[list[str], list[str]]], batch_groups: int = 16) -> float:
     """Mean over groups of log C - loss; `groups` holds (training prompts, responses) pairs of equal length C."""
-    c = _check(groups)
+    c, pad, device = _check(groups), padding_id(tokenizer), next(model.parameters()).device
     bounds = []
     for start in range(0, len(groups), batch_groups):
         chunk = groups[start : start + batch_groups]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         token_lp, mask = score_groups(model, [_tokenised(tokenizer, p, r) for p, r in chunk], OBJECTIVES["sami"].pairs(c),
-                                      pad, True, next(model.parameters()).device)
+                                      pad, True, device)
         seq = sequence_logprobs(token_lp, mask).view(len(chunk), c, c)
         bounds.append(sami_loss(seq).mi_lower_bound.item() * len(chunk))
     return sum(bounds) / len(groups)

@@ -91,6 +91,11 @@ def attach_completions(groups: list[QueryGroup], completions: list[dict]) -> Non
         g.truncated = sum(c["finish_reason"] == "length" for c in mine)
 
 
+def padding_id(tokenizer) -> int:
+    """The id that pads scored batches: the tokenizer's pad token, else its EOS (padding is masked either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def tokenise_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int | None = None,
                    max_response_tokens: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids as the learner scores them: the prompt bare (its end kept when cut), the response after a

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sami.config import OptimConfig, TrainConfig
-from sami.groups import QueryGroup
+from sami.groups import QueryGroup, padding_id
 from sami.logprobs import collate_sequences, sequence_logprobs, shared_prefix_logprobs, token_logprobs
 from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
 from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
@@ -171,7 +171,7 @@ class Learner:
         self.settings = deepspeed_settings(cfg, world_size, use_gpu)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path,
                                                        trust_remote_code=cfg.model.trust_remote_code)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = padding_id(self.tokenizer)
         load = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=torch.bfloat16 if use_gpu else torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **load)
         uses_reference = cfg.objective.kl_beta > 0 or cfg.objective.name == "dpo"

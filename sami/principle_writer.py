@@ -125,5 +125,4 @@ class PrincipleWriterCore:
 
     def iteration_constitutions(self, query_ids: list[str], seed: int) -> tuple[list[Principle], list[list[Constitution]]]:
         """(the principle library, each query's C constitutions): what one iteration needs, in one call."""
-        self.prepare()
         return self.principles(), self.constitutions(query_ids, seed)
