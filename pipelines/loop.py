@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,20 +37,31 @@ Probe = tuple[list[int], list[int]]
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint."""
+    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint.
+
+    With `schedule.rollout: one_step_off`, rank 0 starts generating iteration k+1 (on the engines' weights of
+    k-1) before iteration k trains, and waits for it before the sync: engines never take weights mid-generation.
+    """
+    upcoming: Optional[Future] = None  # rank 0: iteration k+1's generation, running while k trains
     try:
         loop = setup(config)
         for iteration in range(loop.start, loop.cfg.run.iterations + 1):
-            groups, probe, record = generate_phase(loop, iteration)
+            started = time.perf_counter()
+            groups, probe, record = generate_phase(loop, iteration, upcoming)
+            upcoming = start_next_generation(loop, iteration)
             loop.phase("train")
             record.update(loop.learner.train(iteration, groups))
+            record["time_wait_generation"] = finish_generation(upcoming)
             record.update(sync_phase(loop, probe))
-            checkpoint_phase(loop, iteration, record, probe)
+            loop.engine_weights = iteration
+            checkpoint_phase(loop, iteration, record, probe, started)
         loop.phase("idle")
     except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
         if ray.train.get_context().get_world_rank() == 0:
             log(f"stopped: {stop}")
             mark_stopped(Path(config["run_dir"]), config["attempt"], str(stop))
+    finally:
+        finish_generation(upcoming)  # a stop or failure mid-iteration: the engines finish before the run ends
 
 
 @dataclass
@@ -65,6 +77,7 @@ class Loop:
     metrics: Optional[RunMetrics]  # rank 0 only
     history: list[dict]  # rank 0: metrics.jsonl rows so far (health warnings compare with them)
     learner_restarts: int  # times this job's learner group was restarted after a failure, so far
+    engine_weights: int  # the iteration whose weights the rollout engines hold (0: the base model)
     local_writer: Optional[PrincipleWriterCore] = None  # rank 0, when the principles come from a file or the world
 
     def constitutions(self, query_ids: list[str], seed: int):
@@ -105,7 +118,8 @@ def setup(config: dict) -> Loop:
     metrics = RunMetrics("train", cfg.run.name) if rank == 0 else None
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if rank == 0 and (run_dir / "metrics.jsonl").is_file() else []
-    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics, history, restarts)
+    # A resumed run re-syncs the engines below, so its first generation is on-policy.
+    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics, history, restarts, start - 1)
     if start > 1:
         learner.restore(run_dir, start - 1)
         if rank == 0:
@@ -126,15 +140,18 @@ def count_learner_starts(run_dir: Path, attempt: str, rank: int) -> int:
     return path.read_text().split().count(attempt)
 
 
-def generate_phase(loop: Loop, iteration: int) -> tuple[list[QueryGroup], Probe, dict]:
-    """Rank 0 generates the iteration's groups; every rank receives its own shard (and the probe) only."""
+def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tuple[list[QueryGroup], Probe, dict]:
+    """Rank 0 generates the iteration's groups (or takes them from `upcoming`, generated while the previous
+    iteration trained); every rank receives its own shard (and the probe) only."""
     cfg, record = loop.cfg, {"iteration": iteration, "objective": objective_for(loop.cfg, iteration)}
     payload, problem = None, None
     if loop.rank == 0:
         loop.phase("generate")
-        log(f"iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: generating")
+        if upcoming is None:
+            log(f"iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: generating")
         try:
-            groups, figures = rank0_groups(loop, iteration)
+            groups, figures = upcoming.result() if upcoming is not None else rank0_groups(loop, iteration,
+                                                                                            loop.engine_weights)
             record.update(figures)
             if len(groups) < loop.world:
                 raise StopRun(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
@@ -150,8 +167,32 @@ def generate_phase(loop: Loop, iteration: int) -> tuple[list[QueryGroup], Probe,
     return shard, probe, record
 
 
-def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
-    """The iteration's kept groups (generated, or replayed from another run), saved to groups.parquet."""
+def start_next_generation(loop: Loop, iteration: int) -> Optional[Future]:
+    """Rank 0, `one_step_off`: iteration+1's groups, generated in a thread on the weights the engines hold now.
+    None where there is nothing to overlap: `sync`, the last iteration, a replay run (it only reads groups)."""
+    cfg = loop.cfg
+    if (loop.rank != 0 or cfg.schedule.rollout != "one_step_off" or iteration == cfg.run.iterations
+            or cfg.data.replay_groups_from):
+        return None
+    log(f"iteration {iteration + 1}/{cfg.run.iterations} [{objective_for(cfg, iteration + 1)}]: generating "
+        f"on the weights of iteration {loop.engine_weights} while iteration {iteration} trains")
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sami-generate")
+    upcoming = executor.submit(rank0_groups, loop, iteration + 1, loop.engine_weights)
+    executor.shutdown(wait=False)  # the thread ends with its one task
+    return upcoming
+
+
+def finish_generation(upcoming: Optional[Future]) -> float:
+    """Seconds spent waiting for `upcoming` to finish (its result or error is read by the next generate_phase)."""
+    started = time.perf_counter()
+    if upcoming is not None:
+        wait_for([upcoming])
+    return time.perf_counter() - started
+
+
+def rank0_groups(loop: Loop, iteration: int, policy_iteration: int) -> tuple[list[QueryGroup], dict]:
+    """The iteration's kept groups (generated on the engines' weights of `policy_iteration`, or replayed from
+    another run, as it recorded them), saved to groups.parquet."""
     cfg, config = loop.cfg, loop.config
     started = time.perf_counter()
     if cfg.data.replay_groups_from:
@@ -171,6 +212,8 @@ def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
         restarted = sync.restarts[restarts_before:]
         diffs = [r["probe_abs_diff"] for r in restarted if r["probe_abs_diff"] is not None]
         figures.update(engine_restarts=len(restarted), restart_probe_abs_diff=max(diffs) if diffs else None)
+        for group in groups:
+            group.policy_iteration, group.staleness = policy_iteration, iteration - 1 - policy_iteration
         log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
             f"({ {k: v for k, v in figures.items() if k.startswith('filtered_')} })")
     it_dir = loop.run_dir / f"iteration-{iteration}"
@@ -181,7 +224,9 @@ def rank0_groups(loop: Loop, iteration: int) -> tuple[list[QueryGroup], dict]:
     return groups, {**figures, "time_generate": seconds, "groups": len(groups),
                     "response_tokens": response_tokens / max(len(groups), 1),
                     "truncated": sum(g.truncated for g in groups),
-                    "tokens_per_second": response_tokens * cfg.principles.num_constitutions / seconds}
+                    "policy_iteration": groups[0].policy_iteration if groups else None,
+                    "staleness": groups[0].staleness if groups else None,
+                    "generation_tokens_per_second": response_tokens * cfg.principles.num_constitutions / seconds}
 
 
 def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable, generate: Callable,
@@ -236,13 +281,15 @@ def sync_phase(loop: Loop, probe: Probe) -> dict:
     return {**figures, "time_sync": time.perf_counter() - started}
 
 
-def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe) -> None:
-    """Every rank saves; rank 0 then writes the metrics row and marks the iteration complete."""
+def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe, started: float) -> None:
+    """Every rank saves; rank 0 then writes the metrics row (with the iteration's wall time since `started`)
+    and marks the iteration complete."""
     loop.phase("checkpoint")
     record["time_checkpoint"] = loop.learner.save(loop.run_dir, iteration, loop.rank)
     record.setdefault("mi_lower_bound", None)
     record["learner_restarts"] = loop.learner_restarts
     dist.barrier()
+    record["time_iteration"] = time.perf_counter() - started
     if loop.rank == 0:
         first_loss = loop.history[0]["loss_first_step"] if loop.history else record["loss_first_step"]
         record["warnings"] = health_warnings(record, first_loss, loop.history[-1] if loop.history else None)

@@ -223,6 +223,9 @@ class ScheduleConfig(Section):
     grow_steps: bool = False
     # alternate two disjoint query splits so a model never trains on queries it generated for
     alternate_splits: bool = False
+    # sync: iteration k's groups come from the weights of k-1 (on-policy). one_step_off: the engines generate
+    # iteration k+1's groups (from the weights of k-1, staleness 1) while the learners train iteration k.
+    rollout: Literal["sync", "one_step_off"] = "sync"
 
 
 class DeepSpeedConfig(Section):

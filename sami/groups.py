@@ -38,6 +38,10 @@ class QueryGroup:
     reject_reason: str = ""  # '' = kept; else the filter reason (sami.filters.REASONS)
     prompt_ids: list[list[int]] = field(default_factory=list)  # C training prompts, tokenised
     response_ids: list[list[int]] = field(default_factory=list)  # C responses, tokenised, EOS appended
+    # The iteration whose weights generated the responses (0: the base model) and how many iterations older
+    # they are than on-policy (iteration - 1 - policy_iteration). None: a groups.parquet from before this field.
+    policy_iteration: int | None = None
+    staleness: int | None = None
 
     def record(self) -> dict:
         """The row written to groups.parquet (generation prompts are not kept: the renderings are)."""

@@ -20,6 +20,7 @@ from sami.groups import QueryGroup, padding_id
 from sami.logprobs import collate_sequences, sequence_logprobs, shared_prefix_logprobs, token_logprobs
 from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
 from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
+from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
 
 
 def log(message: str) -> None:
@@ -94,6 +95,20 @@ def score(module, prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return token_logprobs(module, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]
 
 
+def shared_prefix_layout(groups: list[QueryGroup], pairs: list[tuple[int, int]]) -> bool:
+    """Whether `pairs` is the full C x C layout, which `score_groups` packs behind each prompt."""
+    return pairs == sami_pairs(len(groups[0].prompt_ids))
+
+
+def forward_tokens(groups: list[QueryGroup], pairs: list[tuple[int, int]]) -> tuple[int, int]:
+    """(real tokens, tokens with padding) of the one batch `score_groups` runs for `pairs` of `groups`."""
+    if shared_prefix_layout(groups, pairs):
+        lengths = [len(prompt) + sum(map(len, g.response_ids)) for g in groups for prompt in g.prompt_ids]
+    else:
+        lengths = [len(g.prompt_ids[i]) + len(g.response_ids[j]) for g in groups for i, j in pairs]
+    return sum(lengths), len(lengths) * max(lengths)
+
+
 def score_groups(module, groups: list[QueryGroup], pairs: list[tuple[int, int]], pad_id: int, include_eos: bool,
                  device):
     """(token log-probs, response mask) of `pairs` of every group, rows group-major in `pairs` order.
@@ -101,7 +116,7 @@ def score_groups(module, groups: list[QueryGroup], pairs: list[tuple[int, int]],
     The full C x C layout runs each prompt once with its C responses packed behind it; any other layout
     scores each (prompt, response) pair as its own padded sequence.
     """
-    if pairs == sami_pairs(len(groups[0].prompt_ids)):
+    if shared_prefix_layout(groups, pairs):
         return shared_prefix_logprobs(module, [(g.prompt_ids, g.response_ids) for g in groups], pad_id, include_eos)
     prompts, responses = pair_sequences(groups, pairs)
     return score(module, prompts, responses, pad_id, include_eos, device)
@@ -174,6 +189,9 @@ class Learner:
         self.pad_id = padding_id(self.tokenizer)
         load = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=torch.bfloat16 if use_gpu else torch.float32)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **load)
+        self.matmul_parameters = matmul_parameters(self.model)  # before ZeRO-3 partitions them
+        # once per learner start: the denominator of the MFU figure
+        self.peak_flops = measure_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         uses_reference = cfg.objective.kl_beta > 0 or cfg.objective.name == "dpo"
         # The frozen base model: the KL / DPO reference, and the weights `init: base` restarts from.
         self.base = None
@@ -217,13 +235,17 @@ class Learner:
         if cfg.schedule.init == "base" and iteration > 1:
             self.model.load_state_dict(self.base.state_dict())
             self.engine = self._deepspeed_engine()  # fresh optimiser state, weights from memory
+        spec = OBJECTIVES[objective]
+        pairs, with_reference = spec.pairs(cfg.principles.num_constitutions), spec.needs_reference(cfg.objective)
         started = time.perf_counter()
         self.engine.train()
-        step_stats, cursor = [], 0
+        step_stats, cursor, real_tokens, padded_tokens = [], 0, 0, 0
         for micro in range(cfg.steps_for_iteration(iteration) * s.accumulation):
             step = micro // s.accumulation + 1
             batch = [groups[(cursor + i) % len(groups)] for i in range(s.micro_groups)]
             cursor += s.micro_groups
+            real, padded = forward_tokens(batch, pairs)
+            real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
             loss, stats = micro_batch_loss(self.module, self.base, batch, cfg, objective, self.pad_id, self.device)
             last = step_stats[-1] if step_stats else None
             if not every_rank_finite(loss.item()):  # before backward: no step is taken on it
@@ -235,7 +257,14 @@ class Learner:
                 raise NonFiniteError(non_finite_message(iteration, step, "gradient norm", float(norm), last))
             step_stats.append(stats)
         self.engine.eval()
-        return {**summarise_steps(step_stats, s.accumulation), "time_train": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if with_reference else 0)
+        totals = torch.tensor([real_tokens, padded_tokens, flops, self.peak_flops], dtype=torch.float64,
+                              device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # the learner group's rates: every rank's tokens and peak
+        return {**summarise_steps(step_stats, s.accumulation), "time_train": seconds,
+                **throughput_figures(*(int(t) for t in totals[:2].tolist()), *totals[2:].tolist(), seconds)}
 
     @torch.no_grad()
     def probe_logprob(self, probe: tuple[list[int], list[int]]) -> float:
