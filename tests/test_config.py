@@ -36,6 +36,7 @@ def test_file_values_are_overridden_and_round_trip(tmp_path):
         ("run.iterations=zero", "run.iterations"),
         ("optim.groups_per_step=3", "optim.groups_per_step (3) must be a multiple of scaling.num_learners (2)"),
         ("sampling.temperature=2.5", "sampling.temperature: Input should be less than or equal to 2"),  # vLLM's limit
+        ("schedule.rollout=async", "schedule.rollout: Input should be 'sync' or 'one_step_off'"),
     ],
 )
 def test_errors_name_the_field_and_the_bad_value(override, expected):

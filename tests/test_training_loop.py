@@ -15,6 +15,8 @@ FIELDS = {
     "loss", "mi_lower_bound", "row_accuracy", "col_accuracy", "response_tokens", "groups", "filtered_empty",
     "filtered_format_leak", "filtered_malformed", "filtered_identical", "time_sync", "sync_bytes",
     "probe_abs_diff", "time_write_principles", "time_generate", "time_train", "time_checkpoint",
+    "time_iteration", "time_wait_generation", "policy_iteration", "staleness", "generation_tokens_per_second",
+    "learner_tokens_per_second", "learner_padded_tokens_per_second", "mfu",
 }
 
 
@@ -125,6 +127,26 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
     assert last < first - 0.03, rows[0]["loss_per_step"]  # SFT's NLL falls (measured 1.159 -> 1.089)
     # SAMI's figures in iteration 2: the bound is log C minus the loss without its KL term (beta 0.3)
     assert rows[1]["mi_lower_bound"] == pytest.approx(math.log(2) - (rows[1]["loss"] - 0.3 * rows[1]["kl"]), abs=1e-6)
+
+
+def test_one_step_off_overlaps_generation_records_staleness_and_resumes_on_policy(ray_session, tmp_path):
+    """Iteration k+1 is generated on the weights of k-1 while k trains; a resumed run generates afresh."""
+    import pyarrow.parquet
+
+    from pipelines.train import run
+
+    out = run(tiny(tmp_path / "overlap", "run.iterations=3", "schedule.rollout=one_step_off"))
+    run(tiny(out, "run.iterations=4", "schedule.rollout=one_step_off"), resume=True)
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["policy_iteration"] for r in rows] == [0, 0, 1, 3]  # 4: the resume re-synced the weights of 3
+    assert [r["staleness"] for r in rows] == [0, 1, 1, 0]
+    for row in rows:
+        groups = pyarrow.parquet.read_table(out / f"iteration-{row['iteration']}" / "groups.parquet").to_pylist()
+        assert len(groups) == row["groups"] > 0
+        assert {(g["policy_iteration"], g["staleness"]) for g in groups} == {(row["policy_iteration"], row["staleness"])}
+        assert row["probe_abs_diff"] <= 1e-4 and row["time_iteration"] > 0
+        assert 0 < row["mfu"] < 1 and row["learner_padded_tokens_per_second"] >= row["learner_tokens_per_second"] > 0
 
 
 def test_a_failure_inside_the_workers_is_one_line_with_the_resume_command(ray_session, tmp_path, capsys):
