@@ -32,7 +32,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | Non
     """FLOP/s of the fastest of `repeats` `size` x `size` matmuls on `device` (after one warm-up); by default
     1024 on a CPU (well under a second) and 8192 on a GPU (smaller ones leave its tensor cores idle)."""
     size = size or (8192 if device.type == "cuda" else 1024)
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    # constant operands (a matmul's speed does not depend on the values): the run's random streams stay untouched
+    a = b = torch.full((size, size), 0.5, device=device, dtype=dtype)
     best = float("inf")
     for attempt in range(repeats + 1):
         if device.type == "cuda":

@@ -50,3 +50,11 @@ def test_forward_tokens_match_the_batches_the_learner_runs():
     dpo = OBJECTIVES["dpo"].pairs(2)
     batch = collate_sequences(*pair_sequences(groups, dpo), pad_id=0)
     assert forward_tokens(groups, dpo) == (int(batch["attention_mask"].sum()), batch["input_ids"].numel())
+
+
+def test_measuring_the_peak_leaves_the_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    measure_peak_flops(torch.device("cpu"), torch.float32, size=64, repeats=1)
+    assert torch.equal(torch.rand(3), expected)
