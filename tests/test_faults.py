@@ -46,9 +46,9 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_and_kill(out: Path, process_name: str) -> tuple[str, list[dict]]:
+def run_and_kill(out: Path, process_name: str, *overrides: str) -> tuple[str, list[dict]]:
     """A 3-iteration run whose `process_name` is killed in iteration 2: (console, metrics rows); it must finish."""
-    driver = start(out)
+    driver = start(out, *overrides)
     kill_when_iteration_one_completes(driver, out, process_name)
     log, _ = driver.communicate(timeout=500)
     assert driver.returncode == 0, log[-3000:]
@@ -57,13 +57,15 @@ def run_and_kill(out: Path, process_name: str) -> tuple[str, list[dict]]:
     return log, rows
 
 
-def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path):
+# one_step_off: iteration 3 is being generated (on the weights of 1) while iteration 2 trains
+@pytest.mark.parametrize("schedule, generating", [("sync", 2), ("one_step_off", 3)])
+def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path, schedule, generating):
     out = tmp_path / "run"
-    log, rows = run_and_kill(out, "ray::RolloutWorker")
+    log, rows = run_and_kill(out, "ray::RolloutWorker", f"schedule.rollout={schedule}")
     assert sum(r["engine_restarts"] for r in rows) == 1
     restarted = next(r for r in rows if r["engine_restarts"])
-    assert restarted["iteration"] == 2 and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
-    groups = pyarrow.parquet.read_table(out / "iteration-2" / "groups.parquet").to_pylist()
+    assert restarted["iteration"] == generating and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
+    groups = pyarrow.parquet.read_table(out / f"iteration-{generating}" / "groups.parquet").to_pylist()
     ids = [g["query_id"] for g in groups]
     assert len(ids) == len(set(ids)) == restarted["groups"]
     filtered = sum(v for k, v in restarted.items() if k.startswith("filtered_"))
@@ -78,10 +80,11 @@ def test_a_killed_learner_worker_restarts_the_group_from_the_last_iteration(tmp_
     assert all(r["probe_abs_diff"] <= 1e-4 for r in rows)
 
 
-def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path):
+@pytest.mark.parametrize("schedule", ["sync", "one_step_off"])  # one_step_off: iteration 2 is generating meanwhile
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path, schedule):
     out = tmp_path / "run"
     # lr 1e30: the first step is finite, its update is not, so the second step's loss is NaN.
-    driver = start(out, "optim.lr=1e30")
+    driver = start(out, "optim.lr=1e30", f"schedule.rollout={schedule}")
     log, _ = driver.communicate(timeout=500)
     assert driver.returncode != 0
     assert "iteration 1, optimiser step 2: the loss is nan" in log, log[-3000:]
