@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,7 +25,7 @@ from actors.weight_sync import WeightSync
 from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
-from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
+from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, generation_seeds, plan_groups
 from sami.learner import Learner, StopRun, log, objective_for, skip_cpu_shm_comm_op, stop_together
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
@@ -190,7 +189,8 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     same whichever engine answered which batch, and when).
 
     `constitutions(query_ids, seed)` returns (principle library, each query's C constitutions) in one call;
-    `generate(prompt batches, seeds)` returns every batch's completions in order.
+    `generate(prompt batches, seeds)` returns every batch's completions in order; a prompt's seed is keyed by
+    (run seed, iteration, query, constitution), so its sample does not depend on the batch it travels in.
     """
     started = time.perf_counter()
     library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
@@ -198,9 +198,8 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     groups = plan_groups(queries, library, stances, cfg.data.task, cfg.run.seed, iteration)
     per_batch = max(1, cfg.sampling.batch_size // cfg.principles.num_constitutions)
     batches = [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
-    # A batch's seed depends on its first query, not on which engine serves it or when.
-    seeds = [cfg.run.seed * 1000 + iteration + zlib.crc32(b[0].query_id.encode()) % 997 for b in batches]
-    completions = generate([[p for g in b for p in g.generation_prompts] for b in batches], seeds)
+    completions = generate([[p for g in b for p in g.generation_prompts] for b in batches],
+                           [[s for g in b for s in generation_seeds(g, cfg.run.seed, iteration)] for b in batches])
     attach_completions(groups, completions)
     kept, counts = filter_and_tokenise(groups, tokenizer, cfg.filters, cfg.data.task, cfg.model.max_prompt_tokens,
                                        cfg.model.max_response_tokens)
