@@ -32,16 +32,19 @@ def baseline_overrides(name: str, sami_run: Path) -> list[str]:
     }[name]
 
 
-def run_training(name: str, args, extra: list[str]) -> Path:
-    from pipelines.train import run
+def train_all(names: list[str], args, extra: list[str]) -> dict[str, Path]:
+    """SAMI and the baselines, one after another in one Ray Train worker group (one start-up, not four)."""
+    from pipelines.train import run_sequence
 
-    overrides = [f"run.seed={args.seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
-                 f"run.output_dir={args.out / name}"] + extra + args.overrides + baseline_overrides(name, args.out / "sami")
-    cfg = load_config(CONFIG, overrides)
+    cfgs = [load_config(CONFIG, [f"run.seed={args.seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
+                                 f"run.output_dir={args.out / name}"] + extra + args.overrides
+                        + baseline_overrides(name, args.out / "sami"))
+            for name in names]
     t = time.time()
-    run_dir = run(cfg, resume=(args.out / name / "config.yaml").exists(), log=log)  # a rerun continues
-    log(f"{name}: trained in {time.time() - t:.0f}s")
-    return run_dir
+    # a rerun continues where the last one stopped
+    run_dirs = run_sequence(cfgs, [(args.out / name / "config.yaml").exists() for name in names], log=log)
+    log(f"{', '.join(names)}: trained in {time.time() - t:.0f}s")
+    return dict(zip(names, run_dirs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,20 +64,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = BaseModelSpec(seed=args.seed)
-        log("phase 1/4: base model")
+        log("phase 1/3: base model")
         base_path = ensure_base_model(spec, log=log)
         extra = [f"model.name_or_path={base_path}"]
-        log("phase 2/4: SAMI training")
-        runs = {"sami": run_training("sami", args, extra)}
-        if not args.skip_baselines:
-            log("phase 3/4: baselines (SFT, DPO, SFT then SAMI)")
-            for name in ("sft", "dpo", "sft-sami"):
-                runs[name] = run_training(name, args, extra)
+        log("phase 2/3: training: SAMI" + ("" if args.skip_baselines else ", then the baselines (SFT, DPO, SFT then "
+                                           "SAMI) on SAMI's groups"))
+        runs = train_all(["sami"] + ([] if args.skip_baselines else ["sft", "dpo", "sft-sami"]), args, extra)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    log(f"phase 4/4: evaluation on {args.eval_queries} held-out queries")
+    log(f"phase 3/3: evaluation on {args.eval_queries} held-out queries")
     items, heldout = eval_set(args.eval_queries, args.seed), eval_set(args.eval_queries // 2, args.seed, heldout=True)
     models = {"base": str(base_path)}
     models.update({f"sami-iter{k}": str(runs["sami"] / f"iteration-{k}" / "hf") for k in range(1, args.iterations + 1)})

@@ -35,7 +35,15 @@ Probe = tuple[list[int], list[int]]
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint."""
+    """Each run of `config["runs"]` in turn (the demo trains SAMI and its baselines in one worker group); a
+    stop ends the sequence. A run complete before a restart of the group is not trained again."""
+    for run in config["runs"]:
+        if last_complete_iteration(Path(run["run_dir"])) < run["cfg"].run.iterations and not train_run(run):
+            return
+
+
+def train_run(config: dict) -> bool:
+    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint. False if it stopped."""
     try:
         loop = setup(config)
         for iteration in range(loop.start, loop.cfg.run.iterations + 1):
@@ -45,10 +53,12 @@ def train_loop_per_worker(config: dict) -> None:
             record.update(sync_phase(loop, probe))
             checkpoint_phase(loop, iteration, record, probe)
         loop.phase("idle")
+        return True
     except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
         if ray.train.get_context().get_world_rank() == 0:
             log(f"stopped: {stop}")
             mark_stopped(Path(config["run_dir"]), config["attempt"], str(stop))
+        return False
 
 
 @dataclass
@@ -221,7 +231,9 @@ def equal_shards(groups: list[QueryGroup], world: int) -> list[list[QueryGroup]]
 
 
 def sync_phase(loop: Loop, probe: Probe) -> dict:
-    """The learner's weights to every rollout engine, then the probe check."""
+    """The learner's weights to every rollout engine, then the probe check (a replay run has no engines)."""
+    if not loop.sync.actors:
+        return {"time_sync": 0.0}
     loop.phase("sync")
     started = time.perf_counter()
     learner_logprob = loop.learner.probe_logprob(probe)  # every rank: under ZeRO-3 it gathers the parameters
