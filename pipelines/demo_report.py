@@ -126,8 +126,11 @@ def write_seeds_report(out: Path, results: dict[int, dict], iterations: int) -> 
     summary = seeds_summary(results, iterations)
     (out / "seeds.json").write_text(json.dumps(summary, indent=2))
     head = "| {} | adherence | win rate vs base | MI bound (nats) |\n|---|---|---|---|"
-    rows = lambda table: "\n".join(f"| {name} | " + " | ".join(_cell(figures.get(f)) for f in PER_ITEM) + " |"
-                                    for name, figures in table.items())
+
+    def rows(table: dict) -> str:
+        return "\n".join(f"| {name} | " + " | ".join(_cell(figures.get(f)) for f in PER_ITEM) + " |"
+                         for name, figures in table.items())
+
     seeds = " ".join(map(str, summary["seeds"]))
     path = out / "seeds.md"
     path.write_text(
