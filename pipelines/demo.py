@@ -39,6 +39,22 @@ def baseline_overrides(name: str, sami_run: Path) -> list[str]:
     }[name]
 
 
+# what an iteration's metrics.jsonl row counts as work: writing principles, generating, training, syncing, saving
+WORK_FIELDS = ("time_write_principles", "time_generate", "time_train", "time_sync", "time_checkpoint")
+
+
+def time_breakdown(started: float, trained: float, evaluated: float, finished: float, run_dirs: list[Path]) -> dict:
+    """Seconds of the demo by phase; overhead is what is neither training work (the iterations' own phases, from
+    each run's metrics.jsonl) nor evaluation: starting Ray and the worker group, loading models, tearing down."""
+    rows = [json.loads(line) for d in run_dirs for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    work = sum(row.get(field) or 0.0 for row in rows for field in WORK_FIELDS)
+    total, evaluation = finished - started, finished - evaluated
+    overhead = total - work - evaluation
+    return {"total_s": round(total, 1), "base_model_s": round(trained - started, 1), "training_s": round(evaluated - trained, 1),
+            "training_work_s": round(work, 1), "evaluation_s": round(evaluation, 1), "overhead_s": round(overhead, 1),
+            "overhead_share": round(overhead / total, 3)}
+
+
 def train_all(names: list[str], args, seed: int, out: Path, extra: list[str]) -> dict[str, Path]:
     """SAMI and the baselines, one after another in one Ray Train worker group (one start-up, not four)."""
     from pipelines.train import run_sequence
@@ -95,18 +111,23 @@ def run_seed(args, seed: int, out: Path) -> dict:
     extra = [f"model.name_or_path={base_path}"]
     log(f"seed {seed}: phase 2/3: training: SAMI" + ("" if args.skip_baselines else
                                                      ", then the baselines (SFT, DPO, SFT then SAMI) on SAMI's groups"))
+    trained = time.time()
     runs = train_all(["sami"] + ([] if args.skip_baselines else list(BASELINES)), args, seed, out, extra)
+    evaluated = time.time()
     log(f"seed {seed}: phase 3/3: evaluation on {args.eval_queries} held-out queries (evals.run)")
     models = {"base": str(base_path)}
     models.update({f"sami-iter{k}": str(runs["sami"] / f"iteration-{k}" / "hf") for k in range(1, args.iterations + 1)})
     models.update({name: str(runs[name] / f"iteration-{args.iterations}" / "hf") for name in BASELINES if name in runs})
     results = evaluate(evaluation_config(args, seed, out, models))
     figures = demo_figures(results)
+    timing = time_breakdown(started, trained, evaluated, time.time(), list(runs.values()))
     report = write_report(out, figures, {"seed": seed, "iterations": args.iterations, "eval_queries": args.eval_queries,
                                          "base_model": str(base_path), "evaluation": str(out / "eval"),
-                                         "minutes": round((time.time() - started) / 60, 2)})
+                                         "minutes": round(timing["total_s"] / 60, 2), "time": timing})
     print_table(figures)
-    log(f"seed {seed}: done in {(time.time() - started) / 60:.1f} min: {report}")
+    log(f"seed {seed}: done in {timing['total_s'] / 60:.1f} min: training {timing['training_work_s']:.0f}s of work in "
+        f"{timing['training_s']:.0f}s, evaluation {timing['evaluation_s']:.0f}s, overhead {timing['overhead_s']:.0f}s "
+        f"({timing['overhead_share']:.0%}): {report}")
     return results
 
 

@@ -45,6 +45,20 @@ def test_the_demo_report_keeps_its_schema(tmp_path):
     assert report["models"]["sami-iter1"]["adherence_heldout"] == 0.4
 
 
+def test_time_breakdown_counts_the_iterations_phases_as_work(tmp_path):
+    from pipelines.demo import time_breakdown
+
+    for name, rows in {"sami": [{"time_generate": 2.0, "time_train": 5.0, "time_sync": 0.5, "time_checkpoint": 0.5},
+                                {"time_write_principles": 1.0, "time_generate": 1.0, "time_train": 5.0}],
+                       "sft": [{"time_generate": 0.1, "time_train": 2.0, "time_sync": 0.0, "time_checkpoint": None}]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = time_breakdown(100.0, 101.0, 131.0, 171.0, [tmp_path / "sami", tmp_path / "sft"])
+    # 71 s in all: 17.1 s of training work (in 30 s of training), 40 s of evaluation, the rest overhead
+    assert t == {"total_s": 71.0, "base_model_s": 1.0, "training_s": 30.0, "training_work_s": 17.1, "evaluation_s": 40.0,
+                 "overhead_s": 13.9, "overhead_share": 0.196}
+
+
 def test_seeds_summary_pairs_items_within_a_seed(tmp_path):
     from pipelines.demo_report import write_seeds_report
 
