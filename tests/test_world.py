@@ -132,6 +132,12 @@ def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
     assert messages == [f"[world] reusing cached base model {path}"] and weights.stat().st_mtime_ns == mtime
     other = BaseModelSpec(num_docs=200, steps=5, batch_size=8, seed=1)
     assert spec_hash(other) != spec_hash(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # another machine's thread count: another cache entry
+    try:
+        assert spec_hash(spec) != path.name.removeprefix("base-")
+    finally:
+        torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("Constitution:\n1. Be polite.", add_special_tokens=False).input_ids
