@@ -13,7 +13,7 @@ from ray.exceptions import RayActorError
 
 from sami.config import ModelConfig, RolloutConfig, SamplingConfig
 from sami.learner import StopRun
-from sami.rollout_engines import make_engine
+from sami.rollout_engines import Seeds, make_engine
 
 
 def dtype_name(dtype) -> str:
@@ -31,10 +31,10 @@ class RolloutWorker:
     def whoami(self) -> str:
         return self.incarnation
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> dict:
+    def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: list[int]) -> dict:
         """{"incarnation", "completions"}: completions as plain dicts (`text`, `token_ids`, `finish_reason`)."""
         return {"incarnation": self.incarnation,
-                "completions": [c.__dict__ for c in self.engine.generate(prompts, sampling, seed)]}
+                "completions": [c.__dict__ for c in self.engine.generate(prompts, sampling, seeds)]}
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> dict:
         """One control call per sync: the caller passes ONE object ref holding all buckets (Ray resolves it
@@ -129,10 +129,10 @@ class RolloutEngineError(StopRun):
     """An engine failed more often in one iteration than `rollout.max_engine_failures` allows."""
 
 
-def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[int],
+def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[Seeds],
                         incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
                         max_failures: int = 0) -> list[dict]:
-    """Every batch's completions, in batch order. Each batch goes to the first engine that is free (load, not a
+    """Every batch's completions, in batch order (`seeds`: each batch's, one per prompt). Each batch goes to the first engine that is free (load, not a
     hash, decides), so the engines are the bounded pool: one call in flight per engine, no proxy processes.
 
     A batch answered by an engine that died, or by a new incarnation of it (restarted, so holding the weights on

@@ -64,6 +64,15 @@ class MIBoundConfig(Section):
     enabled: bool = True
 
 
+class AdherenceConfig(Section):
+    """The built-in world's rule adherence (data and principles from the world): per item the share of stated
+    principles followed, per principle, well-formed; and on `heldout_principle_queries` more held-out queries
+    (after the `num_queries` ones) whose positive constitution also states the held-out principle(s)."""
+
+    enabled: bool = False
+    heldout_principle_queries: int = Field(0, ge=0)
+
+
 class MTBenchConfig(Section):
     enabled: bool = False
     questions: Optional[str] = None  # FastChat's question.jsonl; None: the hub copy
@@ -111,6 +120,7 @@ class EvalConfig(Section):
     judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(backend="world"))
     win_rates: WinRateConfig = Field(default_factory=WinRateConfig)
     mi_bound: MIBoundConfig = Field(default_factory=MIBoundConfig)
+    adherence: AdherenceConfig = Field(default_factory=AdherenceConfig)
     mtbench: MTBenchConfig = Field(default_factory=MTBenchConfig)
     gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig)
 
@@ -127,14 +137,22 @@ class EvalConfig(Section):
                              "principles.source=file principles.path=<run>/principles.yaml")
         if self.win_rates.enabled and self.judge.backend == "world" and self.data.source != "world":
             raise ValueError(f"judge.backend 'world' judges the built-in world only, but data.source is {self.data.source!r}")
+        if self.adherence.enabled and (self.data.source, self.principles.source) != ("world", "world"):
+            raise ValueError("adherence.enabled checks the built-in world's rules: data.source and principles.source "
+                             f"must be 'world', got {self.data.source!r} and {self.principles.source!r}")
+        if self.adherence.heldout_principle_queries and not self.adherence.enabled:
+            raise ValueError("adherence.heldout_principle_queries needs adherence.enabled")
+        if self.adherence.heldout_principle_queries and self.num_queries is None:
+            raise ValueError("adherence.heldout_principle_queries takes the held-out queries after the first "
+                             "num_queries ones: set num_queries")
         if self.mtbench.enabled and self.judge.backend == "world":
             raise ValueError("mtbench.enabled needs a language-model judge (judge.backend openai, vllm or hf), not 'world'")
         return self
 
     @property
     def needs_queries(self) -> bool:
-        """Held-out queries are answered for the win rates and the MI bound only."""
-        return self.win_rates.enabled or self.mi_bound.enabled
+        """Held-out queries are answered for the win rates, the MI bound and adherence only."""
+        return self.win_rates.enabled or self.mi_bound.enabled or self.adherence.enabled
 
     @property
     def baseline_name(self) -> str:

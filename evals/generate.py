@@ -3,7 +3,8 @@
 The engine is the training job's own rollout engine: `hf` (transformers generate, CPU or GPU) or `vllm`
 (GPU; pip install -e .[vllm]). Per model the task returns
 - responses to every held-out query under each of its C constitutions (the positive one first),
-- the MI bound on those groups (the model's log-probs under the training prompts),
+- the MI bound on those groups (the model's log-probs under the training prompts), per group and its mean,
+- responses to the held-out-principle queries under their positive constitution (world adherence),
 - MT-Bench answers (both turns) and GSM8K greedy / sampled completions when those benchmarks are on.
 """
 from __future__ import annotations
@@ -17,6 +18,16 @@ from sami.rollout_engines import HFEngine, make_engine
 
 
 @dataclass
+class HeldoutPrincipleItems:
+    """Queries whose positive constitution also states the held-out principle(s); only that prompt is answered."""
+
+    rows: list[dict]
+    constitutions: list  # the positive `Constitution` per query
+    constitution_texts: list[str]
+    generation_prompts: list[str]
+
+
+@dataclass
 class EvalPlan:
     """What every model is asked, built once on the driver."""
 
@@ -27,6 +38,7 @@ class EvalPlan:
     training_prompts: list[list[str]]  # per query, C prompts the MI bound scores under
     mtbench_questions: list = field(default_factory=list)
     gsm8k_items: list[dict] = field(default_factory=list)
+    heldout_principle: HeldoutPrincipleItems | None = None
 
 
 def engine_model_config(model: EvalModel, cfg: EvalConfig) -> ModelConfig:
@@ -59,8 +71,9 @@ def chat_renderer(tokenizer):
 
 
 def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
-    """{"responses", "mi_lower_bound", "mtbench_answers", "gsm8k", "seconds"} for one model (see module doc)."""
-    from evals.mi_bound import mi_lower_bound, mi_lower_bound_with
+    """{"responses", "mi_lower_bound", "mi_bounds", "heldout_principle_responses", "mtbench_answers", "gsm8k",
+    "seconds"} for one model (see module doc)."""
+    from evals.mi_bound import mi_bounds, mi_bounds_with
 
     started = time.time()
     engine = load_engine(model, cfg)
@@ -69,13 +82,17 @@ def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
     # One call per constitution position, each with its own seed, so every model sees the same sampling noise.
     by_position = [generate(engine, [p[i] for p in plan.generation_prompts], sampling, seed + i) for i in range(c)]
     responses = [[by_position[i][q] for i in range(c)] for q in range(len(plan.rows))]
-    out = {"responses": responses, "mi_lower_bound": None, "mtbench_answers": None, "gsm8k": None}
+    out = {"responses": responses, "mi_lower_bound": None, "mi_bounds": None, "heldout_principle_responses": None,
+           "mtbench_answers": None, "gsm8k": None}
+    if plan.heldout_principle:
+        out["heldout_principle_responses"] = generate(engine, plan.heldout_principle.generation_prompts, sampling, seed + c)
     if cfg.mi_bound.enabled and responses:
         groups = list(zip(plan.training_prompts, responses))
         if isinstance(engine, HFEngine):
-            out["mi_lower_bound"] = mi_lower_bound(engine.model, engine.tokenizer, groups)
+            out["mi_bounds"] = mi_bounds(engine.model, engine.tokenizer, groups)
         else:
-            out["mi_lower_bound"] = mi_lower_bound_with(engine.sequence_logprob, engine.tokenizer, groups)
+            out["mi_bounds"] = mi_bounds_with(engine.sequence_logprob, engine.tokenizer, groups)
+        out["mi_lower_bound"] = sum(out["mi_bounds"]) / len(out["mi_bounds"])
     if cfg.mtbench.enabled:
         from evals.mtbench import generate_answers
 

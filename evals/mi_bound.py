@@ -3,8 +3,9 @@
 Each group is C training prompts (one per constitution) and the C responses the model sampled under
 them; L[i, j] = mean per-token log p(y_j | c_i, x), tokenised, laid out and scored by the training code's own
 functions (`sami.groups.tokenise_pairs`, the `sami` objective's pairs, `sami.learner.score_groups`).
-`mi_lower_bound` batches an HF model; `mi_lower_bound_with` takes any scorer of one (prompt, response)
-pair, such as a rollout engine's `sequence_logprob` (vLLM).
+`mi_bounds` batches an HF model; `mi_bounds_with` takes any scorer of one (prompt, response) pair, such as
+a rollout engine's `sequence_logprob` (vLLM). Both give one bound per group (the evaluation's intervals
+resample groups); `mi_lower_bound` is their mean, the figure training reports for a batch.
 """
 from __future__ import annotations
 
@@ -33,27 +34,37 @@ def _check(groups) -> int:
     return c
 
 
+def _per_group(matrices: torch.Tensor) -> list[float]:
+    """log C - loss of each [C, C] matrix; their mean is the bound of the whole batch."""
+    return [sami_loss(matrix).mi_lower_bound.item() for matrix in matrices]
+
+
 @torch.no_grad()
-def mi_lower_bound(model, tokenizer, groups: list[tuple[list[str], list[str]]], batch_groups: int = 16) -> float:
-    """Mean over groups of log C - loss; `groups` holds (training prompts, responses) pairs of equal length C."""
+def mi_bounds(model, tokenizer, groups: list[tuple[list[str], list[str]]], batch_groups: int = 16) -> list[float]:
+    """log C - loss per group; `groups` holds (training prompts, responses) pairs of equal length C."""
     c, pad, device = _check(groups), padding_id(tokenizer), next(model.parameters()).device
     bounds = []
     for start in range(0, len(groups), batch_groups):
         chunk = groups[start : start + batch_groups]
         token_lp, mask = score_groups(model, [_tokenised(tokenizer, p, r) for p, r in chunk], OBJECTIVES["sami"].pairs(c),
                                       pad, True, device)
-        seq = sequence_logprobs(token_lp, mask).view(len(chunk), c, c)
-        bounds.append(sami_loss(seq).mi_lower_bound.item() * len(chunk))
-    return sum(bounds) / len(groups)
+        bounds += _per_group(sequence_logprobs(token_lp, mask).view(len(chunk), c, c))
+    return bounds
 
 
-def mi_lower_bound_with(score: Callable[[list[int], list[int]], float], tokenizer,
-                        groups: list[tuple[list[str], list[str]]]) -> float:
-    """The same bound from a pair scorer `score(prompt_ids, response_ids)` -> mean log-prob per token."""
+def mi_lower_bound(model, tokenizer, groups: list[tuple[list[str], list[str]]]) -> float:
+    """The mean over groups of `mi_bounds`."""
+    bounds = mi_bounds(model, tokenizer, groups)
+    return sum(bounds) / len(bounds)
+
+
+def mi_bounds_with(score: Callable[[list[int], list[int]], float], tokenizer,
+                   groups: list[tuple[list[str], list[str]]]) -> list[float]:
+    """The same bounds from a pair scorer `score(prompt_ids, response_ids)` -> mean log-prob per token."""
     c = _check(groups)
     matrices = []
     for group_prompts, group_responses in groups:
         group = _tokenised(tokenizer, group_prompts, group_responses)
         prompts, responses = pair_sequences([group], OBJECTIVES["sami"].pairs(c))
         matrices.append([score(p, r) for p, r in zip(prompts, responses)])
-    return sami_loss(torch.tensor(matrices, dtype=torch.float64).view(-1, c, c)).mi_lower_bound.item()
+    return _per_group(torch.tensor(matrices, dtype=torch.float64).view(-1, c, c))

@@ -39,6 +39,19 @@ def markdown(results: dict, plots: list[str]) -> str:
             w = m.get("win_rate_vs_baseline")
             lines.append(f"| {name} | {_cell(w, 'raw')} | {_cell(w, 'balanced')} | {_cell(w, 'logistic')} | "
                          f"{_number(m.get('mi_lower_bound'))} | {m['mean_length']:.1f} |")
+    adherence = {n: m["adherence"] for n, m in models.items() if m.get("adherence")}
+    if adherence:
+        principles = sorted(next(iter(adherence.values()))["per_principle"])
+        held = ", ".join(meta.get("heldout_principles", []))
+        lines += ["", "## Adherence (the world's rules)", "",
+                  "The share of its positive constitution's principles a response follows (a malformed response "
+                  f"follows none), per principle, and how often the held-out principle ({held or 'none'}) is followed "
+                  f"on {meta.get('heldout_principle_queries', 0)} further queries whose constitution states it.", "",
+                  "| model | adherence | well-formed | held-out principle | " + " | ".join(principles) + " |",
+                  "|---|---|---|---|" + "---|" * len(principles)]
+        for name, a in adherence.items():
+            lines.append(f"| {name} | {a['mean']:.3f} | {a['well_formed']:.3f} | {_number(a['heldout_principle'])} | "
+                         + " | ".join(f"{a['per_principle'][p]:.2f}" for p in principles) + " |")
     mtbench = {n: m["mtbench"] for n, m in models.items() if m.get("mtbench")}
     if mtbench:
         categories = sorted({c for t in mtbench.values() for c in t["single"]["turn_1"]}, key=lambda c: (c == "overall", c))
@@ -61,7 +74,8 @@ def markdown(results: dict, plots: list[str]) -> str:
             lines.append(f"| {name} | {g['n']} | {g['greedy_accuracy']:.3f} | " + " | ".join(passes) + " |")
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     lines += ["", "Files: `results.json` (every figure above), `responses/<model>.jsonl`, "
-              "`judgments/<model>-vs-<baseline>.jsonl`" + (", `mtbench/`" if mtbench else "") + ", `config.yaml`."]
+              "`judgments/<model>-vs-<baseline>.jsonl`" + (", `judgments/<model>-adherence.jsonl`" if adherence else "")
+              + (", `mtbench/`" if mtbench else "") + ", `config.yaml`."]
     return "\n".join(lines) + "\n"
 
 

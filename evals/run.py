@@ -8,7 +8,7 @@ checkpoints exported by training (HF folders) against a baseline model:
    MT-Bench answers, GSM8K completions;
 3. judge (driver; an HTTP judge answers `judge.concurrency` requests at a time): every model against the
    baseline with a random A/B order per item, raw / length-balanced / logistic win rates with bootstrap
-   intervals; MT-Bench single-answer and pairwise grading;
+   intervals; MT-Bench single-answer and pairwise grading; in the built-in world, rule adherence per item;
 4. report: `results.json`, `report.md` with PNG plots, responses and judgments as JSONL, beside each other
    in `run.output_dir`.
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from evals.config import EvalConfig
-from evals.generate import EvalPlan
+from evals.generate import EvalPlan, HeldoutPrincipleItems
 from sami.config import ConfigError, dump_config, load_config
 
 
@@ -67,6 +67,10 @@ def format_plan(cfg: EvalConfig) -> str:
     held = f"the last {d.heldout_queries} queries training held out" if d.heldout_queries else "every query"
     benchmarks = ["win rates (raw, length-balanced, logistic; bootstrap 95% intervals)"] if cfg.win_rates.enabled else []
     benchmarks += ["MI bound"] if cfg.mi_bound.enabled else []
+    if cfg.adherence.enabled:
+        extra = cfg.adherence.heldout_principle_queries
+        benchmarks.append("the world's rule adherence" + (f" (and the held-out principle on {extra} more queries)"
+                                                           if extra else ""))
     if cfg.mtbench.enabled:
         benchmarks.append(f"MT-Bench ({cfg.mtbench.questions or 'questions from the hub'}; single and pairwise"
                           + (", principle-conditioned" if cfg.mtbench.principle_conditioned else "") + ")")
@@ -88,17 +92,48 @@ def format_plan(cfg: EvalConfig) -> str:
     ])
 
 
+def heldout_principle_items(cfg: EvalConfig, rows: list[dict], principles: list) -> HeldoutPrincipleItems:
+    """Each query's positive constitution states the held-out principle(s) and as many training principles,
+    drawn per query, as make up `principles_per_constitution` (as training draws them)."""
+    from sami.constitutions import Constitution, render_constitution
+    from sami.prompts import generation_prompt
+
+    p, heldout = cfg.principles, cfg.principles.heldout_names
+    if not heldout:
+        raise ConfigError("adherence.heldout_principle_queries: there is no held-out principle (principles.heldout)")
+    training = [q.name for q in principles if q.name not in heldout]
+    count = (p.principles_per_constitution or len(training)) - len(heldout)
+    if not 0 <= count <= len(training):
+        raise ConfigError(f"adherence.heldout_principle_queries: principles.principles_per_constitution "
+                          f"({p.principles_per_constitution}) leaves no room for the held-out principle(s) {list(heldout)}")
+    library = {q.name: q for q in principles}
+    items = HeldoutPrincipleItems([], [], [], [])
+    for row in rows:
+        key = f"eval-heldout-principle/{cfg.run.seed}/{row['query_id']}"
+        rng = random.Random(key)
+        constitution = Constitution(tuple((name, True) for name in sorted(rng.sample(training, count) + list(heldout))))
+        text = render_constitution(constitution, library, rng)
+        items.rows.append(row)
+        items.constitutions.append(constitution)
+        items.constitution_texts.append(text)
+        items.generation_prompts.append(generation_prompt(cfg.data.task, text, row["query"]))
+    return items
+
+
 def build_plan(cfg: EvalConfig) -> EvalPlan:
     from sami.constitutions import render_constitution, sample_constitutions
     from sami.data import load_queries, split_queries
     from sami.prompts import generation_prompt, training_prompt
 
-    rows = []
+    rows, extra_rows, wanted = [], [], cfg.adherence.heldout_principle_queries
     if cfg.needs_queries:
         rows = load_queries(cfg.data, cfg.run.seed)
         if cfg.data.heldout_queries:
             rows = split_queries(rows, cfg.data.heldout_queries)[1]
-        rows = rows[: cfg.num_queries]
+        rows, extra_rows = rows[: cfg.num_queries], rows[cfg.num_queries :][:wanted] if wanted else []
+        if len(extra_rows) < wanted:
+            raise ConfigError(f"adherence.heldout_principle_queries ({wanted}) needs {cfg.num_queries} + {wanted} "
+                              f"held-out queries, there are {len(rows) + len(extra_rows)} (data.heldout_queries)")
     p = cfg.principles
     principles = load_library(cfg) if rows else []
     library = {p.name: p for p in principles}
@@ -115,6 +150,8 @@ def build_plan(cfg: EvalConfig) -> EvalPlan:
         plan.constitution_texts.append(texts)
         plan.generation_prompts.append([generation_prompt(cfg.data.task, t, row["query"]) for t in texts])
         plan.training_prompts.append([training_prompt(cfg.data.task, t, row["query"]) for t in texts])
+    if extra_rows:
+        plan.heldout_principle = heldout_principle_items(cfg, extra_rows, principles)
     if cfg.mtbench.enabled:
         from evals.mtbench import load_questions
 
@@ -192,6 +229,7 @@ def judge_win_rates(cfg: EvalConfig, judge, plan: EvalPlan, outputs: dict, out: 
                                         swap=cfg.judge.swap, metadata=metadata, transcripts=transcripts)
         judgements = Judgements(scores, [words(r) for r in base_responses], [words(r) for r in test])
         summaries[name] = summarise(judgements, cfg.win_rates.bootstrap, cfg.run.seed)
+        summaries[name]["scores"] = [float(s) for s in scores]  # per item, for intervals over several runs
         summaries[name]["unparsed"] = sum(not t["parsed"] for one_pass in transcripts for t in one_pass)
         write_jsonl(out / "judgments" / f"{name}-vs-{baseline}.jsonl", [
             {"query_id": row["query_id"], "score": float(s), "baseline_len": words(b), "test_len": words(t),
@@ -201,6 +239,25 @@ def judge_win_rates(cfg: EvalConfig, judge, plan: EvalPlan, outputs: dict, out: 
         log(f"judge: {name} vs {baseline}: win rate {s['raw']['win_rate']:.3f}, length-balanced "
             f"{s['balanced']['win_rate']:.3f} [{s['balanced']['ci'][0]:.3f}, {s['balanced']['ci'][1]:.3f}] "
             f"({len(scores)} items, {time.time() - started:.0f}s)")
+    return summaries
+
+
+def judge_adherence(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> dict[str, dict]:
+    """The world's rule adherence of every model; each check per item in judgments/<model>-adherence.jsonl."""
+    from evals.world import adherence_records, summarise_adherence
+
+    positive = [cons[0] for cons in plan.constitutions]
+    extra = plan.heldout_principle
+    summaries = {}
+    for name, output in outputs.items():
+        records = adherence_records(plan.rows, positive, [r[0] for r in output["responses"]])
+        heldout = adherence_records(extra.rows, extra.constitutions, output["heldout_principle_responses"]) if extra else []
+        summaries[name] = summarise_adherence(records, heldout, cfg.principles.heldout_names)
+        write_jsonl(out / "judgments" / f"{name}-adherence.jsonl",
+                    [{"items": "main", **r} for r in records] + [{"items": "heldout_principle", **r} for r in heldout])
+        s = summaries[name]
+        log(f"adherence: {name}: {s['mean']:.3f}, well-formed {s['well_formed']:.3f}"
+            + (f", held-out principle {s['heldout_principle']:.3f}" if heldout else ""))
     return summaries
 
 
@@ -237,9 +294,16 @@ def save_outputs(cfg: EvalConfig, plan: EvalPlan, outputs: dict, out: Path) -> N
              "response": responses[0], "length_words": words(responses[0])}
             for row, texts, prompts, responses in zip(plan.rows, plan.constitution_texts, plan.generation_prompts,
                                                       output["responses"])])
+        if plan.heldout_principle:
+            extra = plan.heldout_principle
+            write_jsonl(out / "responses" / f"{name}.heldout-principle.jsonl", [
+                {"query_id": row["query_id"], "query": row["query"], "constitution": text, "prompt": prompt,
+                 "response": response}
+                for row, text, prompt, response in zip(extra.rows, extra.constitution_texts, extra.generation_prompts,
+                                                        output["heldout_principle_responses"])])
         path = next(m.path for m in cfg.models if m.name == name)
         (out / "responses" / f"{name}.json").write_text(json.dumps(
-            {"path": path, **{k: output[k] for k in ("mi_lower_bound", "gsm8k", "seconds")}}))
+            {"path": path, **{k: output[k] for k in ("mi_lower_bound", "mi_bounds", "gsm8k", "seconds")}}))
         if output["mtbench_answers"] is not None:
             write_answers(str(out / "mtbench" / "model_answer" / f"{name}.jsonl"), output["mtbench_answers"])
 
@@ -248,20 +312,32 @@ def load_outputs(cfg: EvalConfig, plan: EvalPlan, out: Path) -> dict[str, dict]:
     """`--judge-only`: each model's outputs as `save_outputs` wrote them, checked against this config's plan."""
     from evals.mtbench import read_answers
 
+    def saved_rows(path: Path, rows: list[dict], texts: list[str]) -> list[dict]:
+        if not path.is_file():
+            raise ConfigError(f"--judge-only: no saved responses {path}; run once without --judge-only")
+        saved = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if [(r["query_id"], r["constitution"]) for r in saved] != [(row["query_id"], t) for row, t in zip(rows, texts)]:
+            raise ConfigError(f"--judge-only: {path} answers other queries or constitutions than this config asks "
+                              f"for; run without --judge-only to generate again")
+        return saved
+
     outputs = {}
-    expected = [(row["query_id"], texts[0]) for row, texts in zip(plan.rows, plan.constitution_texts)]
+    extra = plan.heldout_principle
     for m in cfg.models:
-        figures_path, rows_path = out / "responses" / f"{m.name}.json", out / "responses" / f"{m.name}.jsonl"
-        if not (figures_path.is_file() and rows_path.is_file()):
-            raise ConfigError(f"--judge-only: no saved responses for model {m.name!r} ({figures_path} and "
-                              f"{rows_path.name}); run once without --judge-only")
+        figures_path = out / "responses" / f"{m.name}.json"
+        if not figures_path.is_file():
+            raise ConfigError(f"--judge-only: no saved responses for model {m.name!r} ({figures_path}); run once "
+                              f"without --judge-only")
         figures = json.loads(figures_path.read_text())
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-        if figures["path"] != m.path or [(r["query_id"], r["constitution"]) for r in rows] != expected:
-            raise ConfigError(f"--judge-only: {rows_path} answers another model, queries or constitutions than "
-                              f"this config asks for; run without --judge-only to generate again")
+        if figures["path"] != m.path:
+            raise ConfigError(f"--judge-only: {figures_path} answers another model ({figures['path']}) than this "
+                              f"config asks for; run without --judge-only to generate again")
+        rows = saved_rows(out / "responses" / f"{m.name}.jsonl", plan.rows, [t[0] for t in plan.constitution_texts])
+        heldout = saved_rows(out / "responses" / f"{m.name}.heldout-principle.jsonl", extra.rows,
+                             extra.constitution_texts) if extra else None
         answers = out / "mtbench" / "model_answer" / f"{m.name}.jsonl"
         outputs[m.name] = {**figures, "responses": [[r["response"]] for r in rows],
+                           "heldout_principle_responses": [r["response"] for r in heldout] if extra else None,
                            "mtbench_answers": list(read_answers(str(answers)).values()) if cfg.mtbench.enabled else None}
     return outputs
 
@@ -304,6 +380,7 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
     judge = make_judge(cfg.judge) if cfg.win_rates.enabled or cfg.mtbench.enabled else None
     win_rates = judge_win_rates(cfg, judge, plan, outputs, out) if cfg.win_rates.enabled else {}
     mtbench = judge_mtbench(cfg, judge.client, plan, outputs, out) if cfg.mtbench.enabled else {}
+    adherence = judge_adherence(cfg, plan, outputs, out) if cfg.adherence.enabled else {}
     models = {}
     for index, m in enumerate(cfg.models):
         o = outputs[m.name]
@@ -314,16 +391,22 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
             "mean_length": sum(lengths) / len(lengths) if lengths else None,
             "lengths": lengths,
             "mi_lower_bound": o["mi_lower_bound"],
+            "mi_bounds": o["mi_bounds"],
             "win_rate_vs_baseline": win_rates.get(m.name),
+            "adherence": adherence.get(m.name),
             "mtbench": mtbench.get(m.name),
             "gsm8k": {k: v for k, v in gsm.items() if k != "items"} if gsm else None,
         }
         figures = {"mi_lower_bound": o["mi_lower_bound"]}
         if m.name in win_rates:
             figures["win_rate"] = win_rates[m.name]["balanced"]["win_rate"]
+        if m.name in adherence:
+            figures["adherence"] = adherence[m.name]["mean"]
         metrics.record(index, {k: v for k, v in figures.items() if v is not None})
     log("phase 4/4: report")
     meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.rows),
+            "heldout_principle_queries": len(plan.heldout_principle.rows) if plan.heldout_principle else 0,
+            "heldout_principles": list(cfg.principles.heldout_names),
             "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,
             "model": cfg.judge.model, "swap": cfg.judge.swap}}
     # config.yaml and results.json change together, and only here: a failed run leaves the previous pair.

@@ -1,20 +1,27 @@
 """The main job on the built-in world: SAMI measurably teaches a tiny base model to follow principles.
 
-`python -m pipelines.demo [--seed N] [--out DIR] [--iterations N] [--skip-baselines] [key=value ...]` (what `make demo` runs): builds or reuses the
-world's base model, runs SAMI through the real training loop (local Ray, CPU), runs the baselines (SFT on
-positive-constitution samples, DPO on positive-vs-contrast pairs, SFT then SAMI) with the same budget of
-steps, evaluates every model on held-out queries and writes `<out>/report.json`, `report.md` and a plot.
+`python -m pipelines.demo [--seed N | --seeds N ...] [--out DIR] [--iterations N] [--skip-baselines] [key=value ...]`
+(what `make demo` runs): builds or reuses the world's base model, runs SAMI through the real training loop
+(local Ray, CPU), runs the baselines (SFT on positive-constitution samples, DPO on positive-vs-contrast
+pairs, SFT then SAMI) with the same budget of steps, evaluates every model with the evaluation job
+(`evals.run`, configs/eval_world.yaml, the world's rule judge) in the same Ray session, and writes
+`<out>/report.json`, `report.md` and a plot. With `--seeds`, one such demo per seed in `<out>/seed-<N>/`,
+then `<out>/seeds.json` and `seeds.md`: each figure's mean with 95% intervals over seeds and over items.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from sami.config import ConfigError, load_config
+from sami.config import ConfigError, build_config, load_config, load_yaml
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "world_demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG = CONFIGS / "world_demo.yaml"
+EVAL_CONFIG = CONFIGS / "eval_world.yaml"
+BASELINES = ("sft", "dpo", "sft-sami")
 
 
 def log(message: str) -> None:
@@ -32,21 +39,101 @@ def baseline_overrides(name: str, sami_run: Path) -> list[str]:
     }[name]
 
 
-def run_training(name: str, args, extra: list[str]) -> Path:
-    from pipelines.train import run
+def time_breakdown(started: float, trained: float, evaluated: float, finished: float, run_dirs: list[Path]) -> dict:
+    """Seconds of the demo by phase; overhead is what is neither training work (the iterations' wall time,
+    `time_iteration` in each run's metrics.jsonl: generating, training, syncing, saving, and under
+    `schedule.rollout: one_step_off` generation hidden inside training counted once) nor evaluation: starting
+    Ray and the worker group, loading models, tearing down."""
+    rows = [json.loads(line) for d in run_dirs for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    work = sum(row["time_iteration"] for row in rows)
+    total, evaluation = finished - started, finished - evaluated
+    overhead = total - work - evaluation
+    return {"total_s": round(total, 1), "base_model_s": round(trained - started, 1), "training_s": round(evaluated - trained, 1),
+            "training_work_s": round(work, 1), "evaluation_s": round(evaluation, 1), "overhead_s": round(overhead, 1),
+            "overhead_share": round(overhead / total, 3)}
 
-    overrides = [f"run.seed={args.seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
-                 f"run.output_dir={args.out / name}"] + extra + args.overrides + baseline_overrides(name, args.out / "sami")
-    cfg = load_config(CONFIG, overrides)
+
+def train_all(names: list[str], args, seed: int, out: Path, extra: list[str]) -> dict[str, Path]:
+    """SAMI and the baselines, one after another in one Ray Train worker group (one start-up, not four)."""
+    from pipelines.train import run_sequence
+
+    cfgs = [load_config(CONFIG, [f"run.seed={seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
+                                 f"run.output_dir={out / name}"] + extra + args.overrides
+                        + baseline_overrides(name, out / "sami"))
+            for name in names]
     t = time.time()
-    run_dir = run(cfg, resume=(args.out / name / "config.yaml").exists(), log=log)  # a rerun continues
-    log(f"{name}: trained in {time.time() - t:.0f}s")
-    return run_dir
+    # a rerun continues where the last one stopped
+    run_dirs = run_sequence(cfgs, [(out / name / "config.yaml").exists() for name in names], log=log)
+    log(f"{', '.join(names)}: trained in {time.time() - t:.0f}s")
+    return dict(zip(names, run_dirs))
+
+
+def evaluation_config(args, seed: int, out: Path, models: dict[str, str]):
+    """configs/eval_world.yaml for this seed's models: `--eval-queries` held-out queries, half as many more for
+    the held-out principle, all after the queries training drew from."""
+    from evals.config import EvalConfig
+
+    data = load_yaml(EVAL_CONFIG)
+    heldout_principle = args.eval_queries // 2
+    data.update(run={"name": f"world-eval-seed{seed}", "output_dir": str(out / "eval"), "seed": seed},
+                models=[{"name": name, "path": path} for name, path in models.items()], baseline="base",
+                num_queries=args.eval_queries)
+    data["data"] = {**data["data"], "max_queries": load_config(CONFIG, args.overrides).data.max_queries,
+                    "heldout_queries": args.eval_queries + heldout_principle}
+    data["adherence"] = {**data["adherence"], "heldout_principle_queries": heldout_principle}
+    return build_config(EvalConfig, data, [], str(EVAL_CONFIG))
+
+
+def evaluate(cfg) -> dict:
+    """The evaluation job's results for `cfg`: the saved ones when this config already ran to the end."""
+    from evals.config import EvalConfig
+    from evals.run import run
+
+    out = Path(cfg.run.output_dir)
+    if (out / "results.json").is_file() and (out / "config.yaml").is_file() \
+            and load_config(out / "config.yaml", model_cls=EvalConfig) == cfg:
+        log(f"evaluation: {out} already has this evaluation's results; reusing them")
+    else:
+        run(cfg)
+    return json.loads((out / "results.json").read_text())
+
+
+def run_seed(args, seed: int, out: Path) -> dict:
+    """One whole demo for `seed` into `out`; returns the evaluation's results."""
+    from pipelines.demo_report import demo_figures, print_table, write_report
+    from sami.world.base_model import BaseModelSpec, ensure_base_model
+
+    started = time.time()
+    log(f"seed {seed}: phase 1/3: base model")
+    base_path = ensure_base_model(BaseModelSpec(seed=seed), log=log)
+    extra = [f"model.name_or_path={base_path}"]
+    log(f"seed {seed}: phase 2/3: training: SAMI" + ("" if args.skip_baselines else
+                                                     ", then the baselines (SFT, DPO, SFT then SAMI) on SAMI's groups"))
+    trained = time.time()
+    runs = train_all(["sami"] + ([] if args.skip_baselines else list(BASELINES)), args, seed, out, extra)
+    evaluated = time.time()
+    log(f"seed {seed}: phase 3/3: evaluation on {args.eval_queries} held-out queries (evals.run)")
+    models = {"base": str(base_path)}
+    models.update({f"sami-iter{k}": str(runs["sami"] / f"iteration-{k}" / "hf") for k in range(1, args.iterations + 1)})
+    models.update({name: str(runs[name] / f"iteration-{args.iterations}" / "hf") for name in BASELINES if name in runs})
+    results = evaluate(evaluation_config(args, seed, out, models))
+    figures = demo_figures(results)
+    timing = time_breakdown(started, trained, evaluated, time.time(), list(runs.values()))
+    report = write_report(out, figures, {"seed": seed, "iterations": args.iterations, "eval_queries": args.eval_queries,
+                                         "base_model": str(base_path), "evaluation": str(out / "eval"),
+                                         "minutes": round(timing["total_s"] / 60, 2), "time": timing})
+    print_table(figures)
+    log(f"seed {seed}: done in {timing['total_s'] / 60:.1f} min: training {timing['training_work_s']:.0f}s of work in "
+        f"{timing['training_s']:.0f}s, evaluation {timing['evaluation_s']:.0f}s, overhead {timing['overhead_s']:.0f}s "
+        f"({timing['overhead_share']:.0%}): {report}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="one seed, into --out")
+    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, each into <out>/seed-<N>, then seeds.md")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--skip-baselines", action="store_true", help="SAMI only (no SFT, DPO, SFT-then-SAMI)")
@@ -54,44 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/world_demo.yaml for every run")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
-    started = time.time()
-    from evals.world import eval_set, evaluate_model
-    from pipelines.demo_report import print_table, write_report
-    from sami.world.base_model import BaseModelSpec, ensure_base_model
-
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        print(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed", file=sys.stderr)
+        return 2
+    if args.eval_queries < 2:
+        print(f"error: --eval-queries must be at least 2, got {args.eval_queries}", file=sys.stderr)
+        return 2
     try:
-        spec = BaseModelSpec(seed=args.seed)
-        log("phase 1/4: base model")
-        base_path = ensure_base_model(spec, log=log)
-        extra = [f"model.name_or_path={base_path}"]
-        log("phase 2/4: SAMI training")
-        runs = {"sami": run_training("sami", args, extra)}
-        if not args.skip_baselines:
-            log("phase 3/4: baselines (SFT, DPO, SFT then SAMI)")
-            for name in ("sft", "dpo", "sft-sami"):
-                runs[name] = run_training(name, args, extra)
+        if not args.seeds:
+            run_seed(args, args.seed, args.out)
+            return 0
+        from pipelines.demo_report import write_seeds_report
+
+        results = {seed: run_seed(args, seed, args.out / f"seed-{seed}") for seed in args.seeds}
+        log(f"seeds {' '.join(map(str, args.seeds))}: {write_seeds_report(args.out, results, args.iterations)}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    log(f"phase 4/4: evaluation on {args.eval_queries} held-out queries")
-    items, heldout = eval_set(args.eval_queries, args.seed), eval_set(args.eval_queries // 2, args.seed, heldout=True)
-    models = {"base": str(base_path)}
-    models.update({f"sami-iter{k}": str(runs["sami"] / f"iteration-{k}" / "hf") for k in range(1, args.iterations + 1)})
-    models.update({name: str(runs[name] / f"iteration-{args.iterations}" / "hf") for name in ("sft", "dpo", "sft-sami") if name in runs})
-    results, base_responses = {}, None
-    for name, path in models.items():
-        t = time.time()
-        metrics, responses = evaluate_model(path, items, heldout, seed=args.seed, base_responses=base_responses)
-        base_responses = base_responses or responses
-        results[name] = metrics
-        log(f"evaluated {name}: adherence {metrics['adherence']:.3f}, MI bound {metrics['mi_lower_bound']:.3f} "
-            f"({time.time() - t:.0f}s)")
-    report = write_report(args.out, results, {"seed": args.seed, "iterations": args.iterations,
-                                                "eval_queries": args.eval_queries, "base_model": str(base_path),
-                                                "minutes": round((time.time() - started) / 60, 2)})
-    print_table(results)
-    log(f"done in {(time.time() - started) / 60:.1f} min: {report}")
     return 0
 
 

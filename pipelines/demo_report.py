@@ -1,23 +1,34 @@
-"""The demo's table, report.json, report.md and plot."""
+"""The demo's figures from the evaluation job's results: table, report.json, report.md and plot per seed;
+seeds.json and seeds.md over several seeds."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from evals.win_rates import summarise
+from evals.statistics import paired_differences, summarise_over_seeds
 
 COLUMNS = ("adherence", "adherence_heldout", "well_formed", "mi_lower_bound", "mean_length", "win_rate_vs_base")
+# Per-item values of each seed-level figure in the evaluation's results.json (None for the baseline's win rate).
+PER_ITEM = {
+    "adherence": lambda m: m["adherence"]["items"],
+    "win_rate_vs_base": lambda m: m["win_rate_vs_baseline"] and m["win_rate_vs_baseline"]["scores"],
+    "mi_lower_bound": lambda m: m["mi_bounds"],
+}
+COMPARED_WITH_SAMI = ("dpo", "sft")
 
 
-def with_intervals(results: dict) -> dict:
-    """Drop per-item scores, add a bootstrap 95% interval to each win rate."""
-    out = {}
-    for name, metrics in results.items():
-        m = {k: v for k, v in metrics.items() if k != "win_scores"}
-        if metrics.get("win_scores"):
-            m["win_rate_vs_base_ci"] = summarise([[s, 0, 0] for s in metrics["win_scores"]])["raw"]["ci"]
-        out[name] = m
-    return out
+def demo_figures(results: dict) -> dict:
+    """The demo's report.json models from the evaluation job's results.json (the base model wins half)."""
+    figures = {}
+    for name, m in results["models"].items():
+        adherence, win = m["adherence"], m["win_rate_vs_baseline"]
+        figures[name] = {"adherence": adherence["mean"], "adherence_per_principle": adherence["per_principle"],
+                         "adherence_heldout": adherence["heldout_principle"], "well_formed": adherence["well_formed"],
+                         "mi_lower_bound": m["mi_lower_bound"], "mean_length": m["mean_length"],
+                         "win_rate_vs_base": win["raw"]["win_rate"] if win else 0.5}
+        if win:
+            figures[name]["win_rate_vs_base_ci"] = win["raw"]["ci"]
+    return figures
 
 
 def table(results: dict) -> str:
@@ -64,13 +75,70 @@ def plot(results: dict, path: Path) -> None:
 
 def write_report(out: Path, results: dict, meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    results = with_intervals(results)
     (out / "report.json").write_text(json.dumps({"meta": meta, "models": results}, indent=2))
     plot(results, out / "report.png")
     (out / "report.md").write_text(
         "# SAMI in the built-in world\n\n"
         f"Seed {meta['seed']}, {meta['iterations']} iterations, {meta['eval_queries']} held-out queries "
-        f"(held-out principle: separate queries stating it), {meta['minutes']} minutes.\n\n"
+        f"(held-out principle: separate queries stating it), {meta['minutes']} minutes. The evaluation job's "
+        f"report, responses and per-item judgments: `{meta['evaluation']}`.\n\n"
         + table(results) + "\n\n![results](report.png)\n"
     )
     return out / "report.md"
+
+
+def seeds_summary(results: dict[int, dict], iterations: int) -> dict:
+    """Per model and per SAMI - baseline difference: each figure's mean over seeds, the per-seed values, a
+    95% t-interval over seeds and a 95% seed-stratified bootstrap interval over items (evals.statistics)."""
+    seeds = list(results)
+    names = [n for n in results[seeds[0]]["models"] if all(n in r["models"] for r in results.values())]
+
+    def items(name: str, figure: str) -> list | None:
+        per_seed = [PER_ITEM[figure](results[s]["models"][name]) for s in seeds]
+        return None if any(v is None for v in per_seed) else per_seed
+
+    models = {name: {figure: summarise_over_seeds(v) for figure in PER_ITEM if (v := items(name, figure))}
+              for name in names}
+    sami = f"sami-iter{iterations}"
+    differences = {}
+    for other in (o for o in COMPARED_WITH_SAMI if o in names):
+        differences[f"{sami} - {other}"] = {
+            figure: summarise_over_seeds([paired_differences(a, b) for a, b in zip(items(sami, figure), items(other, figure))])
+            for figure in PER_ITEM}
+    return {"seeds": seeds, "iterations": iterations,
+            "intervals": {"ci_seeds": "95% t-interval over the per-seed figures (df = seeds - 1)",
+                          "ci_items": "95% percentile bootstrap over items, resampled within each seed (2000 resamples, "
+                                      "seed 0); differences paired by item within a seed"},
+            "models": models, "differences": differences}
+
+
+def _cell(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    seeds = summary["ci_seeds"]
+    over_seeds = f"[{seeds[0]:.3f}, {seeds[1]:.3f}]" if seeds else "n/a"
+    low, high = summary["ci_items"]
+    return f"{summary['mean']:.3f} {over_seeds} [{low:.3f}, {high:.3f}]"
+
+
+def write_seeds_report(out: Path, results: dict[int, dict], iterations: int) -> Path:
+    """seeds.json and seeds.md in `out`; returns the path of seeds.md."""
+    summary = seeds_summary(results, iterations)
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2))
+    head = "| {} | adherence | win rate vs base | MI bound (nats) |\n|---|---|---|---|"
+
+    def rows(table: dict) -> str:
+        return "\n".join(f"| {name} | " + " | ".join(_cell(figures.get(f)) for f in PER_ITEM) + " |"
+                         for name, figures in table.items())
+
+    seeds = " ".join(map(str, summary["seeds"]))
+    path = out / "seeds.md"
+    path.write_text(
+        f"# SAMI in the built-in world: seeds {seeds}\n\n"
+        f"Each cell: the mean over seeds, its 95% interval over seeds ({summary['intervals']['ci_seeds']}), then "
+        f"its 95% interval over evaluation items ({summary['intervals']['ci_items']}). Per seed: "
+        + ", ".join(f"`seed-{s}/report.md`" for s in summary["seeds"]) + ".\n\n"
+        + head.format("model") + "\n" + rows(summary["models"]) + "\n"
+        + (f"\n## Differences, iteration {iterations} of SAMI minus a baseline\n\n" + head.format("difference") + "\n"
+           + rows(summary["differences"]) + "\n" if summary["differences"] else ""))
+    return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from actors.weight_sync import WeightSync
 from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
-from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, plan_groups
+from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, generation_seeds, plan_groups
 from sami.learner import Learner, StopRun, log, objective_for, skip_cpu_shm_comm_op, stop_together
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
@@ -37,7 +36,15 @@ Probe = tuple[list[int], list[int]]
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint.
+    """Each run of `config["runs"]` in turn (the demo trains SAMI and its baselines in one worker group); a
+    stop ends the sequence. A run complete before a restart of the group is not trained again."""
+    for run in config["runs"]:
+        if last_complete_iteration(Path(run["run_dir"])) < run["cfg"].run.iterations and not train_run(run):
+            return
+
+
+def train_run(config: dict) -> bool:
+    """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint. False if it stopped.
 
     With `schedule.rollout: one_step_off`, rank 0 starts generating iteration k+1 (on the engines' weights of
     k-1) before iteration k trains, and waits for it before the sync: engines never take weights mid-generation.
@@ -56,10 +63,12 @@ def train_loop_per_worker(config: dict) -> None:
             loop.engine_weights = iteration
             checkpoint_phase(loop, iteration, record, probe, started)
         loop.phase("idle")
+        return True
     except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
         if ray.train.get_context().get_world_rank() == 0:
             log(f"stopped: {stop}")
             mark_stopped(Path(config["run_dir"]), config["attempt"], str(stop))
+        return False
     finally:
         finish_generation(upcoming)  # a stop or failure mid-iteration: the engines finish before the run ends
 
@@ -235,7 +244,8 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     same whichever engine answered which batch, and when).
 
     `constitutions(query_ids, seed)` returns (principle library, each query's C constitutions) in one call;
-    `generate(prompt batches, seeds)` returns every batch's completions in order.
+    `generate(prompt batches, seeds)` returns every batch's completions in order; a prompt's seed is keyed by
+    (run seed, iteration, query, constitution), so its sample does not depend on the batch it travels in.
     """
     started = time.perf_counter()
     library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
@@ -243,9 +253,8 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     groups = plan_groups(queries, library, stances, cfg.data.task, cfg.run.seed, iteration)
     per_batch = max(1, cfg.sampling.batch_size // cfg.principles.num_constitutions)
     batches = [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
-    # A batch's seed depends on its first query, not on which engine serves it or when.
-    seeds = [cfg.run.seed * 1000 + iteration + zlib.crc32(b[0].query_id.encode()) % 997 for b in batches]
-    completions = generate([[p for g in b for p in g.generation_prompts] for b in batches], seeds)
+    completions = generate([[p for g in b for p in g.generation_prompts] for b in batches],
+                           [[s for g in b for s in generation_seeds(g, cfg.run.seed, iteration)] for b in batches])
     attach_completions(groups, completions)
     kept, counts = filter_and_tokenise(groups, tokenizer, cfg.filters, cfg.data.task, cfg.model.max_prompt_tokens,
                                        cfg.model.max_response_tokens)
@@ -267,7 +276,9 @@ def equal_shards(groups: list[QueryGroup], world: int) -> list[list[QueryGroup]]
 
 
 def sync_phase(loop: Loop, probe: Probe) -> dict:
-    """The learner's weights to every rollout engine, then the probe check."""
+    """The learner's weights to every rollout engine, then the probe check (a replay run has no engines)."""
+    if not loop.sync.actors:
+        return {"time_sync": 0.0}
     loop.phase("sync")
     started = time.perf_counter()
     learner_logprob = loop.learner.probe_logprob(probe)  # every rank: under ZeRO-3 it gathers the parameters

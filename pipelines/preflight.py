@@ -20,9 +20,10 @@ from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, last_complete_i
 RESUMABLE_CHANGES = {"run.iterations"}
 
 
-def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True) -> None:
+def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_before: list[Path] = ()) -> None:
     """Principles, data files and replayed groups; with `contact_endpoints`, one cheap request to the writer's
-    endpoint (not from --dry-run: presets name endpoints that only exist on the cluster)."""
+    endpoint (not from --dry-run: presets name endpoints that only exist on the cluster). Groups replayed from
+    a run in `generated_before` (trained earlier in the same job) do not exist yet."""
     run_dir = Path(cfg.run.output_dir)
     p = cfg.principles
     field = "principles.path" if p.source == "file" else "principles"
@@ -43,7 +44,7 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True) -> None:
         from sami.data import load_queries
 
         load_queries(cfg.data, cfg.run.seed)  # the file exists and every line is JSON with a query
-    if cfg.data.replay_groups_from:
+    if cfg.data.replay_groups_from and Path(cfg.data.replay_groups_from).resolve() not in generated_before:
         missing = [k for k in range(1, cfg.run.iterations + 1)
                    if not (Path(cfg.data.replay_groups_from) / f"iteration-{k}" / "groups.parquet").is_file()]
         if missing:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipelines.plan import WRITER_CPUS, format_plan
 from pipelines.preflight import check_inputs, check_run_dir, save_run_config
 from sami.config import ConfigError, TrainConfig, load_config
-from sami.run_dir import stop_message
+from sami.run_dir import last_complete_iteration, stop_message
 
 
 class RunStopped(RuntimeError):
@@ -44,13 +44,40 @@ def root_cause(error: BaseException) -> BaseException:
 
 def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool = False) -> Path:
     """Run the training job; returns the run directory."""
-    run_dir = Path(cfg.run.output_dir).resolve()
+    return run_sequence([cfg], [resume], log, override_config)[0]
+
+
+def same_worker_group(cfgs: list[TrainConfig]) -> None:
+    """Runs trained one after another in one worker group must ask for the same one."""
+    for cfg in cfgs[1:]:
+        for field in ("scaling", "deepspeed"):
+            if getattr(cfg, field) != getattr(cfgs[0], field):
+                raise ConfigError(f"{field}: run {cfg.run.name!r} asks for {getattr(cfg, field)!r} but run "
+                                  f"{cfgs[0].run.name!r} for {getattr(cfgs[0], field)!r}; runs trained in one worker "
+                                  f"group share these settings")
+
+
+def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=print, override_config: bool = False) -> list[Path]:
+    """Train `cfgs` one after another in ONE Ray Train worker group (one `fit()`: the learners, the Ray Train
+    controller and the imports start once, not once per run); returns their run directories.
+
+    A run may replay the groups an earlier run of the sequence generates (`data.replay_groups_from`); a replay
+    run starts no rollout engines. A stop or failure in one run ends the sequence there. `resume[i]`: run i
+    continues the run in its folder (`--resume`).
+    """
+    run_dirs = [Path(cfg.run.output_dir).resolve() for cfg in cfgs]
+    same_worker_group(cfgs)
     # What a user can get wrong is checked first: before the slow imports, config.yaml and Ray.
-    check_inputs(cfg)
-    done, continues_from = check_run_dir(cfg, resume, override_config)
-    if resume and done >= cfg.run.iterations:
-        log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
-        return run_dir
+    todo = []
+    for index, (cfg, run_dir, resumes) in enumerate(zip(cfgs, run_dirs, resume)):
+        check_inputs(cfg, generated_before=run_dirs[:index])
+        done, continues_from = check_run_dir(cfg, resumes, override_config)
+        if resumes and done >= cfg.run.iterations:
+            log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
+        else:
+            todo.append((cfg, run_dir, done, continues_from))
+    if not todo:
+        return run_dirs
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -63,56 +90,69 @@ def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool
     from sami.data import load_queries, split_queries
     from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
-    try:
-        model_path = resolve_model(cfg.model.name_or_path, log)
-    except ValueError as e:
-        raise ConfigError(f"model.name_or_path: {e}") from None
-    train_rows, heldout_rows = split_queries(load_queries(cfg.data, cfg.run.seed), cfg.data.heldout_queries)
-    if resume:
-        log(f"[sami] resuming {run_dir} from {continues_from}; next: iteration {done + 1} of {cfg.run.iterations}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(cfg, run_dir, done)
-    (run_dir / "heldout_queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout_rows))
-
-    use_gpu = cfg.scaling.gpus_per_learner > 0
+    first = todo[0][0]
+    use_gpu = first.scaling.gpus_per_learner > 0
     # Logical CPUs above the learners + actors leave room for Ray Train's own actors (the 2-CPU deadlock).
-    connect_ray(cfg.scaling.num_learners + cfg.rollout.num_engines + 4, uses_gpu=use_gpu)
-    log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
-        f"{cfg.scaling.num_learners} learner(s), {cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)")
-    # A language-model writer gets an actor of its own; principles from a file or the world are served by the
-    # same core inside learner rank 0 (a process less).
-    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir)) \
-        if cfg.principles.source == "writer" else None
-    actors = start_rollout_actors(model_path, cfg.rollout, cfg.model)
+    connect_ray(first.scaling.num_learners + max(cfg.rollout.num_engines for cfg, *_ in todo) + 4, uses_gpu=use_gpu)
     attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
-    resources = {"CPU": cfg.scaling.cpus_per_learner, **({"GPU": cfg.scaling.gpus_per_learner} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path, "run_dir": str(run_dir),
-            "train_queries": train_rows, "attempt": attempt,
-        },
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_learners, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray_train"),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_learner_failures)),
-    )
+    runs, started = [], []
     try:
-        trainer.fit()
-    except Exception as e:  # a learner or an actor failed: one line for the console, the rest to a file
-        (run_dir / "error.log").write_text("".join(traceback.format_exception(e)))
-        cause = root_cause(e)
-        message = " ".join(str(cause).split())[:400]
-        raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {run_dir / 'error.log'}); continue with: "
-                        f"python -m pipelines.train --config {run_dir / 'config.yaml'} --resume") from e
+        for cfg, run_dir, done, continues_from in todo:
+            try:
+                model_path = resolve_model(cfg.model.name_or_path, log)
+            except ValueError as e:
+                raise ConfigError(f"model.name_or_path: {e}") from None
+            train_rows, heldout_rows = split_queries(load_queries(cfg.data, cfg.run.seed), cfg.data.heldout_queries)
+            if done:
+                log(f"[sami] resuming {run_dir} from {continues_from}; next: iteration {done + 1} of {cfg.run.iterations}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_run_config(cfg, run_dir, done)
+            (run_dir / "heldout_queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout_rows))
+            replay = cfg.data.replay_groups_from is not None
+            log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
+                f"{cfg.scaling.num_learners} learner(s), " + ("groups replayed from " + cfg.data.replay_groups_from
+                                                            if replay else f"{cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)"))
+            # A language-model writer gets an actor of its own; principles from a file or the world are served by
+            # the same core inside learner rank 0 (a process less).
+            writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir)) \
+                if cfg.principles.source == "writer" and not replay else None
+            actors = [] if replay else start_rollout_actors(model_path, cfg.rollout, cfg.model)
+            started += actors + ([writer] if writer is not None else [])
+            runs.append({"cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path,
+                         "run_dir": str(run_dir), "train_queries": train_rows, "attempt": attempt})
+        resources = {"CPU": first.scaling.cpus_per_learner, **({"GPU": first.scaling.gpus_per_learner} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"runs": runs},
+            scaling_config=ScalingConfig(num_workers=first.scaling.num_learners, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=first.run.name, storage_path=str(todo[0][1] / "ray_train"),
+                                 failure_config=FailureConfig(max_failures=first.scaling.max_learner_failures)),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # a learner or an actor failed: one line for the console, the rest to a file
+            failed = next((d for _, d, *_ in todo if not run_complete(d)), todo[-1][1])
+            (failed / "error.log").write_text("".join(traceback.format_exception(e)))
+            cause = root_cause(e)
+            message = " ".join(str(cause).split())[:400]
+            raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {failed / 'error.log'}); continue with: "
+                            f"python -m pipelines.train --config {failed / 'config.yaml'} --resume") from e
     finally:
-        for actor in actors + ([writer] if writer is not None else []):
+        for actor in started:
             ray.kill(actor)
-    stopped = stop_message(run_dir, attempt)
-    if stopped is not None:
-        raise RunStopped(stopped)
-    log(f"[sami] done: {run_dir} (metrics.jsonl, iteration-*/hf)")
-    return run_dir
+    for cfg, run_dir, *_ in todo:
+        stopped = stop_message(run_dir, attempt)
+        if stopped is not None:
+            raise RunStopped(stopped)
+        log(f"[sami] done: {run_dir} (metrics.jsonl, iteration-*/hf)")
+    return run_dirs
+
+
+def run_complete(run_dir: Path) -> bool:
+    cfg = load_config(run_dir / "config.yaml")
+    return last_complete_iteration(run_dir) >= cfg.run.iterations
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,6 +201,10 @@ class ObjectiveConfig(Section):
     sami: SamiObjectiveConfig = Field(default_factory=SamiObjectiveConfig)
     dpo: DpoObjectiveConfig = Field(default_factory=DpoObjectiveConfig)
     kl_beta: float = Field(0.0, ge=0.0)  # beta * KL(pi || pi_ref) on response tokens; 0 = no reference model
+    # SAMI's KL term: `k3` estimates it from the scored tokens (unbiased only where pi sampled them: the diagonal
+    # pairs); `exact` sums over the vocabulary at each response position (chunked, as the log-probs are).
+    kl_estimator: Literal["k3", "exact"] = "k3"
+    kl_pairs: Literal["all", "diagonal"] = "all"  # which (constitution, response) pairs of the C x C matrix it covers
     sft_weight: float = Field(0.0, ge=0.0)  # loss = sami + sft_weight * sft (weighted combination)
     sft_iterations: int = Field(1, ge=0)  # sft_then_sami: iterations of SFT before SAMI
 

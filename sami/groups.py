@@ -64,6 +64,12 @@ def row_rng(seed: int, iteration: int, query_id: str, purpose: str) -> random.Ra
     return random.Random(f"{seed}/{iteration}/{query_id}/{purpose}")
 
 
+def generation_seeds(group: "QueryGroup", seed: int, iteration: int) -> list[int]:
+    """The sampling seed of each of the group's generation prompts."""
+    rng = row_rng(seed, iteration, group.query_id, "sampling")
+    return [rng.getrandbits(31) for _ in group.generation_prompts]
+
+
 def plan_groups(queries: list[dict], library: list[Principle], constitutions: list[list[Constitution]], task: str,
                 seed: int, iteration: int) -> list[QueryGroup]:
     """C constitutions per query, rendered twice: in the generation prompt and, reshuffled, for training."""

@@ -17,7 +17,8 @@ import torch
 
 from sami.config import OptimConfig, TrainConfig
 from sami.groups import QueryGroup, padding_id
-from sami.logprobs import collate_sequences, sequence_logprobs, shared_prefix_logprobs, token_logprobs
+from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_logprobs,
+                           shared_prefix_logprobs_and_kl, token_logprobs)
 from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
 from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
@@ -127,12 +128,16 @@ def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConf
     """(loss, figures) of `groups` under `objective`, laid out by the objective table."""
     spec, c = OBJECTIVES[objective], cfg.principles.num_constitutions
     pairs, include_eos = spec.pairs(c), cfg.objective.sami.include_eos
-    token_lp, mask = score_groups(module, groups, pairs, pad_id, include_eos, device)
-    reference_lp = None
-    if spec.needs_reference(cfg.objective):
-        with torch.no_grad():
-            reference_lp, _ = score_groups(reference, groups, pairs, pad_id, include_eos, device)
-    loss, stats = spec.step(ScoredPairs(token_lp, mask, reference_lp, len(groups), c), cfg.objective)
+    reference_lp = token_kl = None
+    if objective == "sami" and cfg.objective.kl_beta > 0 and cfg.objective.kl_estimator == "exact":
+        token_lp, mask, token_kl = shared_prefix_logprobs_and_kl(
+            module, reference, [(g.prompt_ids, g.response_ids) for g in groups], pad_id, include_eos)
+    else:
+        token_lp, mask = score_groups(module, groups, pairs, pad_id, include_eos, device)
+        if spec.needs_reference(cfg.objective):
+            with torch.no_grad():
+                reference_lp, _ = score_groups(reference, groups, pairs, pad_id, include_eos, device)
+    loss, stats = spec.step(ScoredPairs(token_lp, mask, reference_lp, len(groups), c, token_kl), cfg.objective)
     return loss, {**stats, "loss": loss.item()}
 
 

@@ -130,6 +130,23 @@ def block_attention_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Ten
         ~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _label_logprobs_and_kl(head, hidden, labels, scale, reference_head, reference_hidden, reference_scale):
+    """(`log p(label)`, exact KL(p || p_ref) over the vocabulary) in float32 for a chunk of positions."""
+    logp = torch.log_softmax(head(hidden).float() * (scale or 1.0), dim=-1)
+    with torch.no_grad():
+        reference_logp = torch.log_softmax(reference_head(reference_hidden).float() * (reference_scale or 1.0), dim=-1)
+    kl = (logp.exp() * (logp - reference_logp)).sum(dim=-1)
+    return logp.gather(-1, labels[..., None]).squeeze(-1), kl
+
+
+def _packed_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The body's hidden state at every scored position of a `pack_groups` batch, `[tokens, H]`."""
+    body = _body_and_head(model)[0]
+    mask = block_attention_mask(batch["segment"], next(body.parameters()).dtype)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
+    return hidden[batch["seq"], batch["pos"]]
+
+
 def shared_prefix_logprobs(
     model: torch.nn.Module, groups: list[tuple[list[list[int]], list[list[int]]]], pad_id: int,
     include_eos: bool = True, chunk_size: int = 512,
@@ -142,18 +159,40 @@ def shared_prefix_logprobs(
     logits outlive one chunk. The model's attention must take a 4D additive mask (transformers' `sdpa` and
     `eager` do; `flash_attention_2` does not).
     """
+    token_lp, response_mask, _ = _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference=None)
+    return token_lp, response_mask
+
+
+def shared_prefix_logprobs_and_kl(
+    model: torch.nn.Module, reference: torch.nn.Module, groups: list[tuple[list[list[int]], list[list[int]]]],
+    pad_id: int, include_eos: bool = True, chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`shared_prefix_logprobs`, plus `token_kl` `[G*C*C, R]`: the exact KL(model || reference) over the whole
+    vocabulary at each scored position (the frozen `reference` gets no gradient), chunked the same way."""
+    return _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference)
+
+
+def _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference):
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in pack_groups(groups, pad_id, include_eos).items()}
-    body, head, scale = _body_and_head(model)
-    mask = block_attention_mask(batch["segment"], next(body.parameters()).dtype)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
-    hidden, labels = hidden[batch["seq"], batch["pos"]], batch["label"]
-    out = [checkpoint(_label_logprobs, head, hidden[start : start + chunk_size], labels[start : start + chunk_size],
-                      scale, use_reentrant=False)
-           for start in range(0, len(labels), chunk_size)]
-    token_lp = torch.zeros(batch["response_mask"].shape, dtype=torch.float32, device=device)
-    token_lp = token_lp.index_put((batch["row"], batch["col"]), torch.cat(out))
-    return token_lp, batch["response_mask"]
+    _, head, scale = _body_and_head(model)
+    hidden, labels = _packed_hidden(model, batch), batch["label"]
+    chunks = range(0, len(labels), chunk_size)
+    if reference is None:
+        label_lp = [checkpoint(_label_logprobs, head, hidden[i : i + chunk_size], labels[i : i + chunk_size], scale,
+                               use_reentrant=False) for i in chunks]
+        kl = None
+    else:
+        with torch.no_grad():
+            reference_hidden = _packed_hidden(reference, batch)
+        _, reference_head, reference_scale = _body_and_head(reference)
+        pieces = [checkpoint(_label_logprobs_and_kl, head, hidden[i : i + chunk_size], labels[i : i + chunk_size], scale,
+                             reference_head, reference_hidden[i : i + chunk_size], reference_scale, use_reentrant=False)
+                  for i in chunks]
+        label_lp, kl = [p[0] for p in pieces], [p[1] for p in pieces]
+    place = lambda values: torch.zeros(batch["response_mask"].shape, dtype=torch.float32, device=device).index_put(
+        (batch["row"], batch["col"]), torch.cat(values))
+    return place(label_lp), batch["response_mask"], None if kl is None else place(kl)
 
 
 def sequence_logprobs(token_lp: torch.Tensor, response_mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -83,17 +83,14 @@ def sft_loss(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch
     return -_masked_mean(token_logprobs, response_mask)
 
 
-def kl_to_reference(
-    policy_token_logprobs: torch.Tensor, reference_token_logprobs: torch.Tensor, response_mask: torch.Tensor
-) -> torch.Tensor:
-    """KL(pi || pi_ref) per response token, with Schulman's k3 estimator: exp(r) - r - 1, r = ref - policy.
+def k3_per_token(policy_token_logprobs: torch.Tensor, reference_token_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(pi || pi_ref) at each scored token: exp(r) - r - 1, r = ref - policy.
 
-    k3 is non-negative and unbiased for tokens sampled from pi. It is averaged over response tokens only:
-    the paper's reference code also averaged over masked prompt/padding positions, which shrinks the
-    term by the share of non-response tokens.
+    Non-negative, and unbiased for tokens sampled from pi. `sami_step` averages it over response tokens only:
+    the paper's reference code also averaged over masked prompt/padding positions, which shrinks the term.
     """
     log_ratio = (reference_token_logprobs - policy_token_logprobs).float()
-    return _masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)
+    return torch.expm1(log_ratio) - log_ratio
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,11 +108,19 @@ class ScoredPairs:
     reference_lp: Optional[torch.Tensor]  # the frozen reference's token log-probs, when the objective needs them
     groups: int
     c: int  # constitutions per group
+    token_kl: Optional[torch.Tensor] = None  # exact KL(pi || pi_ref) per scored position (`kl_estimator: exact`)
 
 
 def sami_pairs(c: int) -> list[tuple[int, int]]:
     """Every (constitution i, response j): the C x C matrix, row-major."""
     return [(i, j) for i in range(c) for j in range(c)]
+
+
+def diagonal_rows(response_mask: torch.Tensor, c: int) -> torch.Tensor:
+    """`response_mask` kept on each group's (i, i) pairs only: the responses sampled under their own constitution."""
+    groups = response_mask.shape[0] // (c * c)
+    diagonal = torch.eye(c, dtype=torch.bool, device=response_mask.device).flatten().repeat(groups)
+    return response_mask * diagonal[:, None]
 
 
 def sami_step(s: ScoredPairs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict]:
@@ -128,7 +133,9 @@ def sami_step(s: ScoredPairs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict]
         positive[:: s.c * s.c] = s.response_mask[:: s.c * s.c]
         loss = loss + cfg.sft_weight * sft_loss(s.token_lp, positive)
     if cfg.kl_beta > 0:
-        kl = kl_to_reference(s.token_lp, s.reference_lp, s.response_mask)
+        per_token = s.token_kl if s.token_kl is not None else k3_per_token(s.token_lp, s.reference_lp)
+        mask = s.response_mask if cfg.kl_pairs == "all" else diagonal_rows(s.response_mask, s.c)
+        kl = _masked_mean(per_token, mask)
         loss, stats["kl"] = loss + cfg.kl_beta * kl, kl.item()
     return loss, stats
 

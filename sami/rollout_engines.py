@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Sequence, Union
+
 import numpy as np
 import torch
 
@@ -31,10 +33,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+Seeds = Union[int, Sequence[int]]
+
+
 class RolloutEngine:
     dtype: torch.dtype  # the precision the engine computes in; the probe check's tolerance depends on it
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[Completion]:
+        """One completion per prompt. `seeds`: one per prompt (a prompt's sample depends on its own seed only,
+        not on what shares its batch), or one for the call, spread over the prompts by `request_seeds`."""
         raise NotImplementedError
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
@@ -80,35 +87,30 @@ class HFEngine(RolloutEngine):
         self.dtype = self.model.dtype
 
     def _generation_config(self, sampling: SamplingConfig):
-        """Exactly the requested sampling; the model's own generation defaults (top_k=50, ...) do not leak in."""
+        """Greedy decoding over the scores `SeededSampler` perturbs; the model's own generation defaults
+        (top_k=50, temperature, ...) do not leak in."""
         from transformers import GenerationConfig
 
-        greedy = sampling.temperature == 0.0
-        return GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else 0,  # 0 = off, as in vLLM
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(self.stop_ids),
-        )
+        return GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None,
+                                max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=sorted(self.stop_ids))
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[Completion]:
-        config = self._generation_config(sampling)
+    def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[Completion]:
+        from transformers import LogitsProcessorList
+
+        config, per_prompt = self._generation_config(sampling), prompt_seeds(seeds, len(prompts))
         completions = []
-        # a private RNG stream per call: the same (prompts, seed) give the same samples, whatever ran before
-        with torch.random.fork_rng(devices=[self.device] if self.device.startswith("cuda") else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), sampling.batch_size):
-                enc = self.tokenizer(
-                    prompts[start : start + sampling.batch_size], return_tensors="pt", padding=True,
-                    truncation=True, max_length=self.max_prompt_tokens, add_special_tokens=False,
-                ).to(self.device)
-                out = self.model.generate(**enc, generation_config=config)
-                for row in out[:, enc.input_ids.shape[1] :].tolist():
-                    completions.append(self._completion(row))
+        for start in range(0, len(prompts), sampling.batch_size):
+            enc = self.tokenizer(
+                prompts[start : start + sampling.batch_size], return_tensors="pt", padding=True,
+                truncation=True, max_length=self.max_prompt_tokens, add_special_tokens=False,
+            ).to(self.device)
+            sampler = [] if sampling.temperature == 0.0 else [
+                SeededSampler(per_prompt[start : start + sampling.batch_size], sampling, self.device)]
+            out = self.model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList(sampler))
+            for row in out[:, enc.input_ids.shape[1] :].tolist():
+                completions.append(self._completion(row))
         return completions
 
     def _completion(self, new_ids: list[int]) -> Completion:
@@ -151,6 +153,39 @@ def max_model_len(model_cfg: ModelConfig) -> int:
     training sequences end with, and the one token vLLM insists on generating even when it only scores
     (it refuses a prompt of `max_model_len` tokens: vllm/v1/engine/input_processor.py `_validate_prompt_len`)."""
     return model_cfg.max_prompt_tokens + model_cfg.max_response_tokens + 2
+
+
+def prompt_seeds(seeds: Seeds, n: int) -> list[int]:
+    """One seed per prompt: `seeds` as given, or a call's seed spread by `request_seeds`."""
+    if isinstance(seeds, int):
+        return request_seeds(seeds, n)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return list(seeds)
+
+
+class SeededSampler:
+    """A transformers logits processor that makes greedy decoding draw a sample, each row from its own seed.
+
+    transformers' `do_sample` draws a whole batch from one global generator, so a prompt's sample would depend
+    on the other prompts in its batch. Here row r adds Gumbel noise from its own generator to its tempered,
+    top-p-filtered log-probs; the argmax of that is an exact draw from the same distribution (the Gumbel-max
+    trick), and it depends on the row's seed alone.
+    """
+
+    def __init__(self, seeds: list[int], sampling: SamplingConfig, device: str):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = sampling.temperature, sampling.top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p (at least one)
+            sorted_logp, order = logp.sort(dim=-1, descending=True)
+            mass_before = sorted_logp.exp().cumsum(dim=-1) - sorted_logp.exp()
+            logp = logp.scatter(-1, order, sorted_logp.masked_fill(mass_before >= self.top_p, -torch.inf))
+        uniform = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+        return logp + gumbel
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -215,7 +250,7 @@ class VLLMEngine(RolloutEngine):
         self.transfer_joined = False
         self.pending_update: dict | None = None
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[Completion]:
         from vllm import SamplingParams, TokensPrompt
 
         # tokenised here exactly as HFEngine does (no special tokens, keep the end of a long prompt)
@@ -227,7 +262,7 @@ class VLLMEngine(RolloutEngine):
         params = [
             SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
                            max_tokens=sampling.max_new_tokens, seed=s, stop_token_ids=sorted(self.stop_ids))
-            for s in request_seeds(seed, len(prompts))
+            for s in prompt_seeds(seeds, len(prompts))
         ]
         outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
         return [self._completion(list(output.outputs[0].token_ids), output.outputs[0].finish_reason) for output in outputs]

@@ -1,5 +1,7 @@
-"""The algorithm's regression test: the demo's SAMI run, 2 iterations, raises adherence and the MI bound."""
+"""The algorithm's regression test: the demo's SAMI run, 2 iterations, raises adherence and the MI bound; the
+demo's report.json schema and the seeds' summary from the evaluation job's results."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +10,75 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEMA = {"adherence", "adherence_per_principle", "adherence_heldout", "well_formed", "mi_lower_bound", "mean_length",
+          "win_rate_vs_base"}
+
+
+def evaluation_results(adherence: dict[str, list[float]], shift: float = 0.0) -> dict:
+    """The evaluation job's results.json for models given their per-item adherence (wins: vs the first model)."""
+    base = next(iter(adherence.values()))
+    models = {}
+    for name, items in adherence.items():
+        wins = [1.0 if a > b else 0.0 if b > a else 0.5 for a, b in zip(items, base)]
+        models[name] = {
+            "mean_length": 9.5, "mi_lower_bound": sum(items) / len(items) - 0.5 + shift,
+            "mi_bounds": [a - 0.5 + shift for a in items],
+            "adherence": {"mean": sum(items) / len(items), "items": items, "per_principle": {"concise": 0.5},
+                          "well_formed": 1.0, "heldout_principle": 0.4},
+            "win_rate_vs_baseline": None if items is base else
+            {"raw": {"win_rate": sum(wins) / len(wins), "ci": [0.1, 0.9]}, "scores": wins},
+        }
+    return {"meta": {}, "models": models}
+
+
+def test_the_demo_report_keeps_its_schema(tmp_path):
+    from pipelines.demo_report import demo_figures, write_report
+
+    figures = demo_figures(evaluation_results({"base": [0.5, 0.5], "sami-iter1": [1.0, 0.5]}))
+    write_report(tmp_path, figures, {"seed": 0, "iterations": 1, "eval_queries": 2, "base_model": "b",
+                                     "evaluation": str(tmp_path / "eval"), "minutes": 1.0})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) == {"meta", "models"}
+    assert set(report["models"]["base"]) == SCHEMA and report["models"]["base"]["win_rate_vs_base"] == 0.5
+    assert set(report["models"]["sami-iter1"]) == SCHEMA | {"win_rate_vs_base_ci"}
+    assert report["models"]["sami-iter1"]["win_rate_vs_base"] == 0.75
+    assert report["models"]["sami-iter1"]["adherence_heldout"] == 0.4
+
+
+def test_time_breakdown_counts_the_iterations_wall_time_as_work(tmp_path):
+    from pipelines.demo import time_breakdown
+
+    # the second SAMI iteration generated inside its training (one_step_off): its wall time counts, not the phases
+    for name, rows in {"sami": [{"time_generate": 2.0, "time_train": 5.0, "time_iteration": 8.0},
+                                {"time_generate": 4.0, "time_train": 5.0, "time_iteration": 7.0}],
+                       "sft": [{"time_generate": 0.1, "time_train": 2.0, "time_iteration": 2.1}]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = time_breakdown(100.0, 101.0, 131.0, 171.0, [tmp_path / "sami", tmp_path / "sft"])
+    # 71 s in all: 17.1 s of training work (in 30 s of training), 40 s of evaluation, the rest overhead
+    assert t == {"total_s": 71.0, "base_model_s": 1.0, "training_s": 30.0, "training_work_s": 17.1, "evaluation_s": 40.0,
+                 "overhead_s": 13.9, "overhead_share": 0.196}
+
+
+def test_seeds_summary_pairs_items_within_a_seed(tmp_path):
+    from pipelines.demo_report import write_seeds_report
+
+    results = {seed: evaluation_results({"base": [0.5] * 4, "sami-iter2": [1.0, 1.0, 0.5, 0.5 + seed / 4],
+                                         "dpo": [0.5, 1.0, 0.5, 0.5], "sft": [1.0] * 4}, shift=seed / 10)
+               for seed in (0, 1, 2)}
+    write_seeds_report(tmp_path, results, iterations=2)
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    sami = summary["models"]["sami-iter2"]["adherence"]
+    assert sami["per_seed"] == [0.75, 0.8125, 0.875] and sami["mean"] == pytest.approx(0.8125)
+    half = 4.3027 * 0.0625 / math.sqrt(3)  # sd of the three per-seed values is 0.0625
+    assert sami["ci_seeds"] == pytest.approx([0.8125 - half, 0.8125 + half])
+    assert "win_rate_vs_base" not in summary["models"]["base"]
+    assert summary["models"]["sft"]["win_rate_vs_base"]["per_seed"] == [1.0, 1.0, 1.0]
+    minus_dpo = summary["differences"]["sami-iter2 - dpo"]
+    assert minus_dpo["adherence"]["per_seed"] == pytest.approx([0.125, 0.1875, 0.25])
+    assert minus_dpo["mi_lower_bound"]["per_seed"] == pytest.approx([0.125, 0.1875, 0.25])
+    assert summary["differences"]["sami-iter2 - sft"]["adherence"]["mean"] == pytest.approx(-0.1875)
+    assert "| sami-iter2 - dpo |" in (tmp_path / "seeds.md").read_text()
 
 
 @pytest.mark.slow
@@ -30,5 +101,6 @@ def test_two_sami_iterations_raise_adherence_and_mi_bound(tmp_path):
     assert last["mi_lower_bound"] > base["mi_lower_bound"] + 0.02
     assert last["win_rate_vs_base"] > 0.5
     assert last["well_formed"] > 0.85
-    assert {"adherence_heldout", "mean_length"} <= set(last)
+    assert set(last) == SCHEMA | {"win_rate_vs_base_ci"}
+    assert (out / "eval" / "results.json").is_file() and (out / "eval" / "judgments" / "sami-iter2-adherence.jsonl").is_file()
     assert (out / "report.png").stat().st_size > 0 and "sami-iter2" in (out / "report.md").read_text()

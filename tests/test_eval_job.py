@@ -276,3 +276,49 @@ def test_vllm_engine_budget_and_gpus_come_from_the_benchmarks():
     with pytest.raises(ConfigError, match=r"generation.gpus_per_model \(8\) must equal generation.tensor_parallel_size \(4\)"):
         load_config(None, ["models=[{name: m, path: x}]", "generation.engine=vllm", "generation.tensor_parallel_size=4",
                            "generation.gpus_per_model=8"], model_cls=EvalConfig)
+
+
+@pytest.mark.timeout(480)
+def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
+    """configs/eval_world.yaml, smaller: the world's base model against a perturbed tiny model; adherence, the
+    held-out principle, well-formed and the win rates agree with the world's rules on the saved responses."""
+    from evals.config import EvalConfig
+    from evals.run import build_plan
+    from sami.config import load_config
+    from sami.world import rules
+
+    trained = write_inputs(tmp_path, tiny_model_dir)["trained"]
+    out = tmp_path / "eval-world"
+    overrides = [f"run.output_dir={out}", "data.heldout_queries=18", "num_queries=12",
+                 "adherence.heldout_principle_queries=6", "generation.sampling.max_new_tokens=16", "win_rates.bootstrap=200",
+                 f"models=[{{name: base, path: 'builtin:world'}}, {{name: other, path: '{trained}'}}]"]
+    done = run_job(REPO / "configs" / "eval_world.yaml", *overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["heldout_principle_queries"] == 6 and results["meta"]["heldout_principles"] == ["exclaim"]
+    plan = build_plan(load_config(out / "config.yaml", model_cls=EvalConfig))
+    positive = [cons[0] for cons in plan.constitutions]
+    scores = {}
+    for name in ("base", "other"):
+        m = results["models"][name]
+        saved = [json.loads(l)["response"] for l in (out / "responses" / f"{name}.jsonl").read_text().splitlines()]
+        extra = [json.loads(l)["response"] for l in
+                 (out / "responses" / f"{name}.heldout-principle.jsonl").read_text().splitlines()]
+        scores[name] = [rules.adherence_score(r, row["subject"], c) for r, row, c in zip(saved, plan.rows, positive)]
+        a = m["adherence"]
+        assert a["items"] == pytest.approx(scores[name]) and a["mean"] == pytest.approx(sum(scores[name]) / 12)
+        assert a["well_formed"] == pytest.approx(sum(map(rules.well_formed, saved)) / 12)
+        assert a["heldout_principle"] == pytest.approx(sum(
+            rules.adherence(r, row["subject"], c)["exclaim"] for r, row, c in
+            zip(extra, plan.heldout_principle.rows, plan.heldout_principle.constitutions)) / 6)
+        assert set(a["per_principle"]) <= {p.name for p in rules.TRAINING_PRINCIPLES}
+        assert len(m["mi_bounds"]) == 12 and m["mi_lower_bound"] == pytest.approx(sum(m["mi_bounds"]) / 12)
+        judged = [json.loads(l) for l in (out / "judgments" / f"{name}-adherence.jsonl").read_text().splitlines()]
+        assert [j["items"] for j in judged] == ["main"] * 12 + ["heldout_principle"] * 6
+    assert results["models"]["base"]["adherence"]["mean"] > 0.3  # the world's base follows about half
+    win = results["models"]["other"]["win_rate_vs_baseline"]
+    assert win["scores"] == [1.0 if o > b else 0.0 if b > o else 0.5 for o, b in zip(scores["other"], scores["base"])]
+    assert "## Adherence (the world's rules)" in (out / "report.md").read_text()
+    again = run_job(REPO / "configs" / "eval_world.yaml", *overrides, "--judge-only")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["models"]["other"]["adherence"] == results["models"]["other"]["adherence"]

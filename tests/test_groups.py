@@ -78,8 +78,14 @@ def test_generation_phase_batches_seeds_and_orders(tokenizer):
     (batches, seeds), = calls
     assert [len(b) for b in batches] == [4, 4, 4]  # 2 groups x C=2 prompts per batch
     again, _ = build_groups(cfg, 2, QUERIES, fake_writer, lambda b, s: calls.append((b, s)) or fake_engines(b, s), tokenizer)
-    assert calls[1][1] == seeds  # a batch's seed depends on its queries, not on arrival
-    assert len(set(seeds)) == 3
+    assert calls[1][1] == seeds  # seeds depend on the queries, not on arrival
+    assert [len(s) for s in seeds] == [4, 4, 4] and len({s for batch in seeds for s in batch}) == 12  # one per prompt
+    # a prompt's seed is its query's and constitution's, whatever batch it travels in
+    wider = load_config(None, ["sampling.batch_size=6", "model.max_prompt_tokens=64", "model.max_response_tokens=8",
+                               "principles.mode=sample_k", "principles.principles_per_constitution=3"])
+    build_groups(wider, 2, QUERIES, fake_writer, fake_engines, tokenizer)
+    assert [s for batch in calls[-1][1] for s in batch] == [s for batch in seeds for s in batch]
+    assert [len(b) for b in calls[-1][0]] == [6, 6]
     assert [g.query_id for g in kept] == [q["query_id"] for q in QUERIES if q["query_id"] in {g.query_id for g in kept}]
     assert [g.record() for g in kept] == [g.record() for g in again]
     assert figures["filtered_identical"] + len(kept) == len(QUERIES)

@@ -159,3 +159,26 @@ def test_peak_memory_is_lower_on_long_sequence_with_large_vocab():
     full_fp32 = 1024 * 32000 * 4  # one [T, V] float32 tensor: 131 MB
     assert naive > full_fp32, naive
     assert chunked < full_fp32 and chunked * 2 < naive, (chunked, naive)
+
+
+def test_exact_kl_matches_the_full_vocabulary_sum_and_its_gradient(tiny_model_dir):
+    """token_kl[n, t] = sum_v p(v) (log p(v) - log p_ref(v)) at each response position, gradient through p only."""
+    from sami.logprobs import shared_prefix_logprobs_and_kl
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    groups = [([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]])]
+    token_lp, mask, token_kl = shared_prefix_logprobs_and_kl(model, reference, groups, pad_id=0, chunk_size=3)
+    assert torch.allclose(token_lp, shared_prefix_logprobs(model, groups, pad_id=0)[0], atol=1e-6)
+    # row (i=1, j=0): prompt [8, 9], response [10, 11]; position t predicts response token t
+    full = torch.tensor([[8, 9, 10, 11]])
+    logp = torch.log_softmax(model(full).logits.float(), -1)[0, 1:3]
+    ref = torch.log_softmax(reference(full).logits.float(), -1)[0, 1:3]
+    expected = (logp.exp() * (logp - ref)).sum(-1)
+    assert torch.allclose(token_kl[2, :2], expected, atol=1e-5) and (token_kl[mask.bool()] > 0).all()
+    (grad_exact,) = torch.autograd.grad(token_kl[2, :2].sum(), model.lm_head.weight)
+    (grad_direct,) = torch.autograd.grad(expected.sum(), model.lm_head.weight)
+    assert torch.allclose(grad_exact, grad_direct, atol=1e-5)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sami.config import ObjectiveConfig
 from sami.groups import QueryGroup
-from sami.objectives import OBJECTIVES, ScoredPairs, dpo_loss, kl_to_reference, pair_sequences, sami_loss, sft_loss
+from sami.objectives import OBJECTIVES, ScoredPairs, diagonal_rows, dpo_loss, k3_per_token, pair_sequences, sami_loss, sft_loss
 
 
 def direct_sami(L: torch.Tensor) -> torch.Tensor:
@@ -97,9 +97,9 @@ def test_sft_and_kl_use_response_tokens_only():
     assert sft_loss(token_lp, mask).item() == pytest.approx((1 + 2 + 3) / 3)
     ref = torch.tensor([[-1.0, -1.5, -2.0], [0.0, -2.0, -1.0]])
     r = [(-1.5) - (-1.0), 0.0, (-2.0) - (-3.0)]  # ref - policy on the three response tokens
-    expected = sum(math.exp(x) - x - 1 for x in r) / 3
-    assert kl_to_reference(token_lp, ref, mask).item() == pytest.approx(expected, abs=1e-6)
-    assert kl_to_reference(token_lp, token_lp, mask).item() == 0.0
+    k3 = k3_per_token(token_lp, ref)
+    assert [k3[0, 1].item(), k3[0, 2].item(), k3[1, 1].item()] == pytest.approx([math.exp(x) - x - 1 for x in r], abs=1e-6)
+    assert (k3_per_token(token_lp, token_lp) == 0).all()
 
 
 def one_token_pairs(logprobs: list[float], reference: list[float] | None = None, groups: int = 1, c: int = 2) -> ScoredPairs:
@@ -139,6 +139,20 @@ def test_sami_step_adds_sft_on_the_positive_pair_and_kl():
     kl = (math.exp(r) - r - 1) / 4
     assert stats["kl"] == pytest.approx(kl, abs=1e-6)
     assert (with_kl - base).item() == pytest.approx(0.3 * kl, abs=1e-6)
+
+
+def test_sami_kl_exact_and_on_the_diagonal_pairs_only():
+    # two groups of C = 2, one token each; the exact per-token KL arrives precomputed in token_kl
+    scored = one_token_pairs([-1.0, -3.0, -3.0, -2.0] * 2, reference=[-1.0] * 8, groups=2)
+    scored.token_kl = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]).view(-1, 1)
+    assert diagonal_rows(scored.response_mask, 2).flatten().tolist() == [1, 0, 0, 1, 1, 0, 0, 1]
+    _, every = OBJECTIVES["sami"].step(scored, ObjectiveConfig(kl_beta=0.3, kl_estimator="exact"))
+    _, diagonal = OBJECTIVES["sami"].step(scored, ObjectiveConfig(kl_beta=0.3, kl_estimator="exact", kl_pairs="diagonal"))
+    assert every["kl"] == pytest.approx(0.45, abs=1e-6) and diagonal["kl"] == pytest.approx((0.1 + 0.4 + 0.5 + 0.8) / 4, abs=1e-6)
+    # k3 on the diagonal: (i, i) rows hold -1, -2, -1, -2 against a reference of -1
+    _, k3 = OBJECTIVES["sami"].step(scored.__class__(scored.token_lp, scored.response_mask, scored.reference_lp, 2, 2),
+                                    ObjectiveConfig(kl_beta=0.3, kl_pairs="diagonal"))
+    assert k3["kl"] == pytest.approx((0 + (math.exp(1) - 2)) / 2, abs=1e-6)
 
 
 def test_dpo_step_hand_computed():

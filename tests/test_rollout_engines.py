@@ -56,7 +56,7 @@ def direct_logprob(model, prompt_ids, response_ids, pad_id) -> float:
 def test_generate_shapes_and_length_finish(engine):
     # fp32 on CPU (dtype auto), random weights: 8 tokens of noise, no EOS
     assert engine.model.dtype == torch.float32
-    out = engine.generate(PROMPTS, GREEDY, seed=0)
+    out = engine.generate(PROMPTS, GREEDY, 0)
     assert len(out) == len(PROMPTS) and all(isinstance(c, Completion) for c in out)
     for c in out:
         assert c.finish_reason == "length" and len(c.token_ids) == 8
@@ -72,25 +72,52 @@ def test_stop_cuts_at_first_eos(engine):
 
 
 def test_left_padded_batch_equals_one_by_one_greedy(engine):
-    batched = engine.generate(PROMPTS, GREEDY, seed=0)
-    single = [engine.generate([p], GREEDY, seed=0)[0] for p in PROMPTS]
+    batched = engine.generate(PROMPTS, GREEDY, 0)
+    single = [engine.generate([p], GREEDY, 0)[0] for p in PROMPTS]
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
     # a batch_size smaller than the prompt count splits the call and changes nothing
-    split = engine.generate(PROMPTS, GREEDY.model_copy(update={"batch_size": 3}), seed=0)
+    split = engine.generate(PROMPTS, GREEDY.model_copy(update={"batch_size": 3}), 0)
     assert [c.token_ids for c in split] == [c.token_ids for c in batched]
 
 
 def test_sampling_is_deterministic_per_seed(engine):
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=4)
-    first = engine.generate(PROMPTS, sampling, seed=7)
+    first = engine.generate(PROMPTS, sampling, 7)
     torch.rand(100)  # global RNG activity in between must not matter
-    again = engine.generate(PROMPTS, sampling, seed=7)
-    other = engine.generate(PROMPTS, sampling, seed=8)
+    again = engine.generate(PROMPTS, sampling, 7)
+    other = engine.generate(PROMPTS, sampling, 8)
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert [c.token_ids for c in first] != [c.token_ids for c in other]
     # a tiny nucleus (top_p) leaves only the argmax token, so sampling turns greedy
-    nucleus = engine.generate(PROMPTS, sampling.model_copy(update={"top_p": 1e-6}), seed=7)
-    assert [c.token_ids for c in nucleus] == [c.token_ids for c in engine.generate(PROMPTS, GREEDY, seed=0)]
+    nucleus = engine.generate(PROMPTS, sampling.model_copy(update={"top_p": 1e-6}), 7)
+    assert [c.token_ids for c in nucleus] == [c.token_ids for c in engine.generate(PROMPTS, GREEDY, 0)]
+
+
+def test_a_prompts_sample_depends_on_its_own_seed_not_its_batch(engine):
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=4)
+    seeds = [11, 12, 13, 14]
+    batched = engine.generate(PROMPTS, sampling, seeds)
+    alone = [engine.generate([p], sampling, [s])[0] for p, s in zip(PROMPTS, seeds)]
+    reordered = engine.generate(PROMPTS[::-1], sampling, seeds[::-1])[::-1]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone] == [c.token_ids for c in reordered]
+    # the same prompt under different seeds gives different samples
+    assert len({tuple(c.token_ids) for c in engine.generate([PROMPTS[0]] * 4, sampling, seeds)}) > 1
+
+
+def test_seeded_sampler_draws_from_the_tempered_nucleus():
+    """Gumbel-max: the argmax of the perturbed scores is a draw from softmax(logits / T), cut at top_p."""
+    from sami.rollout_engines import SeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    counts = torch.zeros(4)
+    for seed in range(4000):
+        counts[SeededSampler([seed], SamplingConfig(temperature=2.0), "cpu")(None, logits).argmax()] += 1
+    expected = torch.softmax(logits[0] / 2.0, dim=0)  # 0.4754, 0.2883, 0.1749, 0.1061
+    assert torch.allclose(counts / 4000, expected, atol=0.025)
+    # top_p 0.7 at T=1: probabilities 0.644, 0.237, ...: the first two reach it, the rest are never drawn
+    nucleus = SamplingConfig(temperature=1.0, top_p=0.7)
+    drawn = {SeededSampler([seed], nucleus, "cpu")(None, logits).argmax().item() for seed in range(500)}
+    assert drawn == {0, 1}
 
 
 def test_long_prompt_keeps_its_end(tiny_model_dir):

@@ -11,7 +11,6 @@ from sami.config import load_config
 from sami.constitutions import Constitution
 from sami.world import grammar, rules
 from sami.world.base_model import BaseModelSpec, ensure_base_model, spec_hash
-from evals.world import eval_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,14 +83,35 @@ def test_corpus_documents_are_in_the_training_prompt_format():
 
 
 def test_held_out_principle_and_evaluation_queries():
+    from evals.config import EvalConfig
+    from evals.run import build_plan
+    from sami.config import ConfigError, build_config, load_yaml
+    from sami.data import load_queries
+
     assert rules.HELDOUT_PRINCIPLES == ("exclaim",)
     assert "exclaim" not in {p.name for p in rules.TRAINING_PRINCIPLES} and len(rules.TRAINING_PRINCIPLES) == 5
-    items, heldout = eval_set(50, seed=0), eval_set(50, seed=0, heldout=True)
-    assert all("exclaim" not in dict(i.constitution.stances) for i in items)
-    assert all(dict(i.constitution.stances).get("exclaim") is True for i in heldout)
-    assert all(not any(dict(i.contrast.stances).values()) for i in heldout)  # the contrast flips every stance
-    assert [i.prompt for i in eval_set(50, seed=0)] == [i.prompt for i in items]
-    assert [i.prompt for i in eval_set(50, seed=1)] != [i.prompt for i in items]
+
+    def plan(seed: int, *overrides):
+        cfg = build_config(EvalConfig, load_yaml(REPO / "configs" / "eval_world.yaml"),
+                           [f"run.seed={seed}", "data.heldout_queries=75", "num_queries=50",
+                            "adherence.heldout_principle_queries=25", *overrides], "eval_world.yaml")
+        return build_plan(cfg)
+
+    p = plan(0)
+    extra = p.heldout_principle
+    assert len(p.rows) == 50 and len(extra.rows) == 25
+    assert all("exclaim" not in dict(c.stances) for cons in p.constitutions for c in cons)
+    assert all(dict(c.stances).get("exclaim") is True and len(c.stances) == 3 and all(dict(c.stances).values())
+               for c in extra.constitutions)
+    # Queries training never saw, none shared between the two sets.
+    train = load_config(REPO / "configs" / "world_demo.yaml")
+    seen = {r["query_id"] for r in load_queries(train.data, 0)}
+    assert not seen & {r["query_id"] for r in p.rows + extra.rows}
+    assert not {r["query_id"] for r in p.rows} & {r["query_id"] for r in extra.rows}
+    assert plan(0).heldout_principle.generation_prompts == extra.generation_prompts
+    assert plan(1).heldout_principle.generation_prompts != extra.generation_prompts
+    with pytest.raises(ConfigError, match=r"needs 50 \+ 25 held-out queries, there are 60"):
+        plan(0, "data.heldout_queries=60")
 
 
 @pytest.mark.timeout(300)
@@ -112,6 +132,12 @@ def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
     assert messages == [f"[world] reusing cached base model {path}"] and weights.stat().st_mtime_ns == mtime
     other = BaseModelSpec(num_docs=200, steps=5, batch_size=8, seed=1)
     assert spec_hash(other) != spec_hash(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # another machine's thread count: another cache entry
+    try:
+        assert spec_hash(spec) != path.name.removeprefix("base-")
+    finally:
+        torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("Constitution:\n1. Be polite.", add_special_tokens=False).input_ids

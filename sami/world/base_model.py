@@ -1,7 +1,8 @@
 """The world's "pretrained base model": a tiny Llama trained on the world's corpus, cached on disk.
 
 It plays mistral-7b's part in the paper: it knows the format and follows principles weakly (adherence
-≈ p_follow). Training is deterministic under a seed; the cache key covers every setting, and a folder
+≈ p_follow). Training is deterministic under a seed on a given machine; the cache key covers every setting and
+what else changes the weights (library versions, CPU threads), and a folder
 counts as cached only once its marker file is written, so a crash never leaves a half model behind.
 """
 from __future__ import annotations
@@ -69,8 +70,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAMI_CACHE_DIR", Path.home() / ".cache" / "sami-on-ray")) / "world"
 
 
+def build_environment() -> dict:
+    """What else changes the pretrained weights bit for bit: the library versions and the CPU threads (float sums
+    split across threads round differently), so a cache carried to another machine is rebuilt, not trusted."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+
+
 def spec_hash(spec: BaseModelSpec) -> str:
-    payload = json.dumps({"world": WORLD_VERSION, **asdict(spec)}, sort_keys=True)
+    payload = json.dumps({"world": WORLD_VERSION, **asdict(spec), **build_environment()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -133,7 +142,7 @@ def ensure_base_model(spec: BaseModelSpec | None = None, cache_dir: str | Path |
     tmp.mkdir(parents=True)
     log(f"[world] pretraining the base model ({spec.steps} steps on {spec.num_docs} documents), cached in {folder}")
     pretrain(tmp, spec, log)
-    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    (tmp / "spec.json").write_text(json.dumps({**asdict(spec), **build_environment()}, indent=2))
     (tmp / "READY").write_text("ok\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
