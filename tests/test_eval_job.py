@@ -290,7 +290,7 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
     trained = write_inputs(tmp_path, tiny_model_dir)["trained"]
     out = tmp_path / "eval-world"
     overrides = [f"run.output_dir={out}", "data.heldout_queries=18", "num_queries=12",
-                 "adherence.heldout_principle_queries=6", "generation.sampling.max_new_tokens=16", "win_rates.bootstrap=200",
+                 "adherence.heldout_principle_queries=6", "win_rates.bootstrap=200",
                  f"models=[{{name: base, path: 'builtin:world'}}, {{name: other, path: '{trained}'}}]"]
     done = run_job(REPO / "configs" / "eval_world.yaml", *overrides)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
