@@ -340,6 +340,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {field}: unknown field (check the spelling)")
         elif e["type"] == "missing":
             lines.append(f"  {field}: required field is missing")
+        elif not e["loc"]:  # a check across sections names its fields itself; the input is the whole config
+            lines.append(f"  {msg}")
         else:
             lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)

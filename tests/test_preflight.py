@@ -107,7 +107,8 @@ def test_evaluation_dry_run_refuses_a_malformed_principle_file(tmp_path, capsys,
     path.write_text(yaml.safe_dump([GOOD[0], GOOD[0]]))
     code = eval_main(["--config", "configs/eval_world.yaml", "--dry-run", "judge.backend=openai", "judge.model=j",
                       "judge.base_url=http://127.0.0.1:9/v1", "data.source=jsonl", "data.task=dialogue",
-                      f"data.path={path}", "principles.source=file", f"principles.path={path}"])
+                      f"data.path={path}", "principles.source=file", f"principles.path={path}", "adherence.enabled=false",
+                      "adherence.heldout_principle_queries=0"])
     assert code == 2 and "duplicate name 'p0'" in capsys.readouterr().err
 
 
