@@ -131,13 +131,14 @@ class RolloutEngineError(StopRun):
 
 def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[Seeds],
                         incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
-                        max_failures: int = 0) -> list[dict]:
+                        max_failures: int = 0, on_batch: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Every batch's completions, in batch order (`seeds`: each batch's, one per prompt). Each batch goes to the first engine that is free (load, not a
     hash, decides), so the engines are the bounded pool: one call in flight per engine, no proxy processes.
 
     A batch answered by an engine that died, or by a new incarnation of it (restarted, so holding the weights on
     disk), is thrown away and generated again after `recover(engine index)` has given that engine the current
     weights and updated `incarnations`; more than `max_failures` failures of one engine stop the iteration.
+    `on_batch(batches done, batches)` is called as each batch is answered (the console's progress).
     """
     results: list[Optional[list[dict]]] = [None] * len(prompt_batches)
     todo, free, running, failures = deque(range(len(prompt_batches))), deque(range(len(actors))), {}, Counter()
@@ -155,6 +156,8 @@ def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling:
         if problem is None:
             results[batch] = answer["completions"]
             free.append(engine)
+            if on_batch is not None:
+                on_batch(sum(r is not None for r in results), len(results))
             continue
         failures[engine] += 1
         if recover is None or failures[engine] > max_failures:

@@ -29,7 +29,8 @@ import torch
 
 from actors.rollout import dtype_name
 from sami.config import RolloutConfig
-from sami.learner import StopRun, full_parameters, log
+from sami.console import log
+from sami.learner import StopRun, full_parameters
 
 RESTART_TIMEOUT_S = 600  # a vLLM engine can take minutes to start on a busy node
 

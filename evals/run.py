@@ -26,10 +26,11 @@ from pathlib import Path
 from evals.config import EvalConfig
 from evals.generate import EvalPlan, HeldoutPrincipleItems
 from sami.config import ConfigError, dump_config, load_config
+from sami.console import VERBOSE_HELP, console
 
 
 def log(message: str) -> None:
-    print(f"[eval {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    console.say(f"[eval {time.strftime('%H:%M:%S')}] {message}")
 
 
 def load_library(cfg: EvalConfig):
@@ -364,6 +365,9 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
         model.path = resolve_model(model.path, log)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    opened = console.open_log(out / "job.log")
+    if opened:
+        log(opened)
     if not judge_only:
         connect_ray(math.ceil(cfg.generation.cpus_per_model) + 1, uses_gpu=cfg.generation.gpus_per_model > 0)
     metrics = RunMetrics("eval", cfg.run.name)  # after connecting: outside Ray the metrics are inactive
@@ -427,32 +431,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge-only", action="store_true",
                         help="judge the responses a previous run of this config saved in run.output_dir/responses/ "
                              "instead of generating them again (no Ray)")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + " (run.output_dir/job.log)")
     args = parser.parse_args(argv)
     from evals.gsm8k import GSM8KError
     from evals.mtbench import MTBenchError
     from sami.chat_clients import ChatClientError, check_endpoint
     from sami.principles import PrincipleError
 
-    try:
-        cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
-        if args.dry_run:
-            print(format_plan(cfg))
-            for problem in missing_paths(cfg):
-                print(f"warning: {problem} (fine if it is on the cluster's storage)")
-            if cfg.needs_queries and cfg.principles.source == "file" and Path(cfg.principles.path).is_file():
-                load_library(cfg)  # present but malformed: an error here too
-            if cfg.win_rates.enabled or cfg.mtbench.enabled:
-                try:
-                    check_endpoint(cfg.judge, field_prefix="judge", purpose="judge", retries=0)
-                except ChatClientError as e:
-                    print(f"warning: {e} (fine if the endpoint is reachable from the cluster)")
-            print("config OK; nothing started (--dry-run)")
-            return 0
-        run(cfg, judge_only=args.judge_only)
-    except (ConfigError, ChatClientError, MTBenchError, GSM8KError, PrincipleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    with console.session(verbose=args.verbose):
+        try:
+            cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
+            if args.dry_run:
+                print(format_plan(cfg))
+                for problem in missing_paths(cfg):
+                    print(f"warning: {problem} (fine if it is on the cluster's storage)")
+                if cfg.needs_queries and cfg.principles.source == "file" and Path(cfg.principles.path).is_file():
+                    load_library(cfg)  # present but malformed: an error here too
+                if cfg.win_rates.enabled or cfg.mtbench.enabled:
+                    try:
+                        check_endpoint(cfg.judge, field_prefix="judge", purpose="judge", retries=0)
+                    except ChatClientError as e:
+                        print(f"warning: {e} (fine if the endpoint is reachable from the cluster)")
+                print("config OK; nothing started (--dry-run)")
+                return 0
+            run(cfg, judge_only=args.judge_only)
+        except (ConfigError, ChatClientError, MTBenchError, GSM8KError, PrincipleError) as e:
+            console.error(f"error: {e}")
+            return 2
+        return 0
 
 
 if __name__ == "__main__":

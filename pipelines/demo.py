@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.train import RunFailed, RunStopped
 from sami.config import ConfigError, build_config, load_config, load_yaml
+from sami.console import VERBOSE_HELP, console
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG = CONFIGS / "world_demo.yaml"
@@ -25,7 +27,7 @@ BASELINES = ("sft", "dpo", "sft-sami")
 
 
 def log(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    console.say(f"[demo {time.strftime('%H:%M:%S')}] {message}")
 
 
 def baseline_overrides(name: str, sami_run: Path) -> list[str]:
@@ -100,7 +102,7 @@ def evaluate(cfg) -> dict:
 
 def run_seed(args, seed: int, out: Path) -> dict:
     """One whole demo for `seed` into `out`; returns the evaluation's results."""
-    from pipelines.demo_report import demo_figures, print_table, write_report
+    from pipelines.demo_report import demo_figures, table, write_report
     from sami.world.base_model import BaseModelSpec, ensure_base_model
 
     started = time.time()
@@ -122,7 +124,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
     report = write_report(out, figures, {"seed": seed, "iterations": args.iterations, "eval_queries": args.eval_queries,
                                          "base_model": str(base_path), "evaluation": str(out / "eval"),
                                          "minutes": round(timing["total_s"] / 60, 2), "time": timing})
-    print_table(figures)
+    console.say(table(figures))
     log(f"seed {seed}: done in {timing['total_s'] / 60:.1f} min: training {timing['training_work_s']:.0f}s of work in "
         f"{timing['training_s']:.0f}s, evaluation {timing['evaluation_s']:.0f}s, overhead {timing['overhead_s']:.0f}s "
         f"({timing['overhead_share']:.0%}): {report}")
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--skip-baselines", action="store_true", help="SAMI only (no SFT, DPO, SFT-then-SAMI)")
     parser.add_argument("--eval-queries", type=int, default=200)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + " (<out>/demo.log)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/world_demo.yaml for every run")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
@@ -147,17 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_queries < 2:
         print(f"error: --eval-queries must be at least 2, got {args.eval_queries}", file=sys.stderr)
         return 2
-    try:
-        if not args.seeds:
-            run_seed(args, args.seed, args.out)
-            return 0
-        from pipelines.demo_report import write_seeds_report
+    with console.session(verbose=args.verbose):
+        opened = console.open_log(args.out / "demo.log")
+        if opened:
+            log(opened)
+        try:
+            if not args.seeds:
+                run_seed(args, args.seed, args.out)
+            else:
+                from pipelines.demo_report import write_seeds_report
 
-        results = {seed: run_seed(args, seed, args.out / f"seed-{seed}") for seed in args.seeds}
-        log(f"seeds {' '.join(map(str, args.seeds))}: {write_seeds_report(args.out, results, args.iterations)}")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                results = {seed: run_seed(args, seed, args.out / f"seed-{seed}") for seed in args.seeds}
+                log(f"seeds {' '.join(map(str, args.seeds))}: {write_seeds_report(args.out, results, args.iterations)}")
+        except ConfigError as e:
+            console.error(f"error: {e}")
+            return 2
+        except (RunFailed, RunStopped) as e:
+            console.error(f"error: {e}")
+            return 1
     return 0
 
 

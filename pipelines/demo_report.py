@@ -41,10 +41,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def print_table(results: dict) -> None:
-    print(table(results))
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 

@@ -27,7 +27,8 @@ from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
 from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, generation_seeds, plan_groups
-from sami.learner import Learner, StopRun, log, objective_for, skip_cpu_shm_comm_op, stop_together
+from sami.console import log, open_channel, report_progress
+from sami.learner import Learner, StopRun, objective_for, skip_cpu_shm_comm_op, stop_together
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
 from sami.run_dir import last_complete_iteration, mark_complete, mark_stopped
@@ -38,6 +39,8 @@ Probe = tuple[list[int], list[int]]
 def train_loop_per_worker(config: dict) -> None:
     """Each run of `config["runs"]` in turn (the demo trains SAMI and its baselines in one worker group); a
     stop ends the sequence. A run complete before a restart of the group is not trained again."""
+    if ray.train.get_context().get_world_rank() == 0:
+        open_channel(Path(config["console"]))  # rank 0's lines and progress reach the driver's console
     for run in config["runs"]:
         if last_complete_iteration(Path(run["run_dir"])) < run["cfg"].run.iterations and not train_run(run):
             return
@@ -57,7 +60,8 @@ def train_run(config: dict) -> bool:
             groups, probe, record = generate_phase(loop, iteration, upcoming)
             upcoming = start_next_generation(loop, iteration)
             loop.phase("train")
-            record.update(loop.learner.train(iteration, groups))
+            record.update(loop.learner.train(iteration, groups, on_step=lambda step, steps: report_progress(
+                f"iteration {iteration} train", step, steps, "step")))
             record["time_wait_generation"] = finish_generation(upcoming)
             record.update(sync_phase(loop, probe))
             loop.engine_weights = iteration
@@ -157,7 +161,8 @@ def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tu
     if loop.rank == 0:
         loop.phase("generate")
         if upcoming is None:
-            log(f"iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: generating")
+            log(f"{cfg.run.name}: iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: "
+                + ("replaying groups" if cfg.data.replay_groups_from else "generating"))
         try:
             groups, figures = upcoming.result() if upcoming is not None else rank0_groups(loop, iteration,
                                                                                             loop.engine_weights)
@@ -183,7 +188,7 @@ def start_next_generation(loop: Loop, iteration: int) -> Optional[Future]:
     if (loop.rank != 0 or cfg.schedule.rollout != "one_step_off" or iteration == cfg.run.iterations
             or cfg.data.replay_groups_from):
         return None
-    log(f"iteration {iteration + 1}/{cfg.run.iterations} [{objective_for(cfg, iteration + 1)}]: generating "
+    log(f"{cfg.run.name}: iteration {iteration + 1}/{cfg.run.iterations} [{objective_for(cfg, iteration + 1)}]: generating "
         f"on the weights of iteration {loop.engine_weights} while iteration {iteration} trains")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sami-generate")
     upcoming = executor.submit(rank0_groups, loop, iteration + 1, loop.engine_weights)
@@ -216,7 +221,10 @@ def rank0_groups(loop: Loop, iteration: int, policy_iteration: int) -> tuple[lis
         groups, figures = build_groups(
             cfg, iteration, queries, constitutions=loop.constitutions,
             generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds, sync.incarnations,
-                                                                sync.recover, cfg.rollout.max_engine_failures),
+                                                                sync.recover, cfg.rollout.max_engine_failures,
+                                                                on_batch=lambda done, batches: report_progress(
+                                                                    f"iteration {iteration} generate", done, batches,
+                                                                    "batch")),
             tokenizer=loop.learner.tokenizer)
         restarted = sync.restarts[restarts_before:]
         diffs = [r["probe_abs_diff"] for r in restarted if r["probe_abs_diff"] is not None]

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipelines.plan import WRITER_CPUS, format_plan
 from pipelines.preflight import check_inputs, check_run_dir, save_run_config
 from sami.config import ConfigError, TrainConfig, load_config
+from sami.console import CHANNEL, VERBOSE_HELP, console
 from sami.run_dir import last_complete_iteration, stop_message
 
 
@@ -42,7 +43,7 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def run(cfg: TrainConfig, resume: bool = False, log=print, override_config: bool = False) -> Path:
+def run(cfg: TrainConfig, resume: bool = False, log=console.say, override_config: bool = False) -> Path:
     """Run the training job; returns the run directory."""
     return run_sequence([cfg], [resume], log, override_config)[0]
 
@@ -57,13 +58,15 @@ def same_worker_group(cfgs: list[TrainConfig]) -> None:
                                   f"group share these settings")
 
 
-def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=print, override_config: bool = False) -> list[Path]:
+def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
+                 override_config: bool = False) -> list[Path]:
     """Train `cfgs` one after another in ONE Ray Train worker group (one `fit()`: the learners, the Ray Train
     controller and the imports start once, not once per run); returns their run directories.
 
     A run may replay the groups an earlier run of the sequence generates (`data.replay_groups_from`); a replay
     run starts no rollout engines. A stop or failure in one run ends the sequence there. `resume[i]`: run i
-    continues the run in its folder (`--resume`).
+    continues the run in its folder (`--resume`). An entry point's console (not --verbose) sends the framework's
+    output to the first run's `job.log` from here on, unless it has a log file already (the demo's).
     """
     run_dirs = [Path(cfg.run.output_dir).resolve() for cfg in cfgs]
     same_worker_group(cfgs)
@@ -78,6 +81,9 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=print, overrid
             todo.append((cfg, run_dir, done, continues_from))
     if not todo:
         return run_dirs
+    opened = console.open_log(todo[0][1] / "job.log")
+    if opened:
+        log(f"[sami] {opened}")
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -93,7 +99,11 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=print, overrid
     first = todo[0][0]
     use_gpu = first.scaling.gpus_per_learner > 0
     # Logical CPUs above the learners + actors leave room for Ray Train's own actors (the 2-CPU deadlock).
-    connect_ray(first.scaling.num_learners + max(cfg.rollout.num_engines for cfg, *_ in todo) + 4, uses_gpu=use_gpu)
+    dashboard = connect_ray(first.scaling.num_learners + max(cfg.rollout.num_engines for cfg, *_ in todo) + 4,
+                            uses_gpu=use_gpu)
+    if dashboard:
+        log(f"[sami] Ray dashboard: {dashboard}")
+    channel = todo[0][1] / CHANNEL  # learner rank 0's lines and progress, for the console
     attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
     runs, started = [], []
     try:
@@ -123,7 +133,7 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=print, overrid
         resources = {"CPU": first.scaling.cpus_per_learner, **({"GPU": first.scaling.gpus_per_learner} if use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"runs": runs},
+            train_loop_config={"runs": runs, "console": str(channel)},
             scaling_config=ScalingConfig(num_workers=first.scaling.num_learners, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -131,7 +141,8 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=print, overrid
                                  failure_config=FailureConfig(max_failures=first.scaling.max_learner_failures)),
         )
         try:
-            trainer.fit()
+            with console.follow(channel):
+                trainer.fit()
         except Exception as e:  # a learner or an actor failed: one line for the console, the rest to a file
             failed = next((d for _, d, *_ in todo if not run_complete(d)), todo[-1][1])
             (failed / "error.log").write_text("".join(traceback.format_exception(e)))
@@ -166,30 +177,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, principles, data files and what --resume would continue from; "
                              "print the resource plan")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + " (<run>/job.log)")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --resume as well as before
     if args.override_config and not args.resume:
         print("error: --override-config only applies with --resume", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            check_inputs(cfg, contact_endpoints=False)
-            _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
-            print(format_plan(cfg))
-            print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
-            return 0
-        run(cfg, resume=args.resume, override_config=args.override_config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RunFailed, RunStopped) as e:
-        import ray
-
-        ray.shutdown()  # Ray prints its buffered worker logs now, so the one line below is the last
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with console.session(verbose=args.verbose):
+        try:
+            cfg = load_config(args.config, args.overrides)
+            if args.dry_run:
+                check_inputs(cfg, contact_endpoints=False)
+                _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
+                print(format_plan(cfg))
+                print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
+                return 0
+            run(cfg, resume=args.resume, override_config=args.override_config)
+        except ConfigError as e:
+            console.error(f"error: {e}")
+            return 2
+        except (RunFailed, RunStopped) as e:
+            console.error(f"error: {e}")
+            return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

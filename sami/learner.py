@@ -7,11 +7,11 @@ fresh optimiser from memory, never from disk.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -22,12 +22,6 @@ from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_l
 from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
 from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
-
-
-def log(message: str) -> None:
-    # Not print(): Ray Train patches print in its workers to both log and echo, so every line showed twice.
-    sys.stdout.write(f"[sami {time.strftime('%H:%M:%S')}] {message}\n")
-    sys.stdout.flush()
 
 
 def objective_for(cfg: TrainConfig, iteration: int) -> str:
@@ -233,8 +227,10 @@ class Learner:
             raise CheckpointError(f"{run_dir}: iteration {iteration} has neither a DeepSpeed checkpoint nor an HF export")
         return source
 
-    def train(self, iteration: int, groups: list[QueryGroup]) -> dict:
-        """The iteration's optimiser steps on this rank's groups (cycled); returns the step figures."""
+    def train(self, iteration: int, groups: list[QueryGroup],
+              on_step: Optional[Callable[[int, int], None]] = None) -> dict:
+        """The iteration's optimiser steps on this rank's groups (cycled); returns the step figures.
+        `on_step(step, steps)` is called after each optimiser step (the console's progress)."""
         cfg, s = self.cfg, self.settings
         objective = objective_for(cfg, iteration)
         if cfg.schedule.init == "base" and iteration > 1:
@@ -261,6 +257,8 @@ class Learner:
             if norm is not None and (micro + 1) % s.accumulation == 0 and not every_rank_finite(float(norm)):
                 raise NonFiniteError(non_finite_message(iteration, step, "gradient norm", float(norm), last))
             step_stats.append(stats)
+            if on_step is not None and (micro + 1) % s.accumulation == 0:
+                on_step(step, cfg.steps_for_iteration(iteration))
         self.engine.eval()
         seconds = time.perf_counter() - started
         flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if with_reference else 0)

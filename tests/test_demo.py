@@ -94,6 +94,13 @@ def test_two_sami_iterations_raise_adherence_and_mi_bound(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=450, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The console: the project's lines only, no cursor-control codes on a pipe; the framework's output in demo.log.
+    shown = proc.stdout + proc.stderr
+    assert "\r" not in shown and "\x1b[" not in shown, shown[-3000:]
+    assert f"log: {out / 'demo.log'} (" in shown and "iteration 2 done: loss" in shown and "RayTrainWorker" not in shown
+    assert len([line for line in shown.splitlines() if line.strip()]) <= 30, shown
+    log = (out / "demo.log").read_text()
+    assert "Started a local Ray instance" in log and "(RayTrainWorker pid=" in log and "iteration 2 done: loss" in log
     report = json.loads((out / "report.json").read_text())["models"]
     base, last = report["base"], report["sami-iter2"]
     print({name: {k: round(m[k], 3) for k in ("adherence", "mi_lower_bound", "win_rate_vs_base")} for name, m in report.items()})

@@ -88,6 +88,8 @@ def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path, schedule):
     log, _ = driver.communicate(timeout=500)
     assert driver.returncode != 0
     assert "iteration 1, optimiser step 2: the loss is nan" in log, log[-3000:]
+    assert log.strip().splitlines()[-1].startswith("error: ") and "\r" not in log and "\x1b[" not in log, log
+    assert f"log: {out / 'job.log'}" in log and "(RayTrainWorker pid=" in (out / "job.log").read_text()
     assert not (out / "iteration-1" / "COMPLETE").exists() and not (out / "iteration-1" / "hf").exists()
     assert not (out / "deepspeed").exists()
     assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) \
