@@ -42,7 +42,7 @@ class Console:
     @contextmanager
     def session(self, verbose: bool) -> Iterator["Console"]:
         """An entry point's lifetime. An unexpected exception leaves its traceback in the log file and one line
-        naming the file on the console (exit code 1); the descriptors are restored at the end."""
+        naming the file on the console (exit code 1); otherwise the descriptors are restored at the end."""
         self.verbose = verbose
         try:
             yield self
@@ -51,10 +51,14 @@ class Console:
                 raise
             traceback.print_exc()  # into the log file: stderr points there
             self.error(f"error: {type(e).__name__}: {one_line(str(e))} (traceback: {self.log_path})")
+            # The descriptors stay on the log file: what Ray prints while the process exits belongs there.
             raise SystemExit(1) from None
-        finally:
+        except BaseException:  # Ctrl-C, sys.exit: the console is the person's again
             self._restore()
+            raise
+        finally:
             self.verbose = True
+        self._restore()
 
     def open_log(self, path: Path) -> Optional[str]:
         """Send descriptors 1 and 2 to `path` (appended); returns the line that tells the person where, or None
