@@ -166,6 +166,9 @@ def test_evaluation_job_with_a_loopback_judge(tmp_path, tiny_model_dir):
     assert all(r["headers"].get("Authorization") == "Bearer sk-eval-test-secret-123" for r in server.requests)
     assert "sk-eval-test-secret-123" not in done.stdout + done.stderr
     assert not any("sk-eval-test" in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    # Ray's output is in the job's log file (checked for the key above), the console names it and has no cursor codes.
+    assert f"log: {out / 'job.log'} (" in done.stdout and "\x1b[" not in done.stdout + done.stderr
+    assert "Started a local Ray instance" in (out / "job.log").read_text()
 
     results = json.loads((out / "results.json").read_text())
     base, test = results["models"]["base"], results["models"]["sami-iter1"]
