@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.train import RunFailed, RunStopped
-from sami.config import ConfigError, build_config, load_config, load_yaml
+from pipelines.train import exit_code
+from sami.config import build_config, load_config, load_yaml
 from sami.console import VERBOSE_HELP, console
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -150,25 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_queries < 2:
         print(f"error: --eval-queries must be at least 2, got {args.eval_queries}", file=sys.stderr)
         return 2
-    with console.session(verbose=args.verbose):
+
+    def job() -> None:
         opened = console.open_log(args.out / "demo.log")
         if opened:
             log(opened)
-        try:
-            if not args.seeds:
-                run_seed(args, args.seed, args.out)
-            else:
-                from pipelines.demo_report import write_seeds_report
+        if not args.seeds:
+            run_seed(args, args.seed, args.out)
+            return
+        from pipelines.demo_report import write_seeds_report
 
-                results = {seed: run_seed(args, seed, args.out / f"seed-{seed}") for seed in args.seeds}
-                log(f"seeds {' '.join(map(str, args.seeds))}: {write_seeds_report(args.out, results, args.iterations)}")
-        except ConfigError as e:
-            console.error(f"error: {e}")
-            return 2
-        except (RunFailed, RunStopped) as e:
-            console.error(f"error: {e}")
-            return 1
-    return 0
+        results = {seed: run_seed(args, seed, args.out / f"seed-{seed}") for seed in args.seeds}
+        log(f"seeds {' '.join(map(str, args.seeds))}: {write_seeds_report(args.out, results, args.iterations)}")
+
+    with console.session(verbose=args.verbose):
+        return exit_code(job)
 
 
 if __name__ == "__main__":

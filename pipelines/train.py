@@ -12,6 +12,7 @@ import sys
 import traceback
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from pipelines.plan import WRITER_CPUS, format_plan
 from pipelines.preflight import check_inputs, check_run_dir, save_run_config
@@ -182,23 +183,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.override_config and not args.resume:
         print("error: --override-config only applies with --resume", file=sys.stderr)
         return 2
-    with console.session(verbose=args.verbose):
-        try:
-            cfg = load_config(args.config, args.overrides)
-            if args.dry_run:
-                check_inputs(cfg, contact_endpoints=False)
-                _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
-                print(format_plan(cfg))
-                print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
-                return 0
+
+    def job() -> None:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            check_inputs(cfg, contact_endpoints=False)
+            _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
+            print(format_plan(cfg))
+            print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
+        else:
             run(cfg, resume=args.resume, override_config=args.override_config)
-        except ConfigError as e:
-            console.error(f"error: {e}")
-            return 2
-        except (RunFailed, RunStopped) as e:
-            console.error(f"error: {e}")
-            return 1
-    return 0
+
+    with console.session(verbose=args.verbose):
+        return exit_code(job)
+
+
+def exit_code(job: Callable[[], None]) -> int:
+    """Run an entry point's `job`: 0, or one `error: ...` line on the console and 2 for inputs it refused, 1 for
+    a run that stopped or failed."""
+    try:
+        job()
+        return 0
+    except ConfigError as e:
+        console.error(f"error: {e}")
+        return 2
+    except (RunFailed, RunStopped) as e:
+        console.error(f"error: {e}")
+        return 1
 
 
 if __name__ == "__main__":
