@@ -248,12 +248,13 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
         [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
          "--submission-id", eval_id, "--no-wait", "--", "python", "-m", "evals.run", "--config",
          "configs/eval_world.yaml", models, f"run.output_dir={eval_dir}", "data.max_queries=256",
-         "data.heldout_queries=32"], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+         "data.heldout_queries=32", "num_queries=24", "adherence.heldout_principle_queries=8"], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     status, samples, logs = follow_job(cluster, eval_id, 600)
     assert status == "SUCCEEDED" and "phase 4/4: report" in logs, logs[-3000:]
     results = json.loads((eval_dir / "results.json").read_text())
-    assert results["meta"]["queries"] == 32 and results["models"]["sami-iter2"]["win_rate_vs_baseline"]["n"] == 32
+    assert results["meta"]["queries"] == 24 and results["models"]["sami-iter2"]["win_rate_vs_baseline"]["n"] == 24
+    assert results["models"]["sami-iter2"]["adherence"]["heldout_principle"] is not None
     assert "| sami-iter2 |" in (eval_dir / "report.md").read_text()
     assert any('job="eval"' in s and "ray_sami_mi_lower_bound" in s for s in samples)
 
