@@ -115,8 +115,9 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
                    f"data.replay_groups_from={sami_run}"))
     (row,) = metrics(dpo)
     first, last = epoch_means(row["loss_per_step"])
-    # measured 0.691 -> 0.360 (2026-11-23); DPO starts at log 2 exactly: policy == reference
-    assert row["objective"] == "dpo" and first == pytest.approx(math.log(2), abs=0.01) and last < first - 0.15, row["loss_per_step"]
+    # DPO's first step is log 2 exactly (policy == reference); epoch means measured 0.683 -> 0.38 (2026-11-23)
+    assert row["objective"] == "dpo" and row["loss_per_step"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert last < first - 0.15, row["loss_per_step"]
     assert row["reward_accuracy"] > 0.5
 
     two_stage = run(tiny(tmp_path / "sft-sami", "objective.name=sft_then_sami", "objective.sft_iterations=1",
