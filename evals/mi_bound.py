@@ -5,7 +5,7 @@ them; L[i, j] = mean per-token log p(y_j | c_i, x), tokenised, laid out and scor
 functions (`sami.groups.tokenise_pairs`, the `sami` objective's pairs, `sami.learner.score_groups`).
 `mi_bounds` batches an HF model; `mi_bounds_with` takes any scorer of one (prompt, response) pair, such as
 a rollout engine's `sequence_logprob` (vLLM). Both give one bound per group (the evaluation's intervals
-resample groups); `mi_lower_bound` is their mean, the figure training reports for a batch.
+resample groups); their mean is the `mi_lower_bound` the evaluation reports, the figure training reports for a batch.
 """
 from __future__ import annotations
 
@@ -50,12 +50,6 @@ def mi_bounds(model, tokenizer, groups: list[tuple[list[str], list[str]]], batch
                                       pad, True, device)
         bounds += _per_group(sequence_logprobs(token_lp, mask).view(len(chunk), c, c))
     return bounds
-
-
-def mi_lower_bound(model, tokenizer, groups: list[tuple[list[str], list[str]]]) -> float:
-    """The mean over groups of `mi_bounds`."""
-    bounds = mi_bounds(model, tokenizer, groups)
-    return sum(bounds) / len(bounds)
 
 
 def mi_bounds_with(score: Callable[[list[int], list[int]], float], tokenizer,

@@ -14,7 +14,7 @@ def adherence_records(rows: list[dict], constitutions: list, responses: list[str
     records = []
     for row, constitution, response in zip(rows, constitutions, responses):
         checks = rules.adherence(response, row["subject"], constitution)
-        records.append({"query_id": row["query_id"], "adherence": sum(checks.values()) / len(checks),
+        records.append({"query_id": row["query_id"], "adherence": rules.share_followed(checks),
                         "principles": checks, "well_formed": rules.well_formed(response)})
     return records
 

@@ -100,9 +100,13 @@ def adherence(response: str, subject: str, constitution: Constitution) -> dict[s
     return {name: ok and satisfies(response, subject, name, positive) for name, positive in constitution.stances}
 
 
-def adherence_score(response: str, subject: str, constitution: Constitution) -> float:
-    checks = adherence(response, subject, constitution)
+def share_followed(checks: dict[str, bool]) -> float:
+    """Adherence: the share of the stated principles a response follows (`adherence`'s checks)."""
     return sum(checks.values()) / len(checks)
+
+
+def adherence_score(response: str, subject: str, constitution: Constitution) -> float:
+    return share_followed(adherence(response, subject, constitution))
 
 
 class WorldJudge:
