@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from sami.run_dir import RunDir
+
 # Dense bf16 peak FLOP/s by device name (the H100/H200 SXM figure); anything else falls back to the H100's.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -73,7 +75,7 @@ def iteration_figures(run_dir: Path, row: dict, params: int, peak: float) -> dic
     """One iteration's figures from its metrics row and its query groups."""
     import pyarrow.parquet as pq
 
-    groups = pq.read_table(run_dir / f"iteration-{row['iteration']}" / "groups.parquet").to_pylist()
+    groups = pq.read_table(RunDir(run_dir).groups(row["iteration"])).to_pylist()
     generated = sum(g["response_tokens"] * len(g["responses"]) for g in groups)
     kept = [g for g in groups if not g["reject_reason"]]
     # SAMI scores every (constitution i, response j) pair: C x C sequences per kept group, each trained once
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = smoke_config(model_dir, args.out, gpus, args.overrides)
     started = time.perf_counter()
     run_dir = run(cfg)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run_dir).read_metrics()
     result = {
         "device": device, "gpus": gpus, "sync_path": "nccl" if gpus > 1 else "object_store",
         "parameters": params, "peak_bf16_flops": peak, "wall_seconds": time.perf_counter() - started,

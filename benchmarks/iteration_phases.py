@@ -9,12 +9,12 @@ spent generating or training. Ray Train's start-up (~40 s per run) is outside ev
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 from sami.config import load_config
+from sami.run_dir import RunDir
 from pipelines.train import run
 
 PHASES = ("write_principles", "generate", "train", "sync", "checkpoint")
@@ -30,7 +30,7 @@ def main() -> None:
     started = time.perf_counter()
     run(cfg)
     total_run = time.perf_counter() - started
-    row = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()][-1]
+    row = RunDir(args.out).read_metrics()[-1]
     times = {p: row[f"time_{p}"] for p in PHASES}
     total = sum(times.values())
     print(f"iteration {row['iteration']}: {total:.2f} s in phases ({total_run:.0f} s for the whole run)")

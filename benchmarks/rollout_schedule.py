@@ -11,19 +11,19 @@ state, iterations 2 to N-1 (what every further iteration costs). Ray Train's sta
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 from pathlib import Path
 
 from pipelines.train import run
 from sami.config import load_config
+from sami.run_dir import RunDir
 
 SCHEDULES = ("sync", "one_step_off")
 
 
 def iteration_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run_dir).read_metrics()
 
 
 def main() -> None:

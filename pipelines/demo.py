@@ -19,6 +19,7 @@ from pathlib import Path
 from pipelines.train import exit_code
 from sami.config import build_config, load_config, load_yaml
 from sami.console import VERBOSE_HELP, console
+from sami.run_dir import RunDir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG = CONFIGS / "world_demo.yaml"
@@ -47,7 +48,7 @@ def time_breakdown(started: float, trained: float, evaluated: float, finished: f
     `schedule.rollout: one_step_off` generation hidden inside training counted once) nor evaluation: starting
     Ray and the worker group, loading models, tearing down. Building the base model (once per seed, then cached) is
     stated apart and left out of the overhead and of the share it is taken of."""
-    rows = [json.loads(line) for d in run_dirs for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for d in run_dirs for row in RunDir(d).read_metrics()]
     work = sum(row["time_iteration"] for row in rows)
     total, base_model, evaluation = finished - started, trained - started, finished - evaluated
     overhead = total - base_model - work - evaluation
@@ -66,7 +67,7 @@ def train_all(names: list[str], args, seed: int, out: Path, extra: list[str]) ->
             for name in names]
     t = time.time()
     # a rerun continues where the last one stopped
-    run_dirs = run_sequence(cfgs, [(out / name / "config.yaml").exists() for name in names], log=log)
+    run_dirs = run_sequence(cfgs, [RunDir(out / name).config.exists() for name in names], log=log)
     log(f"{', '.join(names)}: trained in {time.time() - t:.0f}s")
     return dict(zip(names, run_dirs))
 
@@ -117,8 +118,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
     evaluated = time.time()
     log(f"seed {seed}: phase 3/3: evaluation on {args.eval_queries} held-out queries (evals.run)")
     models = {"base": str(base_path)}
-    models.update({f"sami-iter{k}": str(runs["sami"] / f"iteration-{k}" / "hf") for k in range(1, args.iterations + 1)})
-    models.update({name: str(runs[name] / f"iteration-{args.iterations}" / "hf") for name in BASELINES if name in runs})
+    models.update({f"sami-iter{k}": str(RunDir(runs["sami"]).hf(k)) for k in range(1, args.iterations + 1)})
+    models.update({name: str(RunDir(runs[name]).hf(args.iterations)) for name in BASELINES if name in runs})
     results = evaluate(evaluation_config(args, seed, out, models))
     figures = demo_figures(results)
     timing = time_breakdown(started, trained, evaluated, time.time(), list(runs.values()))

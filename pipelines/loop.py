@@ -7,11 +7,9 @@ them; every rank checkpoints. The model is loaded once.
 """
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import pyarrow as pa
@@ -23,6 +21,7 @@ import torch.distributed as dist
 
 from actors.rollout import generate_on_engines
 from actors.weight_sync import WeightSync
+from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
@@ -31,22 +30,23 @@ from sami.console import log, open_channel, report_progress
 from sami.learner import Learner, StopRun, objective_for, skip_cpu_shm_comm_op, stop_together
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
-from sami.run_dir import last_complete_iteration, mark_complete, mark_stopped
+from sami.run_dir import RunDir
 
 Probe = tuple[list[int], list[int]]
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Each run of `config["runs"]` in turn (the demo trains SAMI and its baselines in one worker group); a
-    stop ends the sequence. A run complete before a restart of the group is not trained again."""
+    """Each run of the driver's `LearnerJob` in turn (the demo trains SAMI and its baselines in one worker
+    group); a stop ends the sequence. A run complete before a restart of the group is not trained again."""
+    job = LearnerJob.from_config(config)
     if ray.train.get_context().get_world_rank() == 0:
-        open_channel(Path(config["console"]))  # rank 0's lines and progress reach the driver's console
-    for run in config["runs"]:
-        if last_complete_iteration(Path(run["run_dir"])) < run["cfg"].run.iterations and not train_run(run):
+        open_channel(job.console)  # rank 0's lines and progress reach the driver's console
+    for run in job.runs:
+        if run.run_dir.last_complete_iteration() < run.cfg.run.iterations and not train_run(run):
             return
 
 
-def train_run(config: dict) -> bool:
+def train_run(run: RunSpec) -> bool:
     """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint. False if it stopped.
 
     With `schedule.rollout: one_step_off`, rank 0 starts generating iteration k+1 (on the engines' weights of
@@ -54,7 +54,7 @@ def train_run(config: dict) -> bool:
     """
     upcoming: Optional[Future] = None  # rank 0: iteration k+1's generation, running while k trains
     try:
-        loop = setup(config)
+        loop = setup(run)
         for iteration in range(loop.start, loop.cfg.run.iterations + 1):
             started = time.perf_counter()
             groups, probe, record = generate_phase(loop, iteration, upcoming)
@@ -71,47 +71,59 @@ def train_run(config: dict) -> bool:
     except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
         if ray.train.get_context().get_world_rank() == 0:
             log(f"stopped: {stop}")
-            mark_stopped(Path(config["run_dir"]), config["attempt"], str(stop))
+            run.run_dir.mark_stopped(run.attempt, str(stop))
         return False
     finally:
         finish_generation(upcoming)  # a stop or failure mid-iteration: the engines finish before the run ends
 
 
 @dataclass
+class Rank0:
+    """What learner rank 0 alone holds."""
+
+    metrics: RunMetrics  # the dashboard's gauges
+    history: list[dict]  # metrics.jsonl rows so far (health warnings compare with them)
+    local_writer: Optional[PrincipleWriterCore] = None  # when the principles come from a file or the world
+
+
+@dataclass
 class Loop:
-    cfg: TrainConfig
+    run: RunSpec  # what the driver handed over: config, run folder, rollout actors, writer, queries
     rank: int
     world: int
-    run_dir: Path
     learner: Learner
     sync: WeightSync
     start: int  # the first iteration this run trains
-    config: dict  # what the driver handed over: rollout actors, writer, queries
-    metrics: Optional[RunMetrics]  # rank 0 only
-    history: list[dict]  # rank 0: metrics.jsonl rows so far (health warnings compare with them)
     learner_restarts: int  # times this job's learner group was restarted after a failure, so far
     engine_weights: int  # the iteration whose weights the rollout engines hold (0: the base model)
-    local_writer: Optional[PrincipleWriterCore] = None  # rank 0, when the principles come from a file or the world
+    rank0: Optional[Rank0]  # None on the other ranks
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.cfg
+
+    @property
+    def run_dir(self) -> RunDir:
+        return self.run.run_dir
 
     def constitutions(self, query_ids: list[str], seed: int):
         """(library, each query's C constitutions) from the writer actor, or from the core when there is none."""
-        writer = self.config["writer"]
-        if writer is not None:
-            return ray.get(writer.iteration_constitutions.remote(query_ids, seed))
-        if self.local_writer is None:
-            self.local_writer = PrincipleWriterCore(self.cfg.principles, self.run_dir)
-        return self.local_writer.iteration_constitutions(query_ids, seed)
+        if self.run.writer is not None:
+            return ray.get(self.run.writer.iteration_constitutions.remote(query_ids, seed))
+        if self.rank0.local_writer is None:
+            self.rank0.local_writer = PrincipleWriterCore(self.cfg.principles, self.run_dir.path)
+        return self.rank0.local_writer.iteration_constitutions(query_ids, seed)
 
     def phase(self, name: str) -> None:
-        if self.metrics is not None:
-            self.metrics.set_phase(name)
+        if self.rank0 is not None:
+            self.rank0.metrics.set_phase(name)
 
 
-def setup(config: dict) -> Loop:
+def setup(run: RunSpec) -> Loop:
     """Distributed init, the learner, the weight sync; on `--resume` the last complete iteration, re-synced."""
     import deepspeed
 
-    cfg: TrainConfig = config["cfg"]
+    cfg = run.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_learner > 0
@@ -120,37 +132,31 @@ def setup(config: dict) -> Loop:
         skip_cpu_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     torch.manual_seed(cfg.run.seed + rank)
-    learner = Learner(cfg, config["model_path"], world, device, use_gpu)
-    sync = WeightSync(config["actors"], cfg.rollout, cfg.deepspeed.zero_stage, rank,
+    learner = Learner(cfg, run.model_path, world, device, use_gpu)
+    sync = WeightSync(run.actors, cfg.rollout, cfg.deepspeed.zero_stage, rank,
                       use_nccl=use_gpu and cfg.rollout.engine == "vllm" and cfg.rollout.weight_sync == "auto")
-    run_dir = Path(config["run_dir"])
     # The driver refuses a folder holding a run unless --resume, so complete iterations here are this run's:
     # after --resume, or after Ray Train restarted the learner group (scaling.max_learner_failures).
-    start = last_complete_iteration(run_dir) + 1
-    restarts = count_learner_starts(run_dir, config["attempt"], rank) - 1
-    metrics = RunMetrics("train", cfg.run.name) if rank == 0 else None
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if rank == 0 and (run_dir / "metrics.jsonl").is_file() else []
+    start = run.run_dir.last_complete_iteration() + 1
+    restarts = count_learner_starts(run.run_dir, run.attempt, rank) - 1
+    rank0 = Rank0(RunMetrics("train", cfg.run.name), run.run_dir.read_metrics()) if rank == 0 else None
     # A resumed run re-syncs the engines below, so its first generation is on-policy.
-    loop = Loop(cfg, rank, world, run_dir, learner, sync, start, config, metrics, history, restarts, start - 1)
+    loop = Loop(run, rank, world, learner, sync, start, restarts, start - 1, rank0)
     if start > 1:
-        learner.restore(run_dir, start - 1)
+        learner.restore(run.run_dir, start - 1)
         if rank == 0:
             how = f"learner group restarted after a failure (restart {restarts})" if restarts else "resumed"
             log(f"{how}: continuing from iteration {start - 1}; re-syncing the rollout engines")
-        sync_phase(loop, tuple(json.loads((run_dir / f"iteration-{start - 1}" / "probe.json").read_text())))
+        sync_phase(loop, run.run_dir.read_probe(start - 1))
     return loop
 
 
-def count_learner_starts(run_dir: Path, attempt: str, rank: int) -> int:
+def count_learner_starts(run_dir: RunDir, attempt: str, rank: int) -> int:
     """How many times this job (`attempt`: the driver's token) has started the learner group, this one included."""
-    path = run_dir / "learner_starts"
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(attempt + "\n")
+        run_dir.record_learner_start(attempt)
     dist.barrier()  # every rank reads after rank 0 wrote
-    return path.read_text().split().count(attempt)
+    return run_dir.learner_start_count(attempt)
 
 
 def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tuple[list[QueryGroup], Probe, dict]:
@@ -207,16 +213,16 @@ def finish_generation(upcoming: Optional[Future]) -> float:
 def rank0_groups(loop: Loop, iteration: int, policy_iteration: int) -> tuple[list[QueryGroup], dict]:
     """The iteration's kept groups (generated on the engines' weights of `policy_iteration`, or replayed from
     another run, as it recorded them), saved to groups.parquet."""
-    cfg, config = loop.cfg, loop.config
+    cfg = loop.cfg
     started = time.perf_counter()
     if cfg.data.replay_groups_from:
         # filtered where they were generated
-        groups = replay_groups(Path(cfg.data.replay_groups_from), iteration)
+        groups = replay_groups(RunDir(cfg.data.replay_groups_from), iteration)
         figures = {"time_write_principles": 0.0, **{f"filtered_{r}": 0 for r in REASONS}}
     else:
         count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
-        queries = iteration_queries(config["train_queries"], iteration, count, cfg.schedule.alternate_splits)
-        actors, sync = config["actors"], loop.sync
+        queries = iteration_queries(loop.run.train_queries, iteration, count, cfg.schedule.alternate_splits)
+        actors, sync = loop.run.actors, loop.sync
         restarts_before = len(sync.restarts)
         groups, figures = build_groups(
             cfg, iteration, queries, constitutions=loop.constitutions,
@@ -233,9 +239,8 @@ def rank0_groups(loop: Loop, iteration: int, policy_iteration: int) -> tuple[lis
             group.policy_iteration, group.staleness = policy_iteration, iteration - 1 - policy_iteration
         log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
             f"({ {k: v for k, v in figures.items() if k.startswith('filtered_')} })")
-    it_dir = loop.run_dir / f"iteration-{iteration}"
-    it_dir.mkdir(parents=True, exist_ok=True)
-    pyarrow.parquet.write_table(pa.Table.from_pylist([g.record() for g in groups]), it_dir / "groups.parquet")
+    loop.run_dir.iteration(iteration).mkdir(parents=True, exist_ok=True)
+    pyarrow.parquet.write_table(pa.Table.from_pylist([g.record() for g in groups]), loop.run_dir.groups(iteration))
     seconds = time.perf_counter() - started - figures["time_write_principles"]
     response_tokens = sum(g.response_tokens for g in groups)
     return groups, {**figures, "time_generate": seconds, "groups": len(groups),
@@ -269,9 +274,9 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     return kept, {**figures, **counts}
 
 
-def replay_groups(source_run: Path, iteration: int) -> list[QueryGroup]:
+def replay_groups(source_run: RunDir, iteration: int) -> list[QueryGroup]:
     """Iteration k's groups as another run generated them (filtering already applied there)."""
-    path = source_run / f"iteration-{iteration}" / "groups.parquet"
+    path = source_run.groups(iteration)
     if not path.is_file():
         raise FileNotFoundError(f"data.replay_groups_from: {path} does not exist (did that run reach iteration {iteration}?)")
     return [QueryGroup.from_record(row) for row in pyarrow.parquet.read_table(path).to_pylist()]
@@ -310,14 +315,15 @@ def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe, sta
     dist.barrier()
     record["time_iteration"] = time.perf_counter() - started
     if loop.rank == 0:
-        first_loss = loop.history[0]["loss_first_step"] if loop.history else record["loss_first_step"]
-        record["warnings"] = health_warnings(record, first_loss, loop.history[-1] if loop.history else None)
+        history = loop.rank0.history
+        first_loss = history[0]["loss_first_step"] if history else record["loss_first_step"]
+        record["warnings"] = health_warnings(record, first_loss, history[-1] if history else None)
         record["warning_count"] = len(record["warnings"])
         for warning in record["warnings"]:
             log(f"warning: iteration {iteration}: {warning}")
-        mark_complete(loop.run_dir, iteration, record, probe)
-        loop.history.append(record)
-        loop.metrics.record(iteration, record)
+        loop.run_dir.mark_complete(iteration, record, probe)
+        history.append(record)
+        loop.rank0.metrics.record(iteration, record)
         mi = record["mi_lower_bound"]
         log(f"iteration {iteration} done: loss {record['loss_first_step']:.4f} -> {record['loss_last_step']:.4f}"
             + (f", MI bound {mi:.3f}" if mi is not None else "")

@@ -14,7 +14,7 @@ from sami.config import ConfigError, TrainConfig, config_differences, dump_confi
 from sami.constitutions import sample_constitutions
 from sami.principle_writer import PrincipleWriterCore
 from sami.principles import PrincipleError
-from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, last_complete_iteration, resume_source, verify_manifest
+from sami.run_dir import CheckpointError, RunDir, verify_manifest
 
 # Extending (or shortening) a run is what --resume is for; any other change needs --override-config.
 RESUMABLE_CHANGES = {"run.iterations"}
@@ -46,7 +46,7 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
         load_queries(cfg.data, cfg.run.seed)  # the file exists and every line is JSON with a query
     if cfg.data.replay_groups_from and Path(cfg.data.replay_groups_from).resolve() not in generated_before:
         missing = [k for k in range(1, cfg.run.iterations + 1)
-                   if not (Path(cfg.data.replay_groups_from) / f"iteration-{k}" / "groups.parquet").is_file()]
+                   if not RunDir(cfg.data.replay_groups_from).groups(k).is_file()]
         if missing:
             raise ConfigError(f"data.replay_groups_from: {cfg.data.replay_groups_from} has no groups.parquet for "
                               f"iteration(s) {missing}")
@@ -55,16 +55,16 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
 def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tuple[int, str]:
     """(last complete iteration, what a resume continues from, for the console). Refuses to start over a run,
     to resume an empty folder, changed settings without `override_config`, or a checkpoint it cannot load."""
-    run_dir = Path(cfg.run.output_dir).resolve()
-    done = last_complete_iteration(run_dir)
-    saved = run_dir / "config.yaml"
+    run_dir = RunDir(Path(cfg.run.output_dir).resolve())
+    done = run_dir.last_complete_iteration()
+    saved = run_dir.config
     if not resume:
-        if saved.exists() or (run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run.output_dir {run_dir} already holds a run (iteration {done} complete); pass --resume "
+        if saved.exists() or run_dir.metrics.exists():
+            raise ConfigError(f"run.output_dir {run_dir.path} already holds a run (iteration {done} complete); pass --resume "
                               f"to continue it or choose another run.output_dir")
         return 0, "a new run"
     if not saved.is_file():
-        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start one without --resume")
+        raise ConfigError(f"--resume: {run_dir.path} holds no run (no config.yaml); start one without --resume")
     changed = config_differences(load_config(saved), cfg)
     if set(changed) - RESUMABLE_CHANGES and not override_config:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -72,10 +72,10 @@ def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tupl
                           f"with the new ones, or --config {saved} to keep the old")
     if done == 0:
         return 0, "no complete iteration: starting again at iteration 1"
-    source = resume_source(run_dir, done)
+    source = run_dir.resume_source(done)
     if source == "deepspeed":
         try:
-            verify_manifest(deepspeed_dir(run_dir, done))
+            verify_manifest(run_dir.deepspeed(done))
         except CheckpointError as e:
             raise ConfigError(f"--resume: {e}") from None
         return done, f"iteration {done} (DeepSpeed checkpoint: weights and optimiser, checksums verified)"
@@ -83,15 +83,15 @@ def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tupl
         raise ConfigError(f"--resume: iteration {done} has no DeepSpeed checkpoint (checkpoint.deepspeed was false) "
                           f"and ZeRO-3 cannot load the HF export's weights; rerun with deepspeed.zero_stage<=2")
     if source == "hf":
-        return done, (f"iteration {done} (weights from {hf_dir(run_dir, done)}, a fresh optimiser: "
+        return done, (f"iteration {done} (weights from {run_dir.hf(done)}, a fresh optimiser: "
                       f"the run kept no DeepSpeed checkpoint)")
     raise ConfigError(f"--resume: iteration {done} kept neither a DeepSpeed checkpoint nor an HF export "
                       f"(checkpoint.deepspeed and checkpoint.export_hf were false): nothing to continue from")
 
 
-def save_run_config(cfg: TrainConfig, run_dir: Path, done: int) -> None:
+def save_run_config(cfg: TrainConfig, run_dir: RunDir, done: int) -> None:
     """config.yaml, once every check passed; a resume with other settings keeps the old one beside it."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir.config
     if saved.is_file() and config_differences(load_config(saved), cfg):
-        saved.rename(run_dir / f"config.iteration-{done}.yaml")
+        saved.rename(run_dir.kept_config(done))
     dump_config(cfg, saved)

@@ -7,18 +7,19 @@ Train `fit()` (pipelines/loop.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from pipelines.plan import WRITER_CPUS, format_plan
 from pipelines.preflight import check_inputs, check_run_dir, save_run_config
+from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
-from sami.console import CHANNEL, VERBOSE_HELP, console
-from sami.run_dir import last_complete_iteration, stop_message
+from sami.console import VERBOSE_HELP, console
+from sami.run_dir import RunDir
 
 
 class RunStopped(RuntimeError):
@@ -59,6 +60,16 @@ def same_worker_group(cfgs: list[TrainConfig]) -> None:
                                   f"group share these settings")
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    """A run of the sequence with iterations left, as the input checks found it."""
+
+    cfg: TrainConfig
+    run_dir: RunDir
+    done: int  # its last complete iteration
+    continues_from: str  # what it continues from, for the console
+
+
 def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
                  override_config: bool = False) -> list[Path]:
     """Train `cfgs` one after another in ONE Ray Train worker group (one `fit()`: the learners, the Ray Train
@@ -70,8 +81,29 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
     output to the first run's `job.log` from here on, unless it has a log file already (the demo's).
     """
     run_dirs = [Path(cfg.run.output_dir).resolve() for cfg in cfgs]
+    todo = check_runs(cfgs, run_dirs, resume, override_config, log)
+    if not todo:
+        return run_dirs
+    open_job_log(todo[0].run_dir, log)
+    connect(todo, log)
+    attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
+    prepared: list[RunSpec] = []
+    try:
+        for pending in todo:
+            prepared.append(prepare_run(pending, attempt, log))
+        job = LearnerJob(tuple(prepared), todo[0].run_dir.console)
+        fit(make_trainer(job), job)
+    finally:
+        stop_actors(prepared)
+    report_stops(todo, attempt, log)
+    return run_dirs
+
+
+def check_runs(cfgs: list[TrainConfig], run_dirs: list[Path], resume: list[bool], override_config: bool,
+               log) -> list[PendingRun]:
+    """What a user can get wrong, checked first: before the slow imports, config.yaml and Ray. Returns the runs
+    with iterations left."""
     same_worker_group(cfgs)
-    # What a user can get wrong is checked first: before the slow imports, config.yaml and Ray.
     todo = []
     for index, (cfg, run_dir, resumes) in enumerate(zip(cfgs, run_dirs, resume)):
         check_inputs(cfg, generated_before=run_dirs[:index])
@@ -79,92 +111,116 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
         if resumes and done >= cfg.run.iterations:
             log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
         else:
-            todo.append((cfg, run_dir, done, continues_from))
-    if not todo:
-        return run_dirs
-    opened = console.open_log(todo[0][1] / "job.log")
+            todo.append(PendingRun(cfg, RunDir(run_dir), done, continues_from))
+    return todo
+
+
+def open_job_log(run_dir: RunDir, log) -> None:
+    opened = console.open_log(run_dir.job_log)
     if opened:
         log(f"[sami] {opened}")
 
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.principle_writer import PrincipleWriterActor
+def connect(todo: list[PendingRun], log) -> None:
+    """Join the cluster, or start a local Ray big enough for the sequence."""
     from actors.ray_session import connect_ray
+
+    first = todo[0].cfg
+    # Logical CPUs above the learners + actors leave room for Ray Train's own actors (the 2-CPU deadlock).
+    dashboard = connect_ray(first.scaling.num_learners + max(p.cfg.rollout.num_engines for p in todo) + 4,
+                            uses_gpu=first.scaling.gpus_per_learner > 0)
+    if dashboard:
+        log(f"[sami] Ray dashboard: {dashboard}")
+
+
+def prepare_run(pending: PendingRun, attempt: str, log) -> RunSpec:
+    """The run's model and queries, its folder (config.yaml, the held-out queries), its writer and rollout actors."""
+    from actors.principle_writer import PrincipleWriterActor
     from actors.rollout import start_rollout_actors
-    from pipelines.loop import train_loop_per_worker
     from sami.data import load_queries, split_queries
     from sami.world.base_model import resolve_model  # torch and transformers: not for --dry-run
 
-    first = todo[0][0]
-    use_gpu = first.scaling.gpus_per_learner > 0
-    # Logical CPUs above the learners + actors leave room for Ray Train's own actors (the 2-CPU deadlock).
-    dashboard = connect_ray(first.scaling.num_learners + max(cfg.rollout.num_engines for cfg, *_ in todo) + 4,
-                            uses_gpu=use_gpu)
-    if dashboard:
-        log(f"[sami] Ray dashboard: {dashboard}")
-    channel = todo[0][1] / CHANNEL  # learner rank 0's lines and progress, for the console
-    attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
-    runs, started = [], []
+    cfg, run_dir = pending.cfg, pending.run_dir
     try:
-        for cfg, run_dir, done, continues_from in todo:
-            try:
-                model_path = resolve_model(cfg.model.name_or_path, log)
-            except ValueError as e:
-                raise ConfigError(f"model.name_or_path: {e}") from None
-            train_rows, heldout_rows = split_queries(load_queries(cfg.data, cfg.run.seed), cfg.data.heldout_queries)
-            if done:
-                log(f"[sami] resuming {run_dir} from {continues_from}; next: iteration {done + 1} of {cfg.run.iterations}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_config(cfg, run_dir, done)
-            (run_dir / "heldout_queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout_rows))
-            replay = cfg.data.replay_groups_from is not None
-            log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
-                f"{cfg.scaling.num_learners} learner(s), " + ("groups replayed from " + cfg.data.replay_groups_from
-                                                            if replay else f"{cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)"))
-            # A language-model writer gets an actor of its own; principles from a file or the world are served by
-            # the same core inside learner rank 0 (a process less).
-            writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir)) \
-                if cfg.principles.source == "writer" and not replay else None
-            actors = [] if replay else start_rollout_actors(model_path, cfg.rollout, cfg.model)
-            started += actors + ([writer] if writer is not None else [])
-            runs.append({"cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path,
-                         "run_dir": str(run_dir), "train_queries": train_rows, "attempt": attempt})
-        resources = {"CPU": first.scaling.cpus_per_learner, **({"GPU": first.scaling.gpus_per_learner} if use_gpu else {})}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"runs": runs, "console": str(channel)},
-            scaling_config=ScalingConfig(num_workers=first.scaling.num_learners, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=first.run.name, storage_path=str(todo[0][1] / "ray_train"),
-                                 failure_config=FailureConfig(max_failures=first.scaling.max_learner_failures)),
-        )
-        try:
-            with console.follow(channel):
-                trainer.fit()
-        except Exception as e:  # a learner or an actor failed: one line for the console, the rest to a file
-            failed = next((d for _, d, *_ in todo if not run_complete(d)), todo[-1][1])
-            (failed / "error.log").write_text("".join(traceback.format_exception(e)))
-            cause = root_cause(e)
-            message = " ".join(str(cause).split())[:400]
-            raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {failed / 'error.log'}); continue with: "
-                            f"python -m pipelines.train --config {failed / 'config.yaml'} --resume") from e
-    finally:
-        for actor in started:
+        model_path = resolve_model(cfg.model.name_or_path, log)
+    except ValueError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
+    train_rows, heldout_rows = split_queries(load_queries(cfg.data, cfg.run.seed), cfg.data.heldout_queries)
+    if pending.done:
+        log(f"[sami] resuming {run_dir.path} from {pending.continues_from}; "
+            f"next: iteration {pending.done + 1} of {cfg.run.iterations}")
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir, pending.done)
+    run_dir.write_heldout_queries(heldout_rows)
+    replay = cfg.data.replay_groups_from is not None
+    log(f"[sami] run {cfg.run.name}: {cfg.run.iterations} iteration(s) of {cfg.objective.name}, model {model_path}, "
+        f"{cfg.scaling.num_learners} learner(s), " + ("groups replayed from " + cfg.data.replay_groups_from
+                                                    if replay else f"{cfg.rollout.num_engines} {cfg.rollout.engine} rollout engine(s)"))
+    # A language-model writer gets an actor of its own; principles from a file or the world are served by the
+    # same core inside learner rank 0 (a process less).
+    writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir.path)) \
+        if cfg.principles.source == "writer" and not replay else None
+    actors = () if replay else tuple(start_rollout_actors(model_path, cfg.rollout, cfg.model))
+    return RunSpec(cfg, run_dir, model_path, train_rows, actors, writer, attempt)
+
+
+def make_trainer(job: LearnerJob):
+    """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.loop import train_loop_per_worker
+
+    first = job.runs[0]
+    use_gpu = first.cfg.scaling.gpus_per_learner > 0
+    resources = {"CPU": first.cfg.scaling.cpus_per_learner, **({"GPU": first.cfg.scaling.gpus_per_learner} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.as_config(),
+        scaling_config=ScalingConfig(num_workers=first.cfg.scaling.num_learners, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=first.cfg.run.name, storage_path=str(first.run_dir.ray_train),
+                             failure_config=FailureConfig(max_failures=first.cfg.scaling.max_learner_failures)),
+    )
+
+
+def fit(trainer, job: LearnerJob) -> None:
+    """`trainer.fit()`, showing learner rank 0's lines as they come. A failure of a learner or an actor becomes
+    one line (RunFailed) for the console; its traceback goes to the failed run's error.log."""
+    try:
+        with console.follow(job.console):
+            trainer.fit()
+    except Exception as e:
+        failed = next((r.run_dir for r in job.runs if not run_complete(r.run_dir)), job.runs[-1].run_dir)
+        failed.error_log.write_text("".join(traceback.format_exception(e)))
+        cause = root_cause(e)
+        message = " ".join(str(cause).split())[:400]
+        raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {failed.error_log}); continue with: "
+                        f"python -m pipelines.train --config {failed.config} --resume") from e
+
+
+def stop_actors(runs: list[RunSpec]) -> None:
+    """The rollout and writer actors of the runs prepared so far, whether the sequence ended well or not."""
+    import ray
+
+    for run in runs:
+        for actor in run.actors + ((run.writer,) if run.writer is not None else ()):
             ray.kill(actor)
-    for cfg, run_dir, *_ in todo:
-        stopped = stop_message(run_dir, attempt)
+
+
+def report_stops(todo: list[PendingRun], attempt: str, log) -> None:
+    """A run that stopped in order (its STOPPED note from this driver's `attempt`) ends the job with its message."""
+    for pending in todo:
+        stopped = pending.run_dir.stop_message(attempt)
         if stopped is not None:
             raise RunStopped(stopped)
-        log(f"[sami] done: {run_dir} (metrics.jsonl, iteration-*/hf)")
-    return run_dirs
+        log(f"[sami] done: {pending.run_dir.path} (metrics.jsonl, iteration-*/hf)")
 
 
-def run_complete(run_dir: Path) -> bool:
-    cfg = load_config(run_dir / "config.yaml")
-    return last_complete_iteration(run_dir) >= cfg.run.iterations
+def run_complete(run_dir: RunDir) -> bool:
+    cfg = load_config(run_dir.config)
+    return run_dir.last_complete_iteration() >= cfg.run.iterations
 
 
 def main(argv: list[str] | None = None) -> int:

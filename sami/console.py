@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-CHANNEL = "console.jsonl"
 PROGRESS_INTERVAL = 0.25  # seconds between two progress events a worker writes (the last one always goes)
 POLL_INTERVAL = 0.2  # seconds between two reads of the channel by the driver
 VERBOSE_HELP = "show Ray's, Ray Train's, DeepSpeed's and the workers' output on the console too, not only in the log file"

@@ -10,7 +10,6 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +19,7 @@ from sami.groups import QueryGroup, padding_id
 from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_logprobs,
                            shared_prefix_logprobs_and_kl, token_logprobs)
 from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
-from sami.run_dir import CheckpointError, deepspeed_dir, hf_dir, resume_source, verify_manifest
+from sami.run_dir import CheckpointError, RunDir, verify_manifest
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
 
 
@@ -209,22 +208,22 @@ class Learner:
     def module(self):
         return self.engine.module
 
-    def restore(self, run_dir: Path, iteration: int) -> str:
+    def restore(self, run_dir: RunDir, iteration: int) -> str:
         """Continue after `iteration`: its DeepSpeed checkpoint once the manifest matches, else the weights of its
         HF export (safetensors, nothing unpickled) with a fresh optimiser. Returns which ("deepspeed" / "hf")."""
-        source = resume_source(run_dir, iteration)
+        source = run_dir.resume_source(iteration)
         if source == "deepspeed":
-            verify_manifest(deepspeed_dir(run_dir, iteration))  # DeepSpeed's torch.load unpickles: check first
-            self.engine.load_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{iteration}")
+            verify_manifest(run_dir.deepspeed(iteration))  # DeepSpeed's torch.load unpickles: check first
+            self.engine.load_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration))
         elif source == "hf":
             from transformers import AutoModelForCausalLM
 
-            saved = AutoModelForCausalLM.from_pretrained(hf_dir(run_dir, iteration), use_safetensors=True,
+            saved = AutoModelForCausalLM.from_pretrained(run_dir.hf(iteration), use_safetensors=True,
                                                          trust_remote_code=self.cfg.model.trust_remote_code)
             self.model.load_state_dict(saved.state_dict())
             self.engine = self._deepspeed_engine()  # ZeRO keeps its own copy of the weights: rebuild it
         else:
-            raise CheckpointError(f"{run_dir}: iteration {iteration} has neither a DeepSpeed checkpoint nor an HF export")
+            raise CheckpointError(f"{run_dir.path}: iteration {iteration} has neither a DeepSpeed checkpoint nor an HF export")
         return source
 
     def train(self, iteration: int, groups: list[QueryGroup],
@@ -276,16 +275,16 @@ class Learner:
             token_lp, mask = score(self.module, [probe[0]], [probe[1]], self.pad_id, True, self.device)
             return sequence_logprobs(token_lp.float(), mask).item()
 
-    def save(self, run_dir: Path, iteration: int, rank: int) -> float:
+    def save(self, run_dir: RunDir, iteration: int, rank: int) -> float:
         """DeepSpeed checkpoint and HF export of this iteration (every rank takes part); returns seconds."""
         started = time.perf_counter()
         if self.cfg.checkpoint.deepspeed:
-            self.engine.save_checkpoint(str(run_dir / "deepspeed"), tag=f"iteration-{iteration}")
+            self.engine.save_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration))
         if self.cfg.checkpoint.export_hf:
             zero3 = self.cfg.deepspeed.zero_stage == 3
             state = self.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
             if rank == 0:
-                out = run_dir / f"iteration-{iteration}" / "hf"
+                out = run_dir.hf(iteration)
                 self.module.save_pretrained(out, state_dict=state)
                 self.tokenizer.save_pretrained(out)
         return time.perf_counter() - started

@@ -16,6 +16,7 @@ from sami.chat_clients import make_chat_client
 from sami.config import PrinciplesConfig, WriterConfig
 from sami.constitutions import Constitution, sample_constitutions
 from sami.principles import Principle, PrincipleError, load_principles, save_principles, validate_principles
+from sami.run_dir import RunDir
 from sami.world.rules import PRINCIPLES as WORLD_PRINCIPLES
 
 WRITER_PROMPT = """I am writing a constitution for how to {task}. Here are some principles I already have:
@@ -85,7 +86,7 @@ class PrincipleWriterCore:
     """Principles for a run, saved in `run_dir`; constitutions per query, deterministic per (seed, query id)."""
 
     def __init__(self, cfg: PrinciplesConfig, run_dir: str | Path, client=None):
-        self.cfg, self.path, self.client = cfg, Path(run_dir) / "principles.yaml", client
+        self.cfg, self.path, self.client = cfg, RunDir(run_dir).principles, client
         self._principles: list[Principle] | None = None
         self.rejected = 0
 

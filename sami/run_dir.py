@@ -1,11 +1,28 @@
-"""The run directory's layout: `iteration-<k>/` folders, a `COMPLETE` marker once an iteration is whole,
-`metrics.jsonl` with one row per complete iteration, and a checksum manifest beside each DeepSpeed
-checkpoint (`deepspeed/iteration-<k>/MANIFEST.sha256`) so a resume unpickles only what the run wrote."""
+"""The run directory, all of it: `RunDir` is the one place that spells a path in it.
+
+    <run>/config.yaml                      the run's settings (a resume with others keeps config.iteration-<k>.yaml)
+    <run>/principles.yaml                  the principle library, written once, reused on resume
+    <run>/heldout_queries.jsonl            the queries training never draws
+    <run>/iteration-<k>/groups.parquet     the iteration's kept query groups (QueryGroup.record())
+    <run>/iteration-<k>/hf/                the HF export (safetensors and tokenizer)
+    <run>/iteration-<k>/probe.json         the probe (prompt ids, response ids) a resume re-syncs with
+    <run>/iteration-<k>/COMPLETE           written last: the iteration is whole
+    <run>/deepspeed/iteration-<k>/         the DeepSpeed checkpoint (tag iteration-<k>) and its MANIFEST.sha256
+    <run>/metrics.jsonl                    one row per complete iteration
+    <run>/console.jsonl                    learner rank 0's lines and progress for the driver (the first run's)
+    <run>/job.log, <run>/error.log         the framework's output; the traceback of a failed run
+    <run>/learner_starts                   one line per start of the learner group (the driver's attempt token)
+    <run>/STOPPED                          why the run stopped in order
+    <run>/ray_train/                       Ray Train's storage
+
+The checksum manifest beside each DeepSpeed checkpoint lets a resume unpickle only what the run wrote.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "MANIFEST.sha256"
@@ -22,26 +39,141 @@ def json_safe(record: dict) -> dict:
             for k, v in record.items()}
 
 
-def last_complete_iteration(run_dir: Path) -> int:
-    done = [int(p.parent.name.split("-")[1]) for p in run_dir.glob("iteration-*/COMPLETE")]
-    return max(done, default=0)
+@dataclass(frozen=True)
+class RunDir:
+    """One run's folder (`run.output_dir`); every file and folder of it is named here and nowhere else."""
 
+    path: Path
 
-def deepspeed_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / "deepspeed" / f"iteration-{iteration}"
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))  # a config's string works too
 
+    @staticmethod
+    def tag(iteration: int | str) -> str:
+        """An iteration's folder name, and its DeepSpeed checkpoint tag."""
+        return f"iteration-{iteration}"
 
-def hf_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / f"iteration-{iteration}" / "hf"
+    def iteration(self, iteration: int) -> Path:
+        return self.path / self.tag(iteration)
 
+    def groups(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "groups.parquet"
 
-def resume_source(run_dir: Path, iteration: int) -> str | None:
-    """What a resume after `iteration` loads: "deepspeed" (weights and optimiser), "hf" (weights only) or None."""
-    if deepspeed_dir(run_dir, iteration).is_dir():
-        return "deepspeed"
-    if (hf_dir(run_dir, iteration) / "config.json").is_file():
-        return "hf"
-    return None
+    def hf(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "hf"
+
+    def probe(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "probe.json"
+
+    def complete(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "COMPLETE"
+
+    @property
+    def deepspeed_root(self) -> Path:
+        """The folder DeepSpeed saves into and loads from (each checkpoint is a tag under it)."""
+        return self.path / "deepspeed"
+
+    def deepspeed(self, iteration: int) -> Path:
+        return self.deepspeed_root / self.tag(iteration)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    def kept_config(self, iteration: int) -> Path:
+        """Where a resume with other settings keeps the config the run had up to `iteration`."""
+        return self.path / f"config.{self.tag(iteration)}.yaml"
+
+    @property
+    def principles(self) -> Path:
+        return self.path / "principles.yaml"
+
+    @property
+    def heldout_queries(self) -> Path:
+        return self.path / "heldout_queries.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def console(self) -> Path:
+        return self.path / "console.jsonl"
+
+    @property
+    def job_log(self) -> Path:
+        return self.path / "job.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.path / "error.log"
+
+    @property
+    def learner_starts(self) -> Path:
+        return self.path / "learner_starts"
+
+    @property
+    def stopped(self) -> Path:
+        return self.path / "STOPPED"
+
+    @property
+    def ray_train(self) -> Path:
+        return self.path / "ray_train"
+
+    def last_complete_iteration(self) -> int:
+        done = [int(p.parent.name.split("-")[1]) for p in self.path.glob(f"{self.tag('*')}/COMPLETE")]
+        return max(done, default=0)
+
+    def resume_source(self, iteration: int) -> str | None:
+        """What a resume after `iteration` loads: "deepspeed" (weights and optimiser), "hf" (weights only) or None."""
+        if self.deepspeed(iteration).is_dir():
+            return "deepspeed"
+        if (self.hf(iteration) / "config.json").is_file():
+            return "hf"
+        return None
+
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl's rows so far (none before the first complete iteration)."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def read_probe(self, iteration: int) -> tuple[list[int], list[int]]:
+        return tuple(json.loads(self.probe(iteration).read_text()))
+
+    def write_heldout_queries(self, rows: list[dict]) -> None:
+        self.heldout_queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def record_learner_start(self, attempt: str) -> None:
+        """Rank 0, at each start of the learner group: one line with the driver's token (`attempt`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.learner_starts, "a") as f:
+            f.write(attempt + "\n")
+
+    def learner_start_count(self, attempt: str) -> int:
+        """How many times the driver's run `attempt` has started the learner group so far."""
+        return self.learner_starts.read_text().split().count(attempt)
+
+    def mark_stopped(self, attempt: str, message: str) -> None:
+        """Rank 0: why the run stopped in order (a StopRun), for the driver to report."""
+        self.stopped.write_text(json.dumps({"attempt": attempt, "message": message}) + "\n")
+
+    def stop_message(self, attempt: str) -> str | None:
+        """The message of a stop of this driver's run (`attempt`), if it stopped."""
+        if not self.stopped.is_file():
+            return None
+        note = json.loads(self.stopped.read_text())
+        return note["message"] if note["attempt"] == attempt else None
+
+    def mark_complete(self, iteration: int, record: dict, probe: tuple[list[int], list[int]]) -> None:
+        """Rank 0, after every rank saved: the checkpoint's manifest, the probe for a resume's re-sync, the metrics
+        row, then the marker."""
+        if self.deepspeed(iteration).is_dir():
+            write_manifest(self.deepspeed(iteration))
+        self.probe(iteration).write_text(json.dumps(list(probe)))
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        self.complete(iteration).write_text("ok\n")
 
 
 def _sha256(path: Path) -> str:
@@ -79,29 +211,3 @@ def verify_manifest(folder: Path) -> None:
     changed = sorted(name for name, path in found.items() if _sha256(path) != expected[name])
     if changed:
         raise CheckpointError(f"{folder}: {changed} changed since the run wrote them (sha256 differs from {MANIFEST})")
-
-
-def mark_stopped(run_dir: Path, attempt: str, message: str) -> None:
-    """Rank 0: why the run stopped in order (a StopRun), for the driver to report."""
-    (run_dir / "STOPPED").write_text(json.dumps({"attempt": attempt, "message": message}) + "\n")
-
-
-def stop_message(run_dir: Path, attempt: str) -> str | None:
-    """The message of a stop of this driver's run (`attempt`), if it stopped."""
-    path = run_dir / "STOPPED"
-    if not path.is_file():
-        return None
-    note = json.loads(path.read_text())
-    return note["message"] if note["attempt"] == attempt else None
-
-
-def mark_complete(run_dir: Path, iteration: int, record: dict, probe: tuple[list[int], list[int]]) -> None:
-    """Rank 0, after every rank saved: the checkpoint's manifest, the probe for a resume's re-sync, the metrics
-    row, then the marker."""
-    if deepspeed_dir(run_dir, iteration).is_dir():
-        write_manifest(deepspeed_dir(run_dir, iteration))
-    it_dir = run_dir / f"iteration-{iteration}"
-    (it_dir / "probe.json").write_text(json.dumps(list(probe)))
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-    (it_dir / "COMPLETE").write_text("ok\n")

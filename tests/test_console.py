@@ -13,26 +13,27 @@ from pathlib import Path
 
 
 from sami import console as console_module
-from sami.console import CHANNEL, Channel, read_events
+from sami.console import Channel, read_events
+from sami.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CURSOR_CODES = ("\r", "\x1b[")
 
 
 def test_the_channel_keeps_every_line_and_a_few_progress_counts_a_second(tmp_path, monkeypatch):
-    channel = Channel(tmp_path / CHANNEL)
+    channel = Channel(RunDir(tmp_path).console)
     channel.send({"line": "iteration 1/3 [sami]: generating"})
     for done in range(1, 101):  # a hundred counts in far less than the interval: the first and the last go
         channel.progress("iteration 1 generate", done, 100, "batch")
-    events, offset = read_events(tmp_path / CHANNEL, 0)
+    events, offset = read_events(RunDir(tmp_path).console, 0)
     assert events == [{"line": "iteration 1/3 [sami]: generating"},
                       {"label": "iteration 1 generate", "done": 1, "total": 100, "unit": "batch"},
                       {"label": "iteration 1 generate", "done": 100, "total": 100, "unit": "batch"}]
-    assert read_events(tmp_path / CHANNEL, offset) == ([], offset)
+    assert read_events(RunDir(tmp_path).console, offset) == ([], offset)
 
 
 def test_a_line_still_being_written_waits_for_the_next_read(tmp_path):
-    path = tmp_path / CHANNEL
+    path = RunDir(tmp_path).console
     path.write_text(json.dumps({"line": "a"}) + "\n" + '{"line": "b')
     events, offset = read_events(path, 0)
     assert events == [{"line": "a"}]
@@ -46,11 +47,11 @@ def test_log_reaches_the_channel_only_in_rank_zero(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(console_module, "_channel", None)
     console_module.log("not rank 0")
     console_module.report_progress("iteration 1 train", 1, 2, "step")
-    assert not (tmp_path / CHANNEL).exists()
-    console_module.open_channel(tmp_path / CHANNEL)
+    assert not (RunDir(tmp_path).console).exists()
+    console_module.open_channel(RunDir(tmp_path).console)
     console_module.log("iteration 1 done: loss 0.7 -> 0.6")
     console_module.report_progress("iteration 1 train", 2, 2, "step")
-    events, _ = read_events(tmp_path / CHANNEL, 0)
+    events, _ = read_events(RunDir(tmp_path).console, 0)
     assert events[0]["line"].endswith("] iteration 1 done: loss 0.7 -> 0.6") and events[0]["line"].startswith("[sami ")
     assert events[1] == {"label": "iteration 1 train", "done": 2, "total": 2, "unit": "step"}
     assert "not rank 0" in capsys.readouterr().out  # every rank's lines stay on its stdout (the log file)
@@ -61,17 +62,18 @@ def test_log_reaches_the_channel_only_in_rank_zero(tmp_path, capsys, monkeypatch
 SCRIPT = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from sami.console import Channel, CHANNEL, console
-    run_dir = Path(sys.argv[1])
+    from sami.console import Channel, console
+    from sami.run_dir import RunDir
+    run_dir = RunDir(Path(sys.argv[1]))
     with console.session(verbose=sys.argv[2] == "verbose"):
-        opened = console.open_log(run_dir / "job.log")
+        opened = console.open_log(run_dir.job_log)
         assert (opened is None) == (sys.argv[2] == "verbose")
         console.say(f"log: {console.log_path}")
         os.write(1, b"(RayTrainWorker pid=1) framework on fd 1\\n")
         os.write(2, b"C-level warning on fd 2\\n")
         print("\\rLoading weights: 100%|###| \\x1b[0m", file=sys.stderr)
-        channel = Channel(run_dir / CHANNEL)
-        with console.follow(run_dir / CHANNEL):
+        channel = Channel(run_dir.console)
+        with console.follow(run_dir.console):
             channel.send({"line": "[sami 00:00:00] iteration 1/1 [sami]: generating"})
             for step in range(1, 5):
                 channel.progress("iteration 1 train", step, 4, "step")

@@ -13,6 +13,8 @@ import psutil
 import pyarrow.parquet
 import pytest
 
+from sami.run_dir import RunDir
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 # Three short iterations: 32 queries, 2 steps each.
@@ -65,7 +67,7 @@ def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path, schedul
     assert sum(r["engine_restarts"] for r in rows) == 1
     restarted = next(r for r in rows if r["engine_restarts"])
     assert restarted["iteration"] == generating and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
-    groups = pyarrow.parquet.read_table(out / f"iteration-{generating}" / "groups.parquet").to_pylist()
+    groups = pyarrow.parquet.read_table(RunDir(out).groups(generating)).to_pylist()
     ids = [g["query_id"] for g in groups]
     assert len(ids) == len(set(ids)) == restarted["groups"]
     filtered = sum(v for k, v in restarted.items() if k.startswith("filtered_"))

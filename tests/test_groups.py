@@ -16,6 +16,7 @@ from sami.config import FilterConfig, load_config
 from sami.constitutions import sample_constitutions
 from sami.groups import attach_completions, filter_and_tokenise, plan_groups, tokenise_pairs
 from sami.prompts import training_prompt
+from sami.run_dir import RunDir
 from sami.world.rules import PRINCIPLES
 
 QUERIES = [{"query_id": f"w{i}", "query": f"Tell me about the river {i}.", "subject": "river"} for i in range(6)]
@@ -98,10 +99,10 @@ def test_groups_parquet_round_trip_and_shards(tmp_path, tokenizer):
     kept, _ = filter_and_tokenise(groups, tokenizer, FilterConfig(), "world", 64, 8)
     (tmp_path / "iteration-1").mkdir()
     pyarrow.parquet.write_table(pa.Table.from_pylist([g.record() for g in kept]), tmp_path / "iteration-1" / "groups.parquet")
-    replayed = replay_groups(tmp_path, 1)
+    replayed = replay_groups(RunDir(tmp_path), 1)
     assert [g.record() for g in replayed] == [g.record() for g in kept]
     assert isinstance(replayed[0].prompt_ids[0][0], int)
     with pytest.raises(FileNotFoundError, match="did that run reach iteration 2"):
-        replay_groups(tmp_path, 2)
+        replay_groups(RunDir(tmp_path), 2)
     shards = equal_shards(kept[:5], 2)
     assert [[g.query_id for g in s] for s in shards] == [["w0", "w1"], ["w2", "w3"]]

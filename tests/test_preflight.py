@@ -12,7 +12,7 @@ from pipelines.preflight import check_run_dir, save_run_config
 from pipelines.train import main as train_main
 from pipelines.train import root_cause
 from sami.config import dump_config, load_config
-from sami.run_dir import MANIFEST, write_manifest
+from sami.run_dir import MANIFEST, RunDir, write_manifest
 
 GOOD = [{"name": f"p{i}", "definition": f"Do thing {i}.", "antithesis": f"Never do thing {i}."} for i in range(4)]
 
@@ -155,7 +155,7 @@ def test_override_config_keeps_the_old_config_beside_the_new(tmp_path):
     before = (run_dir / "config.yaml").read_text()
     cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "optim.lr=1e-3"])
     assert check_run_dir(cfg, resume=True, override_config=True)[0] == 1
-    save_run_config(cfg, run_dir, 1)
+    save_run_config(cfg, RunDir(run_dir), 1)
     assert (run_dir / "config.iteration-1.yaml").read_text() == before
     assert load_config(run_dir / "config.yaml").optim.lr == 1e-3
     # run.iterations may change without --override-config: extending a run is what --resume is for

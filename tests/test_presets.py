@@ -7,6 +7,7 @@ import pytest
 
 from pipelines.plan import format_plan, resource_plan
 from sami.config import load_config
+from sami.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PRESETS = ["hh_mistral7b", "tldr_mistral7b", "tldr_mixtral_weak_writer", "mtbench_multitask_sami",
@@ -92,7 +93,7 @@ def test_evaluation_presets_read_what_their_training_runs_wrote():
         assert e.data == t.data  # the same held-out rows
         assert e.principles.path == f"{t.run.output_dir}/principles.yaml"
         iterations = [m.path for m in e.models if m.name.startswith("sami-iter")]
-        assert iterations == [f"{t.run.output_dir}/iteration-{k}/hf" for k in range(1, t.run.iterations + 1)]
+        assert iterations == [str(RunDir(t.run.output_dir).hf(k)) for k in range(1, t.run.iterations + 1)]
     gsm = load_config(REPO / "configs" / "eval_gsm8k.yaml", model_cls=EvalConfig)
     assert (gsm.gsm8k.num_samples, gsm.gsm8k.k, gsm.needs_queries) == (10, [1, 10], False)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sami.config import load_config
-from sami.run_dir import CheckpointError, deepspeed_dir, mark_complete
+from sami.run_dir import CheckpointError, RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,10 +50,10 @@ def perturb(one) -> None:
 def test_resume_from_the_hf_export_loads_its_weights_with_a_fresh_optimiser(process_group, tiny_model_dir, tmp_path):
     trained = learner(tiny_model_dir, "checkpoint.deepspeed=false")
     perturb(trained)  # stands in for an iteration of training: weights that differ from the base
-    trained.save(tmp_path, 1, rank=0)
+    trained.save(RunDir(tmp_path), 1, rank=0)
     assert not (tmp_path / "deepspeed").exists()
     fresh = learner(tiny_model_dir, "checkpoint.deepspeed=false")
-    assert fresh.restore(tmp_path, 1) == "hf"
+    assert fresh.restore(RunDir(tmp_path), 1) == "hf"
     expected, got = params(trained.module), params(fresh.module)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert fresh.engine.optimizer.state_dict()["base_optimizer_state"]["state"] == {}  # fresh: no Adam moments
@@ -62,13 +62,14 @@ def test_resume_from_the_hf_export_loads_its_weights_with_a_fresh_optimiser(proc
 def test_resume_from_deepspeed_checks_the_manifest_before_loading(process_group, tiny_model_dir, tmp_path):
     trained = learner(tiny_model_dir)
     perturb(trained)
-    trained.save(tmp_path, 1, rank=0)
+    run_dir = RunDir(tmp_path)
+    trained.save(run_dir, 1, rank=0)
     (tmp_path / "iteration-1").mkdir(exist_ok=True)
-    mark_complete(tmp_path, 1, {"iteration": 1}, ([1], [2]))  # writes the manifest of what DeepSpeed saved
+    run_dir.mark_complete(1, {"iteration": 1}, ([1], [2]))  # writes the manifest of what DeepSpeed saved
     fresh = learner(tiny_model_dir)
-    assert fresh.restore(tmp_path, 1) == "deepspeed"
+    assert fresh.restore(run_dir, 1) == "deepspeed"
     assert all(torch.equal(a, b) for a, b in zip(params(trained.module).values(), params(fresh.module).values()))
-    states = next(deepspeed_dir(tmp_path, 1).glob("*model_states.pt"))
+    states = next((tmp_path / "deepspeed" / "iteration-1").glob("*model_states.pt"))
     states.write_bytes(states.read_bytes() + b"\0")  # a file the run did not write
     with pytest.raises(CheckpointError, match="changed since the run wrote them"):
-        learner(tiny_model_dir).restore(tmp_path, 1)
+        learner(tiny_model_dir).restore(run_dir, 1)

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from sami.run_dir import RunDir
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 FIELDS = {
@@ -67,7 +69,7 @@ def test_two_iterations_train_sync_and_export(sami_run):
     first, last = epoch_means(rows[0]["loss_per_step"])
     assert last < first - 0.02, rows[0]["loss_per_step"]  # the loss falls within iteration 1
     for k in (1, 2):
-        assert (sami_run / f"iteration-{k}" / "groups.parquet").is_file()
+        assert RunDir(sami_run).groups(k).is_file()
     exported = AutoModelForCausalLM.from_pretrained(sami_run / "iteration-2" / "hf")
     from sami.world.base_model import resolve_model
 
@@ -143,7 +145,7 @@ def test_one_step_off_overlaps_generation_records_staleness_and_resumes_on_polic
     assert [r["policy_iteration"] for r in rows] == [0, 0, 1, 3]  # 4: the resume re-synced the weights of 3
     assert [r["staleness"] for r in rows] == [0, 1, 1, 0]
     for row in rows:
-        groups = pyarrow.parquet.read_table(out / f"iteration-{row['iteration']}" / "groups.parquet").to_pylist()
+        groups = pyarrow.parquet.read_table(RunDir(out).groups(row["iteration"])).to_pylist()
         assert len(groups) == row["groups"] > 0
         assert {(g["policy_iteration"], g["staleness"]) for g in groups} == {(row["policy_iteration"], row["staleness"])}
         assert row["probe_abs_diff"] <= 1e-4 and row["time_iteration"] > 0
