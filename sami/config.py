@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sami.world.rules import HELDOUT_PRINCIPLES as WORLD_HELDOUT_PRINCIPLES
+from sami.principles import builtin_library
 
 
 class ConfigError(ValueError):
@@ -129,10 +129,10 @@ class PrinciplesConfig(Section):
 
     @property
     def heldout_names(self) -> tuple[str, ...]:
-        """The principles training never states: `heldout`, or the built-in world's held-out principle."""
-        if self.heldout or self.source != "world":
+        """The principles training never states: `heldout`, or those of the built-in library the source names."""
+        if self.heldout or self.source in ("file", "writer"):
             return tuple(self.heldout)
-        return WORLD_HELDOUT_PRINCIPLES
+        return builtin_library(self.source).heldout
 
 
 class SamplingConfig(Section):
