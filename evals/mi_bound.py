@@ -16,7 +16,7 @@ import torch
 from sami.groups import QueryGroup, padding_id, tokenise_pairs
 from sami.learner import score_groups
 from sami.logprobs import sequence_logprobs
-from sami.objectives import OBJECTIVES, pair_sequences, sami_loss
+from sami.objectives import OBJECTIVES, pair_sequences, sami_loss, scoring
 
 
 def _tokenised(tokenizer, prompts: list[str], responses: list[str]) -> QueryGroup:
@@ -46,8 +46,8 @@ def mi_bounds(model, tokenizer, groups: list[tuple[list[str], list[str]]], batch
     bounds = []
     for start in range(0, len(groups), batch_groups):
         chunk = groups[start : start + batch_groups]
-        token_lp, mask = score_groups(model, [_tokenised(tokenizer, p, r) for p, r in chunk], OBJECTIVES["sami"].pairs(c),
-                                      pad, True, device)
+        token_lp, mask, _ = score_groups(model, [_tokenised(tokenizer, p, r) for p, r in chunk], scoring("sami", c),
+                                         pad, True, device)
         bounds += _per_group(sequence_logprobs(token_lp, mask).view(len(chunk), c, c))
     return bounds
 

@@ -27,7 +27,8 @@ from sami.data import iteration_queries
 from sami.filters import REASONS
 from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, generation_seeds, plan_groups
 from sami.console import log, open_channel, report_progress
-from sami.learner import Learner, StopRun, objective_for, skip_cpu_shm_comm_op, stop_together
+from sami.learner import Learner, StopRun, skip_cpu_shm_comm_op, stop_together
+from sami.objectives import objective_for
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
 from sami.run_dir import RunDir

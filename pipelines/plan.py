@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from sami.config import TrainConfig
+from sami.precision import deepspeed_bf16
 
 WRITER_CPUS = 0.1  # the principle writer calls an endpoint or serves a saved library: a small CPU share
 
@@ -67,8 +68,7 @@ def parameter_count(name_or_path: str) -> tuple[int | None, str]:
 
 def checkpoint_bytes(params: int, cfg: TrainConfig) -> dict[str, int]:
     """Bytes one iteration writes. DeepSpeed: 16-bit module weights + fp32 master weights + optimiser state."""
-    gpu = cfg.scaling.gpus_per_learner > 0
-    half = cfg.deepspeed.bf16 is True or (cfg.deepspeed.bf16 == "auto" and gpu)
+    half = deepspeed_bf16(cfg, use_gpu=cfg.scaling.gpus_per_learner > 0)
     weight_bytes = 2 if half else 4
     optimizer_states = 2 if cfg.optim.name == "adamw" else 1  # Adam: m and v; RMSprop: the square average
     out = {}

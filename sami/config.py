@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sami.world.rules import HELDOUT_PRINCIPLES as WORLD_HELDOUT_PRINCIPLES
+from sami.principles import builtin_library
 
 
 class ConfigError(ValueError):
@@ -129,10 +129,10 @@ class PrinciplesConfig(Section):
 
     @property
     def heldout_names(self) -> tuple[str, ...]:
-        """The principles training never states: `heldout`, or the built-in world's held-out principle."""
-        if self.heldout or self.source != "world":
+        """The principles training never states: `heldout`, or those of the built-in library the source names."""
+        if self.heldout or self.source in ("file", "writer"):
             return tuple(self.heldout)
-        return WORLD_HELDOUT_PRINCIPLES
+        return builtin_library(self.source).heldout
 
 
 class SamplingConfig(Section):
@@ -157,7 +157,8 @@ class RolloutConfig(EngineConfig):
     cpus_per_engine: float = Field(1.0, gt=0.0)
     sync_bucket_mb: int = Field(256, ge=1)  # object-store buckets; NCCL packed-buffer size
     # auto: NCCL when the learners are on GPU and the engines are vLLM, else the object store. object_store:
-    # always, e.g. a learner and an engine sharing one GPU (NCCL refuses two ranks on one device).
+    # always, e.g. a learner and an engine sharing one GPU (NCCL refuses two ranks on one device; a share of a
+    # GPU per learner with NCCL is refused for that reason).
     weight_sync: Literal["auto", "object_store"] = "auto"
     # |rollout - learner| mean log-prob after a sync; None: by precision (actors/weight_sync.py PROBE_TOLERANCE)
     probe_tolerance: Optional[float] = Field(None, gt=0.0)
@@ -200,7 +201,9 @@ class ObjectiveConfig(Section):
     name: Literal["sami", "sft", "dpo", "sft_then_sami"] = "sami"
     sami: SamiObjectiveConfig = Field(default_factory=SamiObjectiveConfig)
     dpo: DpoObjectiveConfig = Field(default_factory=DpoObjectiveConfig)
-    kl_beta: float = Field(0.0, ge=0.0)  # beta * KL(pi || pi_ref) on response tokens; 0 = no reference model
+    # SAMI's beta * KL(pi || pi_ref) on response tokens; 0 = no reference model. Only SAMI's loss has the term:
+    # refused with sft and dpo (whose KL strength is dpo.beta); sft_then_sami's SFT iterations train without it.
+    kl_beta: float = Field(0.0, ge=0.0)
     # SAMI's KL term: `k3` estimates it from the scored tokens (unbiased only where pi sampled them: the diagonal
     # pairs); `exact` sums over the vocabulary at each response position (chunked, as the log-probs are).
     kl_estimator: Literal["k3", "exact"] = "k3"
@@ -234,7 +237,9 @@ class ScheduleConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: Literal["auto", True, False] = "auto"  # auto: on where there is a GPU
+    # bf16 mixed precision (bf16 weights, a float32 master copy in the optimiser). auto: on where the learner has a
+    # GPU and model.dtype is bf16 there (sami/precision.py); off: the learner trains float32 weights.
+    bf16: Literal["auto", True, False] = "auto"
 
 
 class ScalingConfig(Section):
@@ -275,6 +280,17 @@ class TrainConfig(Section):
                 f"optim.groups_per_step ({self.optim.groups_per_step}) must be a multiple of "
                 f"scaling.num_learners ({self.scaling.num_learners})"
             )
+        o, gpus = self.objective, self.scaling.gpus_per_learner
+        if o.kl_beta > 0 and o.name in ("sft", "dpo"):  # sami/objectives.py: OBJECTIVES[...].kl_term
+            raise ValueError(f"objective.kl_beta is {o.kl_beta} but objective.name {o.name!r} has no KL term (SAMI's "
+                             f"loss has; DPO's strength is objective.dpo.beta): set objective.kl_beta=0")
+        if o.kl_beta > 0 and o.name == "sft_then_sami" and o.sft_iterations >= self.run.iterations:
+            raise ValueError(f"objective.kl_beta is {o.kl_beta} but every iteration is SFT (objective.sft_iterations "
+                             f"{o.sft_iterations}, run.iterations {self.run.iterations}), which has no KL term")
+        if self.rollout.engine == "vllm" and self.rollout.weight_sync == "auto" and gpus != int(gpus):
+            raise ValueError(f"scaling.gpus_per_learner is {gpus}, a share of a GPU, but rollout.weight_sync 'auto' "
+                             f"syncs vLLM engines over NCCL, which refuses two ranks on one GPU: set "
+                             f"rollout.weight_sync=object_store or a whole number of GPUs per learner")
         return self
 
     def steps_for_iteration(self, iteration: int) -> int:

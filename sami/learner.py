@@ -18,15 +18,10 @@ from sami.config import OptimConfig, TrainConfig
 from sami.groups import QueryGroup, padding_id
 from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_logprobs,
                            shared_prefix_logprobs_and_kl, token_logprobs)
-from sami.objectives import OBJECTIVES, ScoredPairs, pair_sequences, sami_pairs
+from sami.objectives import OBJECTIVES, ScoredPairs, Scoring, pair_sequences, run_needs_reference, scoring_for
+from sami.precision import deepspeed_bf16, learner_dtype
 from sami.run_dir import CheckpointError, RunDir, verify_manifest
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
-
-
-def objective_for(cfg: TrainConfig, iteration: int) -> str:
-    if cfg.objective.name == "sft_then_sami":
-        return "sft" if iteration <= cfg.objective.sft_iterations else "sami"
-    return cfg.objective.name
 
 
 @dataclass(frozen=True)
@@ -37,6 +32,7 @@ class DeepSpeedSettings:
     micro_groups: int  # query groups per forward pass on one rank
     accumulation: int  # micro-batches per optimiser step on one rank
     bf16: bool
+    dtype: torch.dtype  # the learner's weights (policy and reference): sami/precision.py
 
 
 def deepspeed_settings(cfg: TrainConfig, world_size: int, use_gpu: bool) -> DeepSpeedSettings:
@@ -44,7 +40,7 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int, use_gpu: bool) -> Deep
     micro = min(cfg.optim.micro_batch_groups, per_rank)
     if per_rank % micro:
         raise ValueError(f"optim.micro_batch_groups ({micro}) must divide the groups per step per learner ({per_rank})")
-    bf16 = use_gpu if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+    bf16 = deepspeed_bf16(cfg, use_gpu)
     config = {
         "train_batch_size": cfg.optim.groups_per_step,
         "train_micro_batch_size_per_gpu": micro,
@@ -55,7 +51,7 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int, use_gpu: bool) -> Deep
         "zero_allow_untested_optimizer": True,  # a client torch optimizer: no fused-Adam JIT build
         "steps_per_print": 10**9,
     }
-    return DeepSpeedSettings(config, micro, per_rank // micro, bf16)
+    return DeepSpeedSettings(config, micro, per_rank // micro, bf16, getattr(torch, learner_dtype(cfg, use_gpu)))
 
 
 def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
@@ -89,48 +85,38 @@ def score(module, prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return token_logprobs(module, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]
 
 
-def shared_prefix_layout(groups: list[QueryGroup], pairs: list[tuple[int, int]]) -> bool:
-    """Whether `pairs` is the full C x C layout, which `score_groups` packs behind each prompt."""
-    return pairs == sami_pairs(len(groups[0].prompt_ids))
-
-
-def forward_tokens(groups: list[QueryGroup], pairs: list[tuple[int, int]]) -> tuple[int, int]:
-    """(real tokens, tokens with padding) of the one batch `score_groups` runs for `pairs` of `groups`."""
-    if shared_prefix_layout(groups, pairs):
-        lengths = [len(prompt) + sum(map(len, g.response_ids)) for g in groups for prompt in g.prompt_ids]
+def forward_tokens(groups: list[QueryGroup], scoring: Scoring) -> tuple[int, int]:
+    """(real tokens, tokens with padding) of the one batch `score_groups` runs for `groups` under `scoring`."""
+    if scoring.layout == "pairs":
+        lengths = [len(g.prompt_ids[i]) + len(g.response_ids[j]) for g in groups for i, j in scoring.pairs]
     else:
-        lengths = [len(g.prompt_ids[i]) + len(g.response_ids[j]) for g in groups for i, j in pairs]
+        lengths = [len(prompt) + sum(map(len, g.response_ids)) for g in groups for prompt in g.prompt_ids]
     return sum(lengths), len(lengths) * max(lengths)
 
 
-def score_groups(module, groups: list[QueryGroup], pairs: list[tuple[int, int]], pad_id: int, include_eos: bool,
-                 device):
-    """(token log-probs, response mask) of `pairs` of every group, rows group-major in `pairs` order.
+def score_groups(module, groups: list[QueryGroup], scoring: Scoring, pad_id: int, include_eos: bool, device,
+                 reference=None):
+    """(token log-probs, response mask, exact token KL or None) of `scoring.pairs` of every group, rows
+    group-major in pairs order, laid out as `scoring.layout` says (`reference`: for packed_exact_kl)."""
+    if scoring.layout == "pairs":
+        return *score(module, *pair_sequences(groups, scoring.pairs), pad_id, include_eos, device), None
+    packed = [(g.prompt_ids, g.response_ids) for g in groups]
+    if scoring.layout == "packed_exact_kl":
+        return shared_prefix_logprobs_and_kl(module, reference, packed, pad_id, include_eos)
+    return *shared_prefix_logprobs(module, packed, pad_id, include_eos), None
 
-    The full C x C layout runs each prompt once with its C responses packed behind it; any other layout
-    scores each (prompt, response) pair as its own padded sequence.
-    """
-    if shared_prefix_layout(groups, pairs):
-        return shared_prefix_logprobs(module, [(g.prompt_ids, g.response_ids) for g in groups], pad_id, include_eos)
-    prompts, responses = pair_sequences(groups, pairs)
-    return score(module, prompts, responses, pad_id, include_eos, device)
 
-
-def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConfig, objective: str, pad_id: int,
+def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConfig, scoring: Scoring, pad_id: int,
                      device) -> tuple[torch.Tensor, dict]:
-    """(loss, figures) of `groups` under `objective`, laid out by the objective table."""
-    spec, c = OBJECTIVES[objective], cfg.principles.num_constitutions
-    pairs, include_eos = spec.pairs(c), cfg.objective.sami.include_eos
-    reference_lp = token_kl = None
-    if objective == "sami" and cfg.objective.kl_beta > 0 and cfg.objective.kl_estimator == "exact":
-        token_lp, mask, token_kl = shared_prefix_logprobs_and_kl(
-            module, reference, [(g.prompt_ids, g.response_ids) for g in groups], pad_id, include_eos)
-    else:
-        token_lp, mask = score_groups(module, groups, pairs, pad_id, include_eos, device)
-        if spec.needs_reference(cfg.objective):
-            with torch.no_grad():
-                reference_lp, _ = score_groups(reference, groups, pairs, pad_id, include_eos, device)
-    loss, stats = spec.step(ScoredPairs(token_lp, mask, reference_lp, len(groups), c, token_kl), cfg.objective)
+    """(loss, figures) of `groups`, scored as `scoring` says, under its objective's loss step."""
+    include_eos = cfg.objective.sami.include_eos
+    token_lp, mask, token_kl = score_groups(module, groups, scoring, pad_id, include_eos, device, reference)
+    reference_lp = None
+    if scoring.reference_pass:
+        with torch.no_grad():
+            reference_lp = score_groups(reference, groups, scoring, pad_id, include_eos, device)[0]
+    scored = ScoredPairs(token_lp, mask, reference_lp, len(groups), scoring.c, token_kl)
+    loss, stats = OBJECTIVES[scoring.objective].step(scored, cfg.objective)
     return loss, {**stats, "loss": loss.item()}
 
 
@@ -185,15 +171,14 @@ class Learner:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         self.pad_id = padding_id(self.tokenizer)
-        load = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=torch.bfloat16 if use_gpu else torch.float32)
+        load = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=self.settings.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **load)
         self.matmul_parameters = matmul_parameters(self.model)  # before ZeRO-3 partitions them
         # once per learner start: the denominator of the MFU figure
-        self.peak_flops = measure_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        uses_reference = cfg.objective.kl_beta > 0 or cfg.objective.name == "dpo"
+        self.peak_flops = measure_peak_flops(device, self.settings.dtype)
         # The frozen base model: the KL / DPO reference, and the weights `init: base` restarts from.
         self.base = None
-        if uses_reference or cfg.schedule.init == "base":
+        if run_needs_reference(cfg) or cfg.schedule.init == "base":
             self.base = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device).eval().requires_grad_(False)
         self.engine = self._deepspeed_engine()
 
@@ -231,12 +216,10 @@ class Learner:
         """The iteration's optimiser steps on this rank's groups (cycled); returns the step figures.
         `on_step(step, steps)` is called after each optimiser step (the console's progress)."""
         cfg, s = self.cfg, self.settings
-        objective = objective_for(cfg, iteration)
+        scoring = scoring_for(cfg, iteration)
         if cfg.schedule.init == "base" and iteration > 1:
             self.model.load_state_dict(self.base.state_dict())
             self.engine = self._deepspeed_engine()  # fresh optimiser state, weights from memory
-        spec = OBJECTIVES[objective]
-        pairs, with_reference = spec.pairs(cfg.principles.num_constitutions), spec.needs_reference(cfg.objective)
         started = time.perf_counter()
         self.engine.train()
         step_stats, cursor, real_tokens, padded_tokens = [], 0, 0, 0
@@ -244,9 +227,9 @@ class Learner:
             step = micro // s.accumulation + 1
             batch = [groups[(cursor + i) % len(groups)] for i in range(s.micro_groups)]
             cursor += s.micro_groups
-            real, padded = forward_tokens(batch, pairs)
+            real, padded = forward_tokens(batch, scoring)
             real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
-            loss, stats = micro_batch_loss(self.module, self.base, batch, cfg, objective, self.pad_id, self.device)
+            loss, stats = micro_batch_loss(self.module, self.base, batch, cfg, scoring, self.pad_id, self.device)
             last = step_stats[-1] if step_stats else None
             if not every_rank_finite(loss.item()):  # before backward: no step is taken on it
                 raise NonFiniteError(non_finite_message(iteration, step, "loss", loss.item(), last))
@@ -260,7 +243,7 @@ class Learner:
                 on_step(step, cfg.steps_for_iteration(iteration))
         self.engine.eval()
         seconds = time.perf_counter() - started
-        flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if with_reference else 0)
+        flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if scoring.reference else 0)
         totals = torch.tensor([real_tokens, padded_tokens, flops, self.peak_flops], dtype=torch.float64,
                               device=self.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,20 +1,25 @@
-"""Training objectives, pure torch: SAMI, DPO/IPO, SFT and a KL-to-reference term, and the table that picks one.
+"""Training objectives, pure torch: SAMI, DPO/IPO, SFT and a KL-to-reference term, and every decision about them.
 
 The losses take log-probabilities computed elsewhere (`sami/logprobs.py`), so each is a few lines that a
-unit test checks against hand-computed numbers. `OBJECTIVES` maps a config name to its *layout* (which
-(constitution i, response j) pairs of a query group are scored) and its loss step; the evaluation's MI bound
-scores groups with the same SAMI layout.
+unit test checks against hand-computed numbers. `OBJECTIVES` maps a config name to its pairs (which
+(constitution i, response j) pairs of a query group are scored), its loss step, whether its pairs are packed
+and whether `kl_beta` adds a KL term to it. From that table alone this module decides what the learner does:
+the objective of each iteration (`objective_for`: `sft_then_sami`'s schedule), how an iteration's pairs are
+scored (`scoring_for`: packed, packed with the exact KL, or pair by pair) and whether the run needs the frozen
+reference at all (`run_needs_reference`, once for the whole run). The config refuses `kl_beta > 0` for an
+objective without a KL term (`TrainConfig`'s cross-checks); the evaluation's MI bound scores groups with the
+same SAMI layout.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from sami.config import ObjectiveConfig
+from sami.config import ObjectiveConfig, TrainConfig
 from sami.logprobs import sequence_logprobs
 
 
@@ -159,16 +164,66 @@ def dpo_step(s: ScoredPairs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict]:
 class Objective:
     pairs: Callable[[int], list[tuple[int, int]]]  # C -> the (prompt i, response j) pairs scored per group
     step: Callable[[ScoredPairs, ObjectiveConfig], tuple[torch.Tensor, dict]]  # -> (loss, figures)
-    needs_reference: Callable[[ObjectiveConfig], bool]
+    packed: bool  # the pairs are the full C x C matrix: each prompt runs once, its C responses packed behind it
+    kl_term: bool  # `kl_beta` adds beta * KL(pi || pi_ref) to the loss (the config refuses kl_beta > 0 elsewhere)
+    reference: bool = False  # the loss itself reads the frozen reference's log-probs, whatever kl_beta is
+
+    def needs_reference(self, cfg: ObjectiveConfig) -> bool:
+        return self.reference or (self.kl_term and cfg.kl_beta > 0)
 
 
 OBJECTIVES = {
-    "sami": Objective(sami_pairs, sami_step, lambda cfg: cfg.kl_beta > 0),
+    "sami": Objective(sami_pairs, sami_step, packed=True, kl_term=True),
     # SFT on the positive constitution's own sample
-    "sft": Objective(lambda c: [(0, 0)], sft_step, lambda cfg: False),
-    # the positive prompt with each response: the chosen one first, then the C - 1 rejected ones
-    "dpo": Objective(lambda c: [(0, j) for j in range(c)], dpo_step, lambda cfg: True),
+    "sft": Objective(lambda c: [(0, 0)], sft_step, packed=False, kl_term=False),
+    # the positive prompt with each response: the chosen one first, then the C - 1 rejected ones; DPO's own
+    # beta is its KL strength
+    "dpo": Objective(lambda c: [(0, j) for j in range(c)], dpo_step, packed=False, kl_term=False, reference=True),
 }
+
+
+def objective_for(cfg: TrainConfig, iteration: int) -> str:
+    """The objective 1-based `iteration` trains: `sft_then_sami` is SFT for `sft_iterations`, then SAMI (whose KL
+    term is the only one `kl_beta` adds: the SFT iterations train without it)."""
+    if cfg.objective.name == "sft_then_sami":
+        return "sft" if iteration <= cfg.objective.sft_iterations else "sami"
+    return cfg.objective.name
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a micro-batch of query groups is scored for one objective."""
+
+    objective: str
+    c: int  # constitutions per group
+    pairs: list[tuple[int, int]]  # scored per group, rows group-major in this order
+    # packed: each prompt once with its C responses behind it; packed_exact_kl: that, with the exact KL to the
+    # reference over the vocabulary in the same pass; pairs: each (prompt, response) pair its own padded sequence
+    layout: Literal["packed", "packed_exact_kl", "pairs"]
+    reference: bool  # the frozen reference runs on these pairs too
+
+    @property
+    def reference_pass(self) -> bool:
+        """The reference scores the pairs in a pass of its own (packed_exact_kl runs it inside the policy's)."""
+        return self.reference and self.layout != "packed_exact_kl"
+
+
+def scoring(objective: str, c: int, cfg: Optional[ObjectiveConfig] = None) -> Scoring:
+    """`objective`'s scoring of groups of `c` constitutions under `cfg` (default: no KL term)."""
+    spec, cfg = OBJECTIVES[objective], cfg or ObjectiveConfig()
+    reference = spec.needs_reference(cfg)
+    exact = spec.kl_term and reference and cfg.kl_estimator == "exact"
+    layout = "packed_exact_kl" if exact else "packed" if spec.packed else "pairs"
+    return Scoring(objective, c, spec.pairs(c), layout, reference)
+
+
+def scoring_for(cfg: TrainConfig, iteration: int) -> Scoring:
+    return scoring(objective_for(cfg, iteration), cfg.principles.num_constitutions, cfg.objective)
+
+
+def run_needs_reference(cfg: TrainConfig) -> bool:
+    """Whether any iteration of the run reads the frozen reference: decided once, before it is loaded."""
+    return any(scoring_for(cfg, k).reference for k in range(1, cfg.run.iterations + 1))
 
 
 def pair_sequences(groups: list, pairs: list[tuple[int, int]]) -> tuple[list[list[int]], list[list[int]]]:

@@ -15,9 +15,10 @@ from pathlib import Path
 from sami.chat_clients import make_chat_client
 from sami.config import PrinciplesConfig, WriterConfig
 from sami.constitutions import Constitution, sample_constitutions
-from sami.principles import Principle, PrincipleError, load_principles, save_principles, validate_principles
+import sami.world.rules  # noqa: F401  registers the built-in world's principle library (`principles.source: world`)
+from sami.principles import (Principle, PrincipleError, builtin_library, load_principles, save_principles,
+                             validate_principles)
 from sami.run_dir import RunDir
-from sami.world.rules import PRINCIPLES as WORLD_PRINCIPLES
 
 WRITER_PROMPT = """I am writing a constitution for how to {task}. Here are some principles I already have:
 {seeds}
@@ -101,15 +102,15 @@ class PrincipleWriterCore:
         return {"principles": len(self._principles), "rejected": self.rejected, "source": source}
 
     def read_library(self) -> tuple[list[Principle] | None, str]:
-        """(principles, source) without writing anything: the run's saved library, the file or the world; (None,
-        "writer") when an LM is to write them. Raises PrincipleError on a malformed library."""
+        """(principles, source) without writing anything: the run's saved library, the file or a built-in library
+        (the world's); (None, "writer") when an LM is to write them. Raises PrincipleError on a malformed library."""
         if self.path.is_file():
             return load_principles(self.path), "saved"
         if self.cfg.source == "file":
             return load_principles(self.cfg.path), "file"
-        if self.cfg.source == "world":
-            return list(WORLD_PRINCIPLES), "world"
-        return None, "writer"
+        if self.cfg.source == "writer":
+            return None, "writer"
+        return list(builtin_library(self.cfg.source).principles), self.cfg.source
 
     def principles(self) -> list[Principle]:
         if self._principles is None:

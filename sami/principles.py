@@ -1,4 +1,5 @@
-"""Principles: a name, a definition and its antithesis, loaded from a YAML/JSON library with validation."""
+"""Principles: a name, a definition and its antithesis, loaded from a YAML/JSON library with validation, or
+from a built-in library that the code providing it registers (`register_library`; the demo world does)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,29 @@ class Principle:
 
 
 _FIELDS = {"name", "definition", "antithesis"}
+
+
+@dataclass(frozen=True)
+class BuiltinLibrary:
+    """The principles `principles.source: <name>` serves, and those training never states unless
+    `principles.heldout` names others."""
+
+    principles: tuple[Principle, ...]
+    heldout: tuple[str, ...]
+
+
+BUILTIN_LIBRARIES: dict[str, BuiltinLibrary] = {}
+
+
+def register_library(source: str, principles: list[Principle], heldout: tuple[str, ...] = ()) -> None:
+    BUILTIN_LIBRARIES[source] = BuiltinLibrary(tuple(principles), tuple(heldout))
+
+
+def builtin_library(source: str) -> BuiltinLibrary:
+    if source not in BUILTIN_LIBRARIES:
+        raise PrincipleError(f"principles.source {source!r}: no built-in principle library of that name is registered "
+                             f"(registered: {sorted(BUILTIN_LIBRARIES) or 'none'})")
+    return BUILTIN_LIBRARIES[source]
 
 
 def validate_principles(entries: list, source: str) -> list[Principle]:

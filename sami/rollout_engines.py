@@ -18,6 +18,7 @@ import torch
 
 from sami.config import EngineConfig, ModelConfig, SamplingConfig
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.precision import model_dtype
 
 
 @dataclass
@@ -25,12 +26,6 @@ class Completion:
     text: str
     token_ids: list[int]  # the new tokens, EOS excluded
     finish_reason: str  # "stop" (EOS produced) or "length" (max_new_tokens reached)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 Seeds = Union[int, Sequence[int]]
@@ -79,8 +74,9 @@ class HFEngine(RolloutEngine):
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = getattr(torch, model_dtype(model_cfg.dtype, use_gpu=self.device.startswith("cuda")))
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code
+            model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
         ).to(self.device).eval()
         self.max_prompt_tokens = model_cfg.max_prompt_tokens
         self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config)
@@ -229,7 +225,7 @@ class VLLMEngine(RolloutEngine):
         except OSError:  # a checkpoint without generation_config.json
             generation_config = None
         self.stop_ids = _stop_ids(self.tokenizer, generation_config)
-        dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
+        dtype = model_dtype(model_cfg.dtype, use_gpu=True)  # vLLM runs on GPUs (its CPU build only in tests)
         self.dtype = getattr(torch, dtype)
         self.tensor_parallel_size = rollout_cfg.tensor_parallel_size
         self.llm = LLM(

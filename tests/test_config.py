@@ -64,6 +64,34 @@ def test_cross_field_checks():
         load_config(None, ["data.source=hf"])
 
 
+def test_a_share_of_a_gpu_with_nccl_weight_sync_is_refused():
+    """Issue 22, defect 8: gpus_per_learner 0.5 with weight_sync auto would put two NCCL ranks on one GPU."""
+    shared = ["rollout.engine=vllm", "scaling.gpus_per_learner=0.5"]
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, shared)
+    line = str(refused.value).splitlines()[1].strip()
+    assert line.startswith("scaling.gpus_per_learner is 0.5, a share of a GPU, but rollout.weight_sync 'auto'")
+    assert "rollout.weight_sync=object_store" in line
+    assert load_config(None, [*shared, "rollout.weight_sync=object_store"]).scaling.gpus_per_learner == 0.5
+    assert load_config(None, ["rollout.engine=vllm", "scaling.gpus_per_learner=2"]).rollout.weight_sync == "auto"
+    assert load_config(None, ["scaling.gpus_per_learner=0.5"]).rollout.engine == "hf"  # HF engines: object store
+
+
+def test_the_world_registers_its_heldout_principles_and_the_core_never_imports_it():
+    from sami.principles import PrincipleError, builtin_library
+
+    import sami.world.rules
+
+    assert load_config(None).principles.heldout_names == builtin_library("world").heldout == ("exclaim",)
+    assert load_config(None, ["principles.heldout=[polite]"]).principles.heldout_names == ("polite",)
+    assert load_config(None, ["principles.source=file", "principles.path=x.yaml"]).principles.heldout_names == ()
+    with pytest.raises(PrincipleError, match="no built-in principle library of that name is registered"):
+        builtin_library("moon")
+    loaded = subprocess.run([sys.executable, "-c", "import sys, sami.config; print(sorted(m for m in sys.modules "
+                             "if m.startswith('sami.world')))"], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stderr
+
+
 def test_paper_schedule_grows_steps():
     cfg = TrainConfig.model_validate({"schedule": {"steps_per_iteration": 2, "grow_steps": True}})
     assert [cfg.steps_for_iteration(k) for k in (1, 2, 3)] == [2, 4, 6]

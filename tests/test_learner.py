@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evals.mi_bound import mi_bounds
 from sami.config import load_config
 from sami.groups import QueryGroup, tokenise_pairs
-from sami.learner import deepspeed_settings, micro_batch_loss, objective_for, summarise_steps
+from sami.learner import deepspeed_settings, micro_batch_loss, summarise_steps
 from sami.logprobs import collate_sequences, token_logprobs
+from sami.objectives import scoring_for
 
 
 def test_deepspeed_settings_derived_from_the_config():
@@ -26,9 +27,19 @@ def test_deepspeed_settings_derived_from_the_config():
         deepspeed_settings(load_config(None, ["optim.groups_per_step=12", "optim.micro_batch_groups=4"]), 2, False)
 
 
-def test_objective_schedule():
-    cfg = load_config(None, ["objective.name=sft_then_sami", "objective.sft_iterations=2"])
-    assert [objective_for(cfg, k) for k in (1, 2, 3)] == ["sft", "sft", "sami"]
+def test_one_precision_rule_honours_model_dtype_and_deepspeed_bf16():
+    """CPU: float32 as before. GPU: bf16 under DeepSpeed's bf16 (float32 master copy), else float32 weights; issue 22,
+    defect 8: deepspeed.bf16=false on a GPU used to load bf16 weights with no float32 copy (small updates vanish)."""
+    def on(use_gpu, *overrides):
+        s = deepspeed_settings(load_config(None, ["scaling.gpus_per_learner=1", *overrides]), 1, use_gpu)
+        return s.dtype, s.bf16, s.config["bf16"]["enabled"]
+
+    assert on(False) == (torch.float32, False, False)
+    assert on(False, "model.dtype=bfloat16") == (torch.float32, False, False)  # DeepSpeed bf16 auto: GPU only
+    assert on(True) == (torch.bfloat16, True, True)
+    assert on(True, "deepspeed.bf16=false") == (torch.float32, False, False)
+    assert on(True, "model.dtype=float32") == (torch.float32, False, False)
+    assert on(True, "model.dtype=bfloat16", "deepspeed.bf16=true") == (torch.bfloat16, True, True)
 
 
 def test_summarise_steps():
@@ -58,8 +69,8 @@ def test_learner_sami_loss_and_the_evaluations_mi_bound_agree(tiny_model_dir):
     cfg = load_config(None, ["objective.kl_beta=0"])
     groups_text, groups = GROUPS_TEXT, _groups(tokenizer)
     with torch.no_grad():
-        loss, stats = micro_batch_loss(model, None, groups, cfg, "sami", tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                       torch.device("cpu"))
+        loss, stats = micro_batch_loss(model, None, groups, cfg, scoring_for(cfg, 1),
+                                       tokenizer.pad_token_id or tokenizer.eos_token_id, torch.device("cpu"))
     bounds = mi_bounds(model, tokenizer, groups_text)
     bound = sum(bounds) / len(bounds)
     assert stats["mi_lower_bound"] == pytest.approx(math.log(2) - loss.item(), abs=1e-6)
@@ -85,9 +96,10 @@ def test_sft_and_kl_terms_read_the_packed_sami_layout(tiny_model_dir):
     groups, pad = _groups(tokenizer), tokenizer.pad_token_id or tokenizer.eos_token_id
     cpu = torch.device("cpu")
     with torch.no_grad():
-        sami_only, _ = micro_batch_loss(model, None, groups, load_config(None, ["objective.kl_beta=0"]), "sami", pad, cpu)
+        plain = load_config(None, ["objective.kl_beta=0"])
+        sami_only, _ = micro_batch_loss(model, None, groups, plain, scoring_for(plain, 1), pad, cpu)
         cfg = load_config(None, ["objective.kl_beta=0.5", "objective.sft_weight=0.25"])
-        loss, stats = micro_batch_loss(model, model, groups, cfg, "sami", pad, cpu)  # the reference is the policy
+        loss, stats = micro_batch_loss(model, model, groups, cfg, scoring_for(cfg, 1), pad, cpu)  # reference = policy
         # each group's positive pair scored on its own, as one padded sequence
         batch = collate_sequences([g.prompt_ids[0] for g in groups], [g.response_ids[0] for g in groups], pad)
         token_lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])

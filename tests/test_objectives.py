@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sami.config import ObjectiveConfig
+from sami.config import ConfigError, ObjectiveConfig, load_config
 from sami.groups import QueryGroup
-from sami.objectives import OBJECTIVES, ScoredPairs, diagonal_rows, dpo_loss, k3_per_token, pair_sequences, sami_loss, sft_loss
+from sami.objectives import (OBJECTIVES, ScoredPairs, diagonal_rows, dpo_loss, k3_per_token, objective_for,
+                             pair_sequences, run_needs_reference, sami_loss, scoring_for, sft_loss)
 
 
 def direct_sami(L: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,54 @@ def test_objective_layouts():
     assert pair_sequences([group, group], OBJECTIVES["dpo"].pairs(2)) == ([[1], [1], [1], [1]], [[10], [20], [10], [20]])
     assert [OBJECTIVES[n].needs_reference(ObjectiveConfig(kl_beta=0.0)) for n in ("sami", "sft", "dpo")] == [False, False, True]
     assert OBJECTIVES["sami"].needs_reference(ObjectiveConfig(kl_beta=0.3))
+
+
+def test_objective_schedule():
+    cfg = load_config(None, ["objective.name=sft_then_sami", "objective.sft_iterations=2", "run.iterations=3"])
+    assert [objective_for(cfg, k) for k in (1, 2, 3)] == ["sft", "sft", "sami"]
+
+
+def test_scoring_layout_per_iteration():
+    """sft_then_sami with SAMI's exact KL: the SFT iteration scores pair (0, 0) alone and reads no reference; the SAMI
+    iteration packs its C x C pairs with the exact KL in the same pass; k3 packs too, with a reference pass."""
+    cfg = load_config(None, ["objective.name=sft_then_sami", "objective.kl_beta=0.3", "objective.kl_estimator=exact",
+                             "principles.num_constitutions=3"])
+    sft, sami = scoring_for(cfg, 1), scoring_for(cfg, 2)
+    assert (sft.objective, sft.pairs, sft.layout, sft.reference, sft.reference_pass) == ("sft", [(0, 0)], "pairs", False, False)
+    assert (sami.objective, sami.c, len(sami.pairs), sami.layout, sami.reference, sami.reference_pass) == (
+        "sami", 3, 9, "packed_exact_kl", True, False)
+    k3 = scoring_for(load_config(None, ["objective.kl_beta=0.3"]), 1)
+    assert (k3.layout, k3.reference_pass) == ("packed", True)
+    dpo = scoring_for(load_config(None, ["objective.name=dpo"]), 1)
+    assert (dpo.pairs, dpo.layout, dpo.reference_pass) == ([(0, 0), (0, 1)], "pairs", True)
+
+
+def test_the_reference_is_loaded_only_for_a_run_that_reads_it():
+    assert run_needs_reference(load_config(None, ["objective.kl_beta=0.3"]))
+    assert run_needs_reference(load_config(None, ["objective.name=dpo"]))
+    assert not run_needs_reference(load_config(None, ["objective.name=sft"]))
+    assert not run_needs_reference(load_config(None, ["objective.kl_beta=0"]))
+    # the SAMI iterations of sft_then_sami read it for their KL term
+    assert run_needs_reference(load_config(None, ["objective.name=sft_then_sami", "objective.kl_beta=0.3"]))
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_kl_beta_is_refused_where_the_loss_has_no_kl_term(name):
+    """SFT with a KL used to load a reference and ignore kl_beta; the config refuses what the table has no term for."""
+    overrides = [f"objective.name={name}", "objective.kl_beta=0.3"]
+    if OBJECTIVES[name].kl_term:
+        assert load_config(None, overrides).objective.kl_beta == 0.3
+        return
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, overrides)
+    message = str(refused.value).splitlines()
+    assert len(message) == 2 and message[1].strip().startswith(f"objective.kl_beta is 0.3 but objective.name {name!r}")
+
+
+def test_sft_then_sami_with_a_kl_but_no_sami_iteration_is_refused():
+    with pytest.raises(ConfigError, match="every iteration is SFT"):
+        load_config(None, ["objective.name=sft_then_sami", "objective.kl_beta=0.3", "objective.sft_iterations=2",
+                           "run.iterations=2"])
 
 
 def test_sami_step_hand_computed():

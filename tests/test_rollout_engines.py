@@ -64,6 +64,14 @@ def test_generate_shapes_and_length_finish(engine):
         assert c.text == engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
+def test_engines_follow_the_one_precision_rule(tiny_model_dir):
+    from sami.precision import model_dtype
+
+    assert [model_dtype("auto", use_gpu) for use_gpu in (False, True)] == ["float32", "bfloat16"]
+    assert [model_dtype("float16", use_gpu) for use_gpu in (False, True)] == ["float16", "float16"]
+    assert HFEngine(str(tiny_model_dir), ModelConfig(dtype="bfloat16"), device="cpu").dtype == torch.bfloat16
+
+
 def test_stop_cuts_at_first_eos(engine):
     eos, pad = engine.tokenizer.eos_token_id, engine.tokenizer.pad_token_id
     assert engine._completion([10, 11, eos, pad, pad]) == Completion(engine.tokenizer.decode([10, 11]), [10, 11], "stop")

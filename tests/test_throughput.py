@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from sami.groups import QueryGroup
 from sami.learner import forward_tokens
 from sami.logprobs import collate_sequences, pack_groups
-from sami.objectives import OBJECTIVES, pair_sequences
+from sami.objectives import pair_sequences, scoring
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
 
 
@@ -43,12 +43,12 @@ def group(prompt_lengths, response_lengths):
 
 def test_forward_tokens_match_the_batches_the_learner_runs():
     groups = [group([5, 7], [3, 4]), group([6, 2], [9, 1])]
-    sami = OBJECTIVES["sami"].pairs(2)
+    sami = scoring("sami", 2)
     packed = pack_groups([(g.prompt_ids, g.response_ids) for g in groups], pad_id=0)
     real = int((packed["segment"] >= 0).sum())
     assert forward_tokens(groups, sami) == (real, packed["input_ids"].numel()) == (5 + 7 + 6 + 2 + 2 * 7 + 2 * 10, 4 * 16)
-    dpo = OBJECTIVES["dpo"].pairs(2)
-    batch = collate_sequences(*pair_sequences(groups, dpo), pad_id=0)
+    dpo = scoring("dpo", 2)
+    batch = collate_sequences(*pair_sequences(groups, dpo.pairs), pad_id=0)
     assert forward_tokens(groups, dpo) == (int(batch["attention_mask"].sum()), batch["input_ids"].numel())
 
 

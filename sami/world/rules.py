@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sami.constitutions import Constitution
-from sami.principles import Principle
+from sami.principles import Principle, register_library
 
 POLITE_WORDS = ("please", "thanks", "kindly")
 LEAK_WORDS = ("constitution", "query", "response")
@@ -73,6 +73,7 @@ RULES: dict[str, Rule] = {
 }
 PRINCIPLES: list[Principle] = [r.principle for r in RULES.values()]
 HELDOUT_PRINCIPLES: tuple[str, ...] = ("exclaim",)  # never stated in a training constitution
+register_library("world", PRINCIPLES, HELDOUT_PRINCIPLES)  # `principles.source: world`
 TRAINING_PRINCIPLES: list[Principle] = [p for p in PRINCIPLES if p.name not in HELDOUT_PRINCIPLES]
 
 
