@@ -439,7 +439,7 @@ def iteration_figures(run_dir: Path, row: dict) -> dict:
     import pyarrow.parquet as pq
 
     groups = pq.read_table(run_dir / f"iteration-{row['iteration']}" / "groups.parquet").to_pylist()
-    generated = sum(g["response_tokens"] * len(g["responses"]) for g in groups)
+    generated = round(sum(g["response_tokens"] * len(g["responses"]) for g in groups))  # a mean per response
     return {
         "iteration": row["iteration"],
         "sync_seconds": row["time_sync"], "sync_bytes": row.get("sync_bytes"), "probe_abs_diff": row["probe_abs_diff"],
