@@ -450,14 +450,21 @@ def iteration_figures(run_dir: Path, row: dict) -> dict:
     }
 
 
-def start_ray_sharing_one_gpu() -> None:
-    """One GPU: two logical Ray GPUs on the one device, so the engine's placement and the learner share it."""
+def start_ray(gpus: int) -> None:
+    """A local Ray without its dashboard (the offline GPU machine has none of the dashboard's dependencies, e.g.
+    aiohttp); on one GPU, two logical Ray GPUs on the one device, so the engine's placement and the learner share it."""
     import ray
 
     from actors.ray_session import LOCAL_ENV
 
-    os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
-    ray.init(num_gpus=2, include_dashboard=False, runtime_env={"env_vars": LOCAL_ENV})
+    env = {**LOCAL_ENV, **({} if gpus else {"DS_ACCELERATOR": "cpu"})}  # DeepSpeed would look for CUDA
+    os.environ.update(env)
+    logical_gpus = {}
+    if gpus == 1:
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+        logical_gpus = {"num_gpus": 2}
+    # logical CPUs for the learner, the engine and Ray Train's own actors (the 2-CPU starvation deadlock)
+    ray.init(num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, runtime_env={"env_vars": env}, **logical_gpus)
 
 
 def training_run(out: Path, sizes: Sizes, engine: str, tiny: bool, overrides: list[str]) -> dict:
@@ -467,8 +474,7 @@ def training_run(out: Path, sizes: Sizes, engine: str, tiny: bool, overrides: li
 
     gpus = 0 if tiny else torch.cuda.device_count()
     model_dir, params = build_model(out / "model", sizes, "cpu")  # the driver keeps off the GPU
-    if gpus == 1:
-        start_ray_sharing_one_gpu()
+    start_ray(gpus)
     started = time.perf_counter()
     run_dir = run(smoke_config(model_dir, out / "run", engine, gpus, sizes.train + overrides))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
