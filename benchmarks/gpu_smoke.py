@@ -428,7 +428,8 @@ def smoke_config(model_dir: Path, out: Path, engine: str, gpus: int, overrides: 
         f"rollout.weight_sync={'object_store' if shared or engine == 'hf' else 'auto'}",
         "objective.name=sami", "optim.lr=1.0e-6", "schedule.init=previous",
         "deepspeed.zero_stage=2", "checkpoint.deepspeed=false",
-        "scaling.num_learners=1", "scaling.cpus_per_learner=1",
+        # the first failure is the figure: no restarts of the learner into it (each would cost a minute or more)
+        "scaling.num_learners=1", "scaling.cpus_per_learner=1", "scaling.max_learner_failures=0",
         *overrides,
     ])
 
