@@ -117,7 +117,7 @@ def skip_reason(stage: str, tiny: bool, gpus: int) -> str | None:
 # ---- the model every stage uses -------------------------------------------------------------------------------
 
 def world_tokenizer(vocab_size: int):
-    """The built-in world's word-level tokenizer, padded with filler words ("x<id>") to `vocab_size` entries: the
+    """The built-in world's word-level tokenizer, padded with filler words (" x<id>") to `vocab_size` entries: the
     embedding and LM head get their real shape, and whatever a random model writes decodes to words that
     re-tokenise to the same ids (the training loop tokenises responses from their text)."""
     from transformers import PreTrainedTokenizerFast
@@ -128,7 +128,7 @@ def world_tokenizer(vocab_size: int):
 
     trained = train_tokenizer(vocabulary_texts(), vocab_size=5000)
     vocab = trained.get_vocab()
-    vocab.update({f"x{n}": n for n in range(len(vocab), vocab_size)})
+    vocab.update({f"\u2581x{n}": n for n in range(len(vocab), vocab_size)})  # "▁": a word after a space (Metaspace)
     backend = trained.backend_tokenizer
     backend.model = models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)

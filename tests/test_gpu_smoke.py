@@ -2,6 +2,7 @@
 deepspeed and vllm unimportable (the offline GPU machine has none of them), the skips, the figures' sources."""
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmarks.gpu_smoke import BF16_PROBE_TOLERANCE, REAL, iteration_figures, main, smoke_config
+from benchmarks.gpu_smoke import BF16_PROBE_TOLERANCE, REAL, iteration_figures, main, smoke_config, world_tokenizer
 from sami.groups import QueryGroup
 from sami.learner import forward_tokens
 from sami.objectives import sami_pairs
@@ -57,6 +58,15 @@ def test_one_gpu_shares_it_through_the_object_store_two_use_nccl(tmp_path):
         "object_store", "object_store", "auto")
     assert (hf.rollout.engine, split.rollout.engine) == ("hf", "vllm")
     assert hf.deepspeed.bf16 is True and hf.scaling.gpus_per_learner == 1 and hf.run.iterations == 2
+
+
+def test_the_padded_vocabulary_round_trips_what_a_random_model_writes():
+    """The training loop tokenises responses from their text: random ids (fillers and the world's words) must
+    decode to text that tokenises back to the same ids."""
+    tokenizer = world_tokenizer(2000)
+    ids = random.Random(0).sample(range(4, 2000), 60) + random.Random(1).sample(range(4, 300), 20)
+    assert len(tokenizer) == 2000
+    assert tokenizer(" " + tokenizer.decode(ids), add_special_tokens=False).input_ids == ids
 
 
 def test_stage_a_holds_the_weight_syncs_bf16_tolerance():
