@@ -85,13 +85,15 @@ class Report:
 
     def step(self, stage: str, name: str, run, *args) -> dict | None:
         """`run(*args)`'s figures under stage/name, or its error; the stage goes on either way."""
+        self.data["stages"].setdefault(stage, {})[name] = {"running": "not finished"}  # what a timeout cut short
+        self.write()
         started = time.perf_counter()
         try:
             figures = run(*args)
         except Exception as e:  # a figure of the check, not a crash of it: recorded, the next step runs
             figures = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"}
         figures["seconds"] = round(time.perf_counter() - started, 2)
-        self.data["stages"].setdefault(stage, {})[name] = figures
+        self.data["stages"][stage][name] = figures
         self.write()
         print(f"stage {stage} {name}: {json.dumps(figures)[:400]}", flush=True)
         return None if "error" in figures else figures
@@ -489,10 +491,11 @@ def child_stage(stage: str, out: Path, tiny: bool, overrides: list[str]) -> dict
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "benchmarks.gpu_smoke", "--run-training", stage, "--out", str(out),
                *(["--tiny"] if tiny else []), *overrides]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    (out / "output.log").write_text(done.stdout + done.stderr)
+    log = out / "output.log"
+    with open(log, "w") as f:  # written as it runs: a run cut short keeps its output
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=1800)
     if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]} (whole output: {out / 'output.log'})")
+        raise RuntimeError(f"exit {done.returncode}: {log.read_text().strip()[-600:]} (whole output: {log})")
     return json.loads((out / "figures.json").read_text())
 
 
