@@ -30,6 +30,19 @@ def test_peak_is_a_measured_matmul_rate():
     assert 1e7 < peak < 1e15  # a CPU core does 1-100 GFLOP/s in float32
 
 
+def test_the_peak_multiplies_random_operands_after_a_warm_up(monkeypatch):
+    """torch.mm is wrapped (it still runs) only to record what measure_peak_flops multiplies: on a GPU a matmul of
+    constants or zeros runs faster than one of real data (an H200: 894 against 788 TFLOP/s), so constant operands
+    would inflate the MFU denominator."""
+    calls, real_mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append((a, b)) or real_mm(a, b))
+    measure_peak_flops(torch.device("cpu"), torch.float32, size=64, repeats=3)
+    assert len(calls) == 4  # one untimed warm-up, three timed
+    a, b = calls[0]
+    assert min(a.unique().numel(), b.unique().numel()) > 0.99 * 64 * 64  # (nearly) every entry its own value
+    assert not torch.equal(a, b) and abs(a.mean().item()) < 0.2 and 0.8 < a.std().item() < 1.2
+
+
 def test_throughput_figures():
     figures = throughput_figures(real_tokens=300, padded_tokens=400, model_flops=6e9, peak_flops=1e10, seconds=2.0)
     assert figures == {"learner_tokens_per_second": 150.0, "learner_padded_tokens_per_second": 200.0,
