@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from evals.config import EvalConfig, EvalModel
 from sami.config import ModelConfig, SamplingConfig
-from sami.rollout_engines import HFEngine, make_engine
+from sami.rollout_engines import make_engine
 
 
 @dataclass
@@ -73,7 +73,7 @@ def chat_renderer(tokenizer):
 def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
     """{"responses", "mi_lower_bound", "mi_bounds", "heldout_principle_responses", "mtbench_answers", "gsm8k",
     "seconds"} for one model (see module doc)."""
-    from evals.mi_bound import mi_bounds, mi_bounds_with
+    from evals.mi_bound import mi_bounds
 
     started = time.time()
     engine = load_engine(model, cfg)
@@ -88,10 +88,7 @@ def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
         out["heldout_principle_responses"] = generate(engine, plan.heldout_principle.generation_prompts, sampling, seed + c)
     if cfg.mi_bound.enabled and responses:
         groups = list(zip(plan.training_prompts, responses))
-        if isinstance(engine, HFEngine):
-            out["mi_bounds"] = mi_bounds(engine.model, engine.tokenizer, groups)
-        else:
-            out["mi_bounds"] = mi_bounds_with(engine.sequence_logprob, engine.tokenizer, groups)
+        out["mi_bounds"] = mi_bounds(engine, groups, cfg.generation.max_prompt_tokens, sampling.max_new_tokens)
         out["mi_lower_bound"] = sum(out["mi_bounds"]) / len(out["mi_bounds"])
     if cfg.mtbench.enabled:
         from evals.mtbench import generate_answers

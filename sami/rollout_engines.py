@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from sami.config import EngineConfig, ModelConfig, SamplingConfig
+from sami.groups import QueryGroup, padding_id
+from sami.learner import score_groups
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.objectives import pair_sequences
 
 
 @dataclass
@@ -54,6 +57,14 @@ class RolloutEngine:
 
     def reset_prefix_cache(self) -> None:
         raise NotImplementedError
+
+    def pair_logprobs(self, groups: list[QueryGroup], pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """[groups, pairs]: mean log-prob per token of response j (EOS included) given prompt i, for each (i, j)
+        in `pairs` of each tokenised group, as the learner scores them (the evaluation's MI bound). One pair at a
+        time through `sequence_logprob`; an engine holding the model in this process batches them."""
+        prompts, responses = pair_sequences(groups, pairs)
+        scores = [self.sequence_logprob(p, r) for p, r in zip(prompts, responses)]
+        return torch.tensor(scores, dtype=torch.float64).view(len(groups), len(pairs))
 
 
 def _stop_ids(tokenizer, generation_config) -> set[int]:
@@ -146,6 +157,16 @@ class HFEngine(RolloutEngine):
 
     def reset_prefix_cache(self) -> None:
         """HF generate keeps no cache between calls."""
+
+    @torch.no_grad()
+    def pair_logprobs(self, groups: list[QueryGroup], pairs: list[tuple[int, int]], batch_groups: int = 16) -> torch.Tensor:
+        """The learner's own batched scoring (`score_groups`: the full C x C layout packed, each prompt once)."""
+        rows = []
+        for start in range(0, len(groups), batch_groups):
+            chunk = groups[start : start + batch_groups]
+            token_lp, mask = score_groups(self.model, chunk, pairs, padding_id(self.tokenizer), True, self.device)
+            rows.append(sequence_logprobs(token_lp, mask).view(len(chunk), len(pairs)))
+        return torch.cat(rows)
 
 
 def max_model_len(model_cfg: ModelConfig) -> int:
