@@ -217,12 +217,16 @@ def build_app(raw_args: dict):
         args = ServeArgs.model_validate(raw_args)
     except ValidationError as e:
         raise ValueError(format_validation_error(e, "serve arguments")) from None
-    options = {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": 1}}
-    if pick_engine(args.engine) == "vllm":
-        if args.tensor_parallel_size == 1:
-            options["ray_actor_options"]["num_gpus"] = 1
-        else:
-            # vLLM's Ray executor puts one worker on each GPU bundle of the replica's placement group.
-            options["placement_group_bundles"] = [{"CPU": 1}] + [{"GPU": 1}] * args.tensor_parallel_size
-            options["placement_group_strategy"] = "STRICT_PACK"
-    return _deployment().options(**options).bind(args)
+    return _deployment().options(**replica_options(args)).bind(args)
+
+
+def replica_options(args: ServeArgs) -> dict:
+    """Each replica's Ray resources. A vLLM replica is the holder actor of its engine's placement group, the
+    one the rollout actors get (`actors.rollout.vllm_bundles`): Serve schedules the replica in bundle 0."""
+    from actors.rollout import VLLM_PLACEMENT_STRATEGY, vllm_bundles, vllm_holder_options
+
+    if pick_engine(args.engine) != "vllm":
+        return {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": 1}}
+    tp = args.tensor_parallel_size
+    return {"num_replicas": args.num_replicas, "ray_actor_options": vllm_holder_options(tp),
+            "placement_group_bundles": vllm_bundles(tp), "placement_group_strategy": VLLM_PLACEMENT_STRATEGY}

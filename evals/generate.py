@@ -1,4 +1,4 @@
-"""Everything the evaluation job needs from one model, produced by one Ray task that loads it once.
+"""Everything the evaluation job needs from one model, produced by one Ray actor that loads it once.
 
 The engine is the training job's own rollout engine: `hf` (transformers generate, CPU or GPU) or `vllm`
 (GPU; pip install -e .[vllm]). Per model the task returns
@@ -107,3 +107,11 @@ def model_outputs(model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
                                       plan.gsm8k_items, n_samples=g.num_samples, k_values=tuple(g.k))
     out["seconds"] = time.time() - started
     return out
+
+
+class ModelWorker:
+    """The body of the Ray actor that evaluates one model (`evals.run.generate_all`): an actor, not a task, so
+    a vLLM engine built here uses the actor's placement group instead of reserving its GPUs again."""
+
+    def outputs(self, model: EvalModel, cfg: EvalConfig, plan: EvalPlan) -> dict:
+        return model_outputs(model, cfg, plan)

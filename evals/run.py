@@ -3,7 +3,7 @@
 Submittable as is: `ray job submit --working-dir . -- python -m evals.run --config ...`. It evaluates
 checkpoints exported by training (HF folders) against a baseline model:
 1. plan (driver): held-out queries, C constitutions each, prompts; MT-Bench questions and GSM8K items;
-2. generate (one Ray task per model, GPUs from `generation.gpus_per_model`, a vLLM engine's in a placement
+2. generate (one Ray actor per model, GPUs from `generation.gpus_per_model`, a vLLM engine's in a placement
    group of its own): responses, MI bound,
    MT-Bench answers, GSM8K completions;
 3. judge (driver; an HTTP judge answers `judge.concurrency` requests at a time): every model against the
@@ -86,7 +86,7 @@ def format_plan(cfg: EvalConfig) -> str:
         f"evaluation {cfg.run.name}: {len(cfg.models)} model(s) against baseline {cfg.baseline_name!r} -> {cfg.run.output_dir}",
         *(f"  model {m.name}: {m.path}" for m in cfg.models),
         queries,
-        f"  generation: {g.engine}, one Ray task per model with {g.cpus_per_model:g} CPU and {g.gpus_per_model:g} GPU "
+        f"  generation: {g.engine}, one Ray actor per model with {g.cpus_per_model:g} CPU and {g.gpus_per_model:g} GPU "
         f"(at most {len(cfg.models) * g.gpus_per_model:g} GPUs at once)",
         f"  judge: {judge}" + (", both A/B orders" if j.swap else ""),
         f"  benchmarks: {'; '.join(benchmarks) or 'none'}",
@@ -176,37 +176,43 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def generate_all(cfg: EvalConfig, plan: EvalPlan) -> dict[str, dict]:
-    """One Ray task per model. A vLLM model's task runs in a placement group of its own (its GPUs, reserved
-    once: a plain task with num_gpus would make vLLM reserve as many again), released when the task ends."""
+    """One Ray actor per model, all at once. A vLLM model's actor holds a placement group of its own, as a
+    rollout actor does (its GPUs, reserved once: vLLM captures an actor's group, never a task's, and would
+    reserve as many again), released when the model is done."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
     from actors.rollout import vllm_placement
-    from evals.generate import model_outputs
+    from evals.generate import ModelWorker
 
-    task = ray.remote(model_outputs)
+    worker = ray.remote(ModelWorker)
     plan_ref = ray.put(plan)
-    pending, groups = {}, {}
+    pending, groups, actors = {}, {}, {}
     for m in cfg.models:
         if cfg.generation.engine == "vllm":
             groups[m.name], options = vllm_placement(cfg.generation.tensor_parallel_size)
         else:
             options = {"num_cpus": cfg.generation.cpus_per_model, "num_gpus": cfg.generation.gpus_per_model}
-        pending[task.options(max_retries=0, **options).remote(m, cfg, plan_ref)] = m.name
+        actors[m.name] = worker.options(max_restarts=0, max_task_retries=0, **options).remote()
+        pending[actors[m.name].outputs.remote(m, cfg, plan_ref)] = m.name
     outputs = {}
     try:
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done)
-            if name in groups:
-                remove_placement_group(groups.pop(name))
             try:
                 outputs[name] = ray.get(done)
-            except ray.exceptions.RayTaskError as e:
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
                 path = next(m.path for m in cfg.models if m.name == name)
-                raise ConfigError(f"model {name!r} ({path}) could not be evaluated: {e.cause!r}") from None
+                raise ConfigError(f"model {name!r} ({path}) could not be evaluated: {getattr(e, 'cause', None) or e!r}") from None
+            finally:
+                ray.kill(actors.pop(name))
+                if name in groups:
+                    remove_placement_group(groups.pop(name))
             log(f"generate: {name} done in {outputs[name]['seconds']:.0f}s ({len(outputs)}/{len(cfg.models)} models)")
     finally:
+        for actor in actors.values():
+            ray.kill(actor)
         for pg in groups.values():
             remove_placement_group(pg)
     return {m.name: outputs[m.name] for m in cfg.models}
@@ -376,7 +382,7 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
         outputs = load_outputs(cfg, plan, out)
     else:
         metrics.set_phase("generate")
-        log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray task per model)")
+        log(f"phase 2/4: generate ({cfg.generation.engine} engine, one Ray actor per model)")
         outputs = generate_all(cfg, plan)
         save_outputs(cfg, plan, outputs, out)
     metrics.set_phase("evaluate")

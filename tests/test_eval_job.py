@@ -226,7 +226,7 @@ def test_evaluation_job_with_a_loopback_judge(tmp_path, tiny_model_dir):
     finally:
         server.close()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "generate: skipped (--judge-only)" in again.stdout and "one Ray task per model" not in again.stdout
+    assert "generate: skipped (--judge-only)" in again.stdout and "one Ray actor per model" not in again.stdout
     rejudged = json.loads((out / "results.json").read_text())["models"]
     assert rejudged["sami-iter1"]["win_rate_vs_baseline"]["raw"] == win["raw"]
     assert rejudged["sami-iter1"]["mi_lower_bound"] == test["mi_lower_bound"] and rejudged["sami-iter1"]["gsm8k"] == gsm

@@ -1,4 +1,4 @@
-"""The evaluation job's GSM8K pass@k on vLLM: `evals.generate.model_outputs`, the code one Ray task per model
+"""The evaluation job's GSM8K pass@k on vLLM: `evals.generate.model_outputs`, the code one Ray actor per model
 runs, with `generation.engine: vllm` (in-process, eager: an engine start of seconds)."""
 from evals.config import EvalConfig
 from evals.generate import EvalPlan, model_outputs
