@@ -2,11 +2,13 @@
 import pytest
 
 from evals.config import EvalConfig
-from evals.generate import EvalPlan, engine_model_config
+from evals.generate import engine_model_config
+from evals.plan import EvalPlan
 from sami.config import SamplingConfig
+from sami.groups import QueryGroup
 from sami.rollout_engines import HFEngine, RolloutEngine, max_model_len
 
-LONG = "Constitution:\n" + "".join(f"{i}. Be polite, be concise and name the river.\n" for i in range(1, 9))
+LONG = "".join(f"{i}. Be polite, be concise and name the river.\n" for i in range(1, 9))
 
 
 class VLLMLengthRule(RolloutEngine):
@@ -39,16 +41,15 @@ def test_the_mi_bound_on_vllm_cuts_training_prompts_as_training_does(tiny_model_
     model_cfg = engine_model_config(cfg.models[0], cfg)
     hf = HFEngine(str(tiny_model_dir), model_cfg)
     queries = ["Tell me about the river.", "Tell me about the mountain."]
-    training = [[f"{LONG}{stance}\n\nQuery: {q}\nResponse:" for stance in ("Be kind.", "Be rude.")] for q in queries]
+    plan = EvalPlan([QueryGroup(f"q{i}", q, constitutions=[LONG + "Be kind.", LONG + "Be rude."],
+                                generation_prompts=[f"{q} kind", f"{q} rude"]) for i, q in enumerate(queries)])
+    training = [g.training_prompts(cfg.data.task) for g in plan.groups]
     assert min(len(hf.tokenizer(p).input_ids) for g in training for p in g) > 2 * model_cfg.max_prompt_tokens
-    plan = EvalPlan(rows=[{"query_id": f"q{i}", "query": q, "subject": ""} for i, q in enumerate(queries)],
-                    constitutions=[[None, None]] * 2, constitution_texts=[["a", "b"]] * 2,
-                    generation_prompts=[[f"{q} kind", f"{q} rude"] for q in queries], training_prompts=training)
     monkeypatch.setattr(generate, "load_engine", lambda model, cfg: VLLMLengthRule(hf, max_model_len(model_cfg)))
     out = generate.model_outputs(cfg.models[0], cfg, plan)
 
-    groups = list(zip(training, out["responses"]))
+    groups = list(zip(training, out.responses))
     cut = mi_bounds(hf, groups, model_cfg.max_prompt_tokens, cfg.generation.sampling.max_new_tokens)
-    assert out["mi_bounds"] == pytest.approx(cut, abs=1e-5) and len(cut) == 2
-    assert out["mi_lower_bound"] == pytest.approx(sum(cut) / 2)
+    assert out.mi_bounds == pytest.approx(cut, abs=1e-5) and len(cut) == 2
+    assert out.mi_lower_bound == pytest.approx(sum(cut) / 2)
     assert mi_bounds(hf, groups) != pytest.approx(cut, rel=0.05)  # the cut changed what was scored

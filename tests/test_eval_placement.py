@@ -59,8 +59,9 @@ def test_a_tensor_parallel_vllm_model_reserves_its_gpus_once(tmp_path, tiny_mode
 
     from actors.rollout import vllm_bundles
     from evals.config import EvalConfig
-    from evals.generate import EvalPlan
-    from evals.run import generate_all
+    from evals.generate import generate_all
+    from evals.plan import EvalPlan
+    from sami.groups import QueryGroup
 
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text(textwrap.dedent(STAND_IN))
@@ -72,9 +73,8 @@ def test_a_tensor_parallel_vllm_model_reserves_its_gpus_once(tmp_path, tiny_mode
                      mi_bound={"enabled": False},
                      generation={"engine": "vllm", "tensor_parallel_size": 2, "gpus_per_model": 2,
                                  "sampling": {"max_new_tokens": 4, "batch_size": 2}})
-    plan = EvalPlan(rows=[{"query_id": "q0", "query": "Tell me about the river.", "subject": ""}],
-                    constitutions=[[None, None]], constitution_texts=[["a", "b"]],
-                    generation_prompts=[["Be kind. The river?", "Be rude. The river?"]], training_prompts=[["a", "b"]])
+    plan = EvalPlan([QueryGroup("q0", "Tell me about the river.", constitutions=["Be kind.", "Be rude."],
+                                generation_prompts=["Be kind. The river?", "Be rude. The river?"])])
     ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         outputs = generate_all(cfg, plan)
@@ -85,7 +85,7 @@ def test_a_tensor_parallel_vllm_model_reserves_its_gpus_once(tmp_path, tiny_mode
     finally:
         ray.shutdown()
     seen = json.loads(record.read_text())
-    assert outputs["m"]["responses"] == [["", ""]]
+    assert outputs["m"].responses == [["", ""]]
     # built in an actor that owns the engine's group: vLLM takes that group (2 GPU bundles) and makes none
     assert seen["in_actor"] and seen["bundles"] == vllm_bundles(2) and not seen["own_group"]
     assert seen["gpus_reserved"] == 2 and free_after == 2  # reserved once while generating, released after
