@@ -41,6 +41,7 @@ Seeds = Union[int, Sequence[int]]
 
 class RolloutEngine:
     dtype: torch.dtype  # the precision the engine computes in; the probe check's tolerance depends on it
+    tokenizer: object  # the model's HF tokenizer (the evaluation renders chats and tokenises the MI bound's pairs)
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[Completion]:
         """One completion per prompt. `seeds`: one per prompt (a prompt's sample depends on its own seed only,
