@@ -66,8 +66,10 @@ def heldout_principle_groups(cfg: EvalConfig, rows: list[dict], principles: list
         raise ConfigError(f"adherence.heldout_principle_queries: principles.principles_per_constitution "
                           f"({p.principles_per_constitution}) leaves no room for the held-out principle(s) {list(heldout)}")
     streams = {row["query_id"]: random.Random(f"eval-heldout-principle/{cfg.run.seed}/{row['query_id']}") for row in rows}
-    constitutions = [[Constitution(tuple((name, True) for name in sorted(
-        streams[row["query_id"]].sample(training, count) + list(heldout))))] for row in rows]
+    constitutions = []
+    for row in rows:
+        drawn = streams[row["query_id"]].sample(training, count)
+        constitutions.append([Constitution(tuple((name, True) for name in sorted(drawn + list(heldout))))])
     return plan_groups(rows, principles, constitutions, cfg.data.task, ContinuedSeeds(streams))
 
 
