@@ -69,16 +69,23 @@ class RolloutWorker:
 RolloutActor = ray.remote(RolloutWorker)
 
 
+# vLLM's own strategy for the group it makes when it finds none (vllm/v1/executor/ray_utils.py
+# initialize_ray_cluster): as few nodes as possible, one node where the GPUs are there.
+VLLM_PLACEMENT_STRATEGY = "PACK"
+
+
 def vllm_bundles(tp: int) -> list[dict]:
-    """One vLLM engine's placement group: `tp` bundles of one GPU. The engine must own such a group: a holder
-    that reserved GPUs outside one makes vLLM reserve `tp` more for its own (8 GPUs for a TP-4 engine)."""
+    """One vLLM engine's placement group: `tp` bundles of one GPU. The engine must be built inside an *actor*
+    scheduled in such a group: vLLM 0.33 captures the current group only inside an actor (vllm/engine/arg_utils.py:
+    `if is_in_ray_actor(): placement_group = ray.util.get_current_placement_group()`); built in a task, or by a
+    holder outside a group, it makes a group of its own and reserves `tp` GPUs more (8 GPUs for a TP-4 engine)."""
     return [{"GPU": 1, "CPU": 1}] * tp
 
 
 def vllm_holder_options(tp: int) -> dict:
-    """Ray resources of the actor or task that builds a TP-`tp` engine inside its group (bundle 0). TP = 1: it
-    holds the bundle's GPU itself; TP > 1: none, and vLLM's Ray executor starts one worker per bundle
-    (VLLM_RAY_BUNDLE_INDICES), capturing the group as the child tasks' placement."""
+    """Ray resources of the actor that builds a TP-`tp` engine inside its group (bundle 0). TP = 1: it holds
+    the bundle's GPU itself; TP > 1: none, and vLLM's Ray executor starts one worker per bundle
+    (VLLM_RAY_BUNDLE_INDICES) in the group it captured."""
     if tp == 1:
         return {"num_cpus": 1, "num_gpus": 1}
     return {"num_cpus": 0, "num_gpus": 0,
@@ -86,11 +93,12 @@ def vllm_holder_options(tp: int) -> dict:
 
 
 def vllm_placement(tp: int):
-    """(placement group, Ray options) for one vLLM engine's holder; the group is not waited for."""
+    """(placement group, Ray options) for one vLLM engine's holder actor; the group is not waited for. Serve
+    replicas get the same group through their deployment options (cluster/serve_app.py)."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group(vllm_bundles(tp), strategy="PACK")
+    pg = placement_group(vllm_bundles(tp), strategy=VLLM_PLACEMENT_STRATEGY)
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
                                                 placement_group_bundle_index=0)
     return pg, {**vllm_holder_options(tp), "scheduling_strategy": strategy}

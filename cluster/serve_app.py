@@ -10,7 +10,8 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models. The 
 when a request brings none. A model with a chat template (an instruct model) gets its template; a base or
 SAMI-trained model gets the project's generation prompt for `task` (sami/prompts.py). Engines are the
 rollout engines (sami/rollout_engines.py): vLLM on a GPU (`engine=vllm`, import-guarded), HF generate on
-CPU; `engine=auto` picks vLLM where a GPU and vLLM are present. Serve's HTTP proxy binds 127.0.0.1 unless
+CPU; `engine=auto` reserves a vLLM engine's GPUs for each replica when the cluster has GPUs, and each replica
+picks vLLM where it sees a GPU and vLLM, HF otherwise. Serve's HTTP proxy binds 127.0.0.1 unless
 the cluster's Serve config says otherwise.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations at runtime.
@@ -47,6 +48,8 @@ class ServeArgs(BaseModel):
 
 
 def pick_engine(requested: str) -> str:
+    """The engine a replica runs, decided inside the replica: `auto` is vLLM where this process sees a GPU and
+    vLLM is installed, HF generate otherwise."""
     if requested != "auto":
         return requested
     import importlib.util
@@ -54,6 +57,25 @@ def pick_engine(requested: str) -> str:
     import torch
 
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the Ray cluster the replicas run on has GPUs. `serve run` builds the app on its own host (often
+    a CPU head node) before it connects, so this host's devices say nothing about the replicas'."""
+    import ray
+
+    if ray.is_initialized():  # `serve deploy`: the app is built inside the cluster
+        return ray.cluster_resources().get("GPU", 0) > 0
+    try:
+        ray.init(address="auto", log_to_driver=False)  # the running cluster `serve run` is about to join
+    except ConnectionError:  # none: `serve run` starts a local one on this host
+        import torch
+
+        return torch.cuda.is_available()
+    try:
+        return ray.cluster_resources().get("GPU", 0) > 0
+    finally:
+        ray.shutdown()  # `serve run` connects itself, with its namespace and runtime env
 
 
 class RequestError(ValueError):
@@ -217,12 +239,17 @@ def build_app(raw_args: dict):
         args = ServeArgs.model_validate(raw_args)
     except ValidationError as e:
         raise ValueError(format_validation_error(e, "serve arguments")) from None
-    options = {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": 1}}
-    if pick_engine(args.engine) == "vllm":
-        if args.tensor_parallel_size == 1:
-            options["ray_actor_options"]["num_gpus"] = 1
-        else:
-            # vLLM's Ray executor puts one worker on each GPU bundle of the replica's placement group.
-            options["placement_group_bundles"] = [{"CPU": 1}] + [{"GPU": 1}] * args.tensor_parallel_size
-            options["placement_group_strategy"] = "STRICT_PACK"
-    return _deployment().options(**options).bind(args)
+    return _deployment().options(**replica_options(args)).bind(args)
+
+
+def replica_options(args: ServeArgs) -> dict:
+    """Each replica's Ray resources. A vLLM replica (and an `auto` one on a cluster with GPUs, which picks its
+    engine where it runs) is the holder actor of its engine's placement group, the one the rollout actors get
+    (`actors.rollout.vllm_bundles`): Serve schedules the replica in bundle 0."""
+    from actors.rollout import VLLM_PLACEMENT_STRATEGY, vllm_bundles, vllm_holder_options
+
+    if args.engine == "hf" or (args.engine == "auto" and not cluster_has_gpus()):
+        return {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": 1}}
+    tp = args.tensor_parallel_size
+    return {"num_replicas": args.num_replicas, "ray_actor_options": vllm_holder_options(tp),
+            "placement_group_bundles": vllm_bundles(tp), "placement_group_strategy": VLLM_PLACEMENT_STRATEGY}

@@ -21,13 +21,13 @@ class EvalModel(Section):
 
 
 class GenerationConfig(EngineConfig):
-    """The shared engine section, plus how each model's generation task is sized."""
+    """The shared engine section, plus how each model's generation actor is sized."""
 
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(1024, ge=8)
     trust_remote_code: bool = False
-    # Ray resources of each model's generation task; with engine vllm it must equal tensor_parallel_size (the
+    # Ray resources of each model's generation actor; with engine vllm it must equal tensor_parallel_size (the
     # engine's placement group holds them)
     gpus_per_model: float = Field(0.0, ge=0.0)
     cpus_per_model: float = Field(1.0, gt=0.0)

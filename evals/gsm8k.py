@@ -11,7 +11,6 @@ the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k) for c corr
 """
 from __future__ import annotations
 
-import json
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from sami.jsonl import read_jsonl
 
 HUB_NAME = "openai/gsm8k"
 INSTRUCTION = "Solve the math problem step by step. End with \"The answer is N.\" where N is a number."
@@ -96,13 +97,7 @@ def load_gsm8k(source: str = HUB_NAME, split: str = "test", limit: int | None = 
         if not path.is_file():
             raise GSM8KError(f"GSM8K file {source} does not exist")
         items = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise GSM8KError(f"{source} line {number}: not valid JSON ({error})") from None
+        for number, row in enumerate(read_jsonl(path), start=1):
             if not isinstance(row, dict) or "question" not in row or "answer" not in row:
                 raise GSM8KError(f"{source} line {number}: expected an object with 'question' and 'answer'")
             items.append({"question": row["question"], "answer": row["answer"]})

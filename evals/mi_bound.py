@@ -1,64 +1,33 @@
 """The InfoNCE lower bound on I(Y; C | X) for a model: log C - SAMI loss on held-out query groups.
 
 Each group is C training prompts (one per constitution) and the C responses the model sampled under
-them; L[i, j] = mean per-token log p(y_j | c_i, x), tokenised, laid out and scored by the training code's own
-functions (`sami.groups.tokenise_pairs`, the `sami` objective's pairs, `sami.learner.score_groups`).
-`mi_bounds` batches an HF model; `mi_bounds_with` takes any scorer of one (prompt, response) pair, such as
-a rollout engine's `sequence_logprob` (vLLM). Both give one bound per group (the evaluation's intervals
-resample groups); their mean is the `mi_lower_bound` the evaluation reports, the figure training reports for a batch.
+them; L[i, j] = mean per-token log p(y_j | c_i, x), tokenised and cut as training tokenises its groups
+(`sami.groups.tokenise_pairs` with the prompt and response limits), laid out as the `sami` objective scores them (`scoring("sami", C)`)
+and scored by the engine (`RolloutEngine.pair_logprobs`: the learner's own batched scoring for HF, one pair
+at a time for vLLM, which refuses a sequence of `max_model_len` tokens or more). One bound per group (the
+evaluation's intervals resample groups); their mean is the `mi_lower_bound` the evaluation reports, the
+figure training reports for a batch.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
-
-from sami.groups import QueryGroup, padding_id, tokenise_pairs
-from sami.learner import score_groups
-from sami.logprobs import sequence_logprobs
-from sami.objectives import OBJECTIVES, pair_sequences, sami_loss, scoring
+from sami.groups import QueryGroup, tokenise_pairs
+from sami.objectives import sami_loss, scoring
+from sami.rollout_engines import RolloutEngine
 
 
-def _tokenised(tokenizer, prompts: list[str], responses: list[str]) -> QueryGroup:
-    """One held-out group tokenised exactly as training tokenises its groups."""
-    prompt_ids, response_ids = tokenise_pairs(tokenizer, prompts, responses)
-    return QueryGroup(query_id="", query="", prompt_ids=prompt_ids, response_ids=response_ids)
-
-
-def _check(groups) -> int:
+def mi_bounds(engine: RolloutEngine, groups: list[tuple[list[str], list[str]]], max_prompt_tokens: int | None = None,
+              max_response_tokens: int | None = None) -> list[float]:
+    """log C - loss per group; `groups` holds (training prompts, responses) pairs of equal length C. Prompts
+    keep their last `max_prompt_tokens` tokens, responses their first `max_response_tokens` (as in training)."""
     if not groups:
         raise ValueError("no query groups to compute the MI bound on")
     c = len(groups[0][0])
     if any(len(p) != c or len(r) != c for p, r in groups):
         raise ValueError(f"every group needs {c} prompts and {c} responses")
-    return c
-
-
-def _per_group(matrices: torch.Tensor) -> list[float]:
-    """log C - loss of each [C, C] matrix; their mean is the bound of the whole batch."""
+    tokenised = []
+    for prompts, responses in groups:
+        prompt_ids, response_ids = tokenise_pairs(engine.tokenizer, prompts, responses, max_prompt_tokens,
+                                                  max_response_tokens)
+        tokenised.append(QueryGroup(query_id="", query="", prompt_ids=prompt_ids, response_ids=response_ids))
+    matrices = engine.pair_logprobs(tokenised, scoring("sami", c)).view(len(groups), c, c)
     return [sami_loss(matrix).mi_lower_bound.item() for matrix in matrices]
-
-
-@torch.no_grad()
-def mi_bounds(model, tokenizer, groups: list[tuple[list[str], list[str]]], batch_groups: int = 16) -> list[float]:
-    """log C - loss per group; `groups` holds (training prompts, responses) pairs of equal length C."""
-    c, pad, device = _check(groups), padding_id(tokenizer), next(model.parameters()).device
-    bounds = []
-    for start in range(0, len(groups), batch_groups):
-        chunk = groups[start : start + batch_groups]
-        token_lp, mask, _ = score_groups(model, [_tokenised(tokenizer, p, r) for p, r in chunk], scoring("sami", c),
-                                         pad, True, device)
-        bounds += _per_group(sequence_logprobs(token_lp, mask).view(len(chunk), c, c))
-    return bounds
-
-
-def mi_bounds_with(score: Callable[[list[int], list[int]], float], tokenizer,
-                   groups: list[tuple[list[str], list[str]]]) -> list[float]:
-    """The same bounds from a pair scorer `score(prompt_ids, response_ids)` -> mean log-prob per token."""
-    c = _check(groups)
-    matrices = []
-    for group_prompts, group_responses in groups:
-        group = _tokenised(tokenizer, group_prompts, group_responses)
-        prompts, responses = pair_sequences([group], OBJECTIVES["sami"].pairs(c))
-        matrices.append([score(p, r) for p, r in zip(prompts, responses)])
-    return _per_group(torch.tensor(matrices, dtype=torch.float64).view(-1, c, c))

@@ -18,7 +18,6 @@ Pieces are plain functions over callables so they run without a model or a netwo
 """
 from __future__ import annotations
 
-import json
 import re
 import string
 import time
@@ -31,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from evals.win_rates import combine_swapped
+from sami.jsonl import read_jsonl, write_jsonl
 
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")
 HUB_NAME = "HuggingFaceH4/mt_bench_prompts"
@@ -94,14 +94,7 @@ class Answer:
 def _read_jsonl(path: Path, what: str) -> list[dict]:
     if not path.is_file():
         raise MTBenchError(f"{what} file {path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise MTBenchError(f"{path} line {number}: not valid JSON ({error})") from None
-    return rows
+    return read_jsonl(path)
 
 
 def _question(row: dict, where: str) -> Question:
@@ -133,10 +126,7 @@ def load_judge_prompts(path: str) -> dict[str, JudgePrompt]:
 
 
 def write_answers(path: str, answers: list[Answer]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        for answer in sorted(answers, key=lambda a: a.question_id):
-            out.write(json.dumps(answer.to_json()) + "\n")
+    write_jsonl(path, [answer.to_json() for answer in sorted(answers, key=lambda a: a.question_id)])
 
 
 def read_answers(path: str) -> dict[int, Answer]:

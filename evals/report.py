@@ -1,4 +1,4 @@
-"""The evaluation report: `results.json`, and `report.md` with its PNG plots (win rate per model with 95%
+"""Phase 4, report: `results.json`, and `report.md` with its PNG plots (win rate per model with 95%
 intervals, MI bound per model, response-length distributions), all in the evaluation's output folder."""
 from __future__ import annotations
 
@@ -6,7 +6,38 @@ import json
 import os
 from pathlib import Path
 
+from evals.config import EvalConfig
+from evals.generate import ModelOutputs, words
+from evals.judge import Judged
+from evals.plan import EvalPlan
+
 ESTIMATORS = ("raw", "balanced", "logistic")
+
+
+def model_results(path: str, o: ModelOutputs, judged: Judged, name: str) -> dict:
+    """One model's entry in results.json."""
+    lengths = [words(r) for r in o.positive_responses]
+    return {
+        "path": path,
+        "mean_length": sum(lengths) / len(lengths) if lengths else None,
+        "lengths": lengths,
+        "mi_lower_bound": o.mi_lower_bound,
+        "mi_bounds": o.mi_bounds,
+        "win_rate_vs_baseline": judged.win_rates.get(name),
+        "adherence": judged.adherence.get(name),
+        "mtbench": judged.mtbench.get(name),
+        "gsm8k": {k: v for k, v in o.gsm8k.items() if k != "items"} if o.gsm8k else None,
+    }
+
+
+def build_results(cfg: EvalConfig, plan: EvalPlan, outputs: dict[str, ModelOutputs], judged: Judged) -> dict:
+    """results.json: what was evaluated (`meta`) and every model's figures (`models`, in the config's order)."""
+    meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.groups),
+            "heldout_principle_queries": len(plan.heldout_principle),
+            "heldout_principles": list(cfg.principles.heldout_names),
+            "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,
+            "model": cfg.judge.model, "swap": cfg.judge.swap}}
+    return {"meta": meta, "models": {m.name: model_results(m.path, outputs[m.name], judged, m.name) for m in cfg.models}}
 
 
 def _cell(summary: dict | None, estimator: str) -> str:

@@ -5,16 +5,17 @@ item and sums them up per model.
 """
 from __future__ import annotations
 
+from sami.groups import QueryGroup
 from sami.world import rules
 
 
-def adherence_records(rows: list[dict], constitutions: list, responses: list[str]) -> list[dict]:
+def adherence_records(groups: list[QueryGroup], responses: list[str]) -> list[dict]:
     """Per item {"query_id", "adherence" (the share of stated principles followed), "principles" (name ->
-    followed), "well_formed"}; `constitutions` are the positive ones the responses answered."""
+    followed), "well_formed"}; each response answered its group's positive constitution."""
     records = []
-    for row, constitution, response in zip(rows, constitutions, responses):
-        checks = rules.adherence(response, row["subject"], constitution)
-        records.append({"query_id": row["query_id"], "adherence": rules.share_followed(checks),
+    for group, response in zip(groups, responses):
+        checks = rules.adherence(response, group.subject, group.stated()[0])
+        records.append({"query_id": group.query_id, "adherence": rules.share_followed(checks),
                         "principles": checks, "well_formed": rules.well_formed(response)})
     return records
 

@@ -25,7 +25,8 @@ from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
-from sami.groups import QueryGroup, attach_completions, filter_and_tokenise, generation_seeds, plan_groups
+from sami.groups import (QueryGroup, TrainingSeeds, attach_completions, filter_and_tokenise, generation_seeds,
+                         plan_groups)
 from sami.console import log, open_channel, report_progress
 from sami.learner import Learner, StopRun, skip_cpu_shm_comm_op, stop_together
 from sami.objectives import objective_for
@@ -264,7 +265,7 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     started = time.perf_counter()
     library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
     figures = {"time_write_principles": time.perf_counter() - started}
-    groups = plan_groups(queries, library, stances, cfg.data.task, cfg.run.seed, iteration)
+    groups = plan_groups(queries, library, stances, cfg.data.task, TrainingSeeds(cfg.run.seed, iteration))
     per_batch = max(1, cfg.sampling.batch_size // cfg.principles.num_constitutions)
     batches = [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
     completions = generate([[p for g in b for p in g.generation_prompts] for b in batches],

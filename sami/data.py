@@ -6,11 +6,11 @@ use exactly the queries training never saw.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from sami.config import ConfigError, DataConfig
+from sami.jsonl import read_jsonl
 
 
 def first_human_turn(dialogue: str) -> str:
@@ -54,13 +54,7 @@ def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
         path = Path(cfg.path)
         if not path.is_file():
             raise ConfigError(f"data.path: file not found: {path}")
-        records = []
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"data.path {path}: line {line_no} is not JSON ({e})") from None
+        records = read_jsonl(path)
     else:
         import datasets
 

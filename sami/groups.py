@@ -4,7 +4,9 @@ One `QueryGroup` is one query with its C constitutions and the C responses sampl
 matrix, never split across learners. The stages are plain functions (no Ray), in the order one iteration runs
 them:
 
+    draw_constitutions   queries -> C constitutions each (seeded per query)
     plan_groups          queries + constitutions -> groups with generation prompts and training renderings
+                         (training's and the evaluation's planning stage; `RenderSeeds` keys the shuffles)
     attach_completions   the rollout engines' completions -> responses
     filter_and_tokenise  drop malformed groups (counts per reason), tokenise prompts and responses
 
@@ -16,9 +18,10 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
 
-from sami.config import FilterConfig
-from sami.constitutions import Constitution, render_constitution
+from sami.config import FilterConfig, PrinciplesConfig
+from sami.constitutions import Constitution, render_constitution, sample_constitutions
 from sami.filters import REASONS, reject_reason
 from sami.principles import Principle
 from sami.prompts import generation_prompt, training_prompt
@@ -42,6 +45,14 @@ class QueryGroup:
     # they are than on-policy (iteration - 1 - policy_iteration). None: a groups.parquet from before this field.
     policy_iteration: int | None = None
     staleness: int | None = None
+
+    def stated(self) -> list[Constitution]:
+        """The C constitutions as `Constitution`s, the positive one first (what a rule judge checks)."""
+        return [Constitution(tuple((name, bool(positive)) for name, positive in c)) for c in json.loads(self.stances)]
+
+    def training_prompts(self, task: str) -> list[str]:
+        """The C prompts the learner (and the evaluation's MI bound) scores the responses under."""
+        return [training_prompt(task, c, self.query) for c in self.constitutions]
 
     def record(self) -> dict:
         """The row written to groups.parquet (generation prompts are not kept: the renderings are)."""
@@ -70,19 +81,48 @@ def generation_seeds(group: "QueryGroup", seed: int, iteration: int) -> list[int
     return [rng.getrandbits(31) for _ in group.generation_prompts]
 
 
+class RenderSeeds(Protocol):
+    """Where the planning stage's shuffles come from: training and evaluation key them differently (each keeps
+    its own keys, so a run or an evaluation repeats exactly)."""
+
+    def renderings(self, query_id: str, c: int) -> tuple[list[random.Random], list[random.Random]]:
+        """(the streams that render each of the query's C constitutions in its generation prompt, for training)."""
+
+
+@dataclass(frozen=True)
+class TrainingSeeds:
+    """Training's shuffles: one stream per (run seed, iteration, query, purpose), drawn in constitution order."""
+
+    seed: int
+    iteration: int
+
+    def renderings(self, query_id: str, c: int) -> tuple[list[random.Random], list[random.Random]]:
+        generation, training = (row_rng(self.seed, self.iteration, query_id, p) for p in ("generation", "training"))
+        return [generation] * c, [training] * c
+
+
+def draw_constitutions(principles: list[Principle], cfg: PrinciplesConfig, query_ids: list[str],
+                       seed: int | str) -> list[list[Constitution]]:
+    """Each query's C constitutions (the positive one first), drawn from `random.Random(f"{seed}/{query id}")`
+    alone, so a query's draw does not depend on its batch."""
+    return [sample_constitutions(principles, cfg.num_constitutions, cfg.mode, random.Random(f"{seed}/{q}"),
+                                 k=cfg.principles_per_constitution, heldout=cfg.heldout_names) for q in query_ids]
+
+
 def plan_groups(queries: list[dict], library: list[Principle], constitutions: list[list[Constitution]], task: str,
-                seed: int, iteration: int) -> list[QueryGroup]:
-    """C constitutions per query, rendered twice: in the generation prompt and, reshuffled, for training."""
+                seeds: RenderSeeds) -> list[QueryGroup]:
+    """The planning stage of training and evaluation alike: each query's C constitutions rendered twice, in
+    the generation prompt and (with `seeds`' training stream) for the training prompt."""
     by_name = {p.name: p for p in library}
     groups = []
     for row, cons in zip(queries, constitutions):
-        rng_gen, rng_train = (row_rng(seed, iteration, row["query_id"], p) for p in ("generation", "training"))
+        rng_gen, rng_train = seeds.renderings(row["query_id"], len(cons))
         groups.append(QueryGroup(
             query_id=row["query_id"], query=row["query"], subject=row.get("subject", ""),
             stances=json.dumps([list(map(list, c.stances)) for c in cons]),
-            generation_prompts=[generation_prompt(task, render_constitution(c, by_name, rng_gen), row["query"])
-                                for c in cons],
-            constitutions=[render_constitution(c, by_name, rng_train) for c in cons],
+            generation_prompts=[generation_prompt(task, render_constitution(c, by_name, r), row["query"])
+                                for c, r in zip(cons, rng_gen)],
+            constitutions=[render_constitution(c, by_name, r) for c, r in zip(cons, rng_train)],
         ))
     return groups
 
@@ -128,8 +168,7 @@ def filter_and_tokenise(groups: list[QueryGroup], tokenizer, filters: FilterConf
         if g.reject_reason:
             counts[f"filtered_{g.reject_reason}"] += 1
             continue
-        prompts = [training_prompt(task, c, g.query) for c in g.constitutions]
-        g.prompt_ids, g.response_ids = tokenise_pairs(tokenizer, prompts, g.responses, max_prompt_tokens,
+        g.prompt_ids, g.response_ids = tokenise_pairs(tokenizer, g.training_prompts(task), g.responses, max_prompt_tokens,
                                                       max_response_tokens)
         kept.append(g)
     return kept, counts

@@ -8,13 +8,13 @@ in the run directory (`principles.yaml`) and reused on resume, so every iteratio
 """
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 
 from sami.chat_clients import make_chat_client
 from sami.config import PrinciplesConfig, WriterConfig
-from sami.constitutions import Constitution, sample_constitutions
+from sami.constitutions import Constitution
+from sami.groups import draw_constitutions
 import sami.world.rules  # noqa: F401  registers the built-in world's principle library (`principles.source: world`)
 from sami.principles import (Principle, PrincipleError, builtin_library, load_principles, save_principles,
                              validate_principles)
@@ -83,6 +83,16 @@ def write_principles(cfg: WriterConfig, client) -> tuple[list[Principle], int]:
                       f"{cfg.max_retries}), none used; last problem: {problems[-1]}")
 
 
+def configured_library(cfg: PrinciplesConfig) -> list[Principle] | None:
+    """The principle library a config names, the one loader of training and evaluation: its file or a built-in
+    library (the world's); None when an LM is to write them. Raises PrincipleError on a malformed file."""
+    if cfg.source == "file":
+        return load_principles(cfg.path)
+    if cfg.source == "writer":
+        return None
+    return list(builtin_library(cfg.source).principles)
+
+
 class PrincipleWriterCore:
     """Principles for a run, saved in `run_dir`; constitutions per query, deterministic per (seed, query id)."""
 
@@ -106,11 +116,7 @@ class PrincipleWriterCore:
         (the world's); (None, "writer") when an LM is to write them. Raises PrincipleError on a malformed library."""
         if self.path.is_file():
             return load_principles(self.path), "saved"
-        if self.cfg.source == "file":
-            return load_principles(self.cfg.path), "file"
-        if self.cfg.source == "writer":
-            return None, "writer"
-        return list(builtin_library(self.cfg.source).principles), self.cfg.source
+        return configured_library(self.cfg), self.cfg.source
 
     def principles(self) -> list[Principle]:
         if self._principles is None:
@@ -118,12 +124,7 @@ class PrincipleWriterCore:
         return self._principles
 
     def constitutions(self, query_ids: list[str], seed: int) -> list[list[Constitution]]:
-        p = self.cfg
-        return [
-            sample_constitutions(self.principles(), p.num_constitutions, p.mode, random.Random(f"{seed}/{q}"),
-                                 k=p.principles_per_constitution, heldout=p.heldout_names)
-            for q in query_ids
-        ]
+        return draw_constitutions(self.principles(), self.cfg, query_ids, seed)
 
     def iteration_constitutions(self, query_ids: list[str], seed: int) -> tuple[list[Principle], list[list[Constitution]]]:
         """(the principle library, each query's C constitutions): what one iteration needs, in one call."""

@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from sami.config import EngineConfig, ModelConfig, SamplingConfig
+from sami.groups import QueryGroup, padding_id
+from sami.learner import score_groups
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.objectives import Scoring, pair_sequences
 from sami.precision import model_dtype
 
 
@@ -33,6 +36,7 @@ Seeds = Union[int, Sequence[int]]
 
 class RolloutEngine:
     dtype: torch.dtype  # the precision the engine computes in; the probe check's tolerance depends on it
+    tokenizer: object  # the model's HF tokenizer (the evaluation renders chats and tokenises the MI bound's pairs)
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[Completion]:
         """One completion per prompt. `seeds`: one per prompt (a prompt's sample depends on its own seed only,
@@ -49,6 +53,14 @@ class RolloutEngine:
 
     def reset_prefix_cache(self) -> None:
         raise NotImplementedError
+
+    def pair_logprobs(self, groups: list[QueryGroup], scoring: Scoring) -> torch.Tensor:
+        """[groups, pairs]: mean log-prob per token of response j (EOS included) given prompt i, for each (i, j)
+        in `scoring.pairs` of each tokenised group, as the learner scores them (the evaluation's MI bound). One pair at a
+        time through `sequence_logprob`; an engine holding the model in this process batches them."""
+        prompts, responses = pair_sequences(groups, scoring.pairs)
+        scores = [self.sequence_logprob(p, r) for p, r in zip(prompts, responses)]
+        return torch.tensor(scores, dtype=torch.float64).view(len(groups), len(scoring.pairs))
 
 
 def _stop_ids(tokenizer, generation_config) -> set[int]:
@@ -142,6 +154,16 @@ class HFEngine(RolloutEngine):
 
     def reset_prefix_cache(self) -> None:
         """HF generate keeps no cache between calls."""
+
+    @torch.no_grad()
+    def pair_logprobs(self, groups: list[QueryGroup], scoring: Scoring, batch_groups: int = 16) -> torch.Tensor:
+        """The learner's own batched scoring (`score_groups`: the full C x C layout packed, each prompt once)."""
+        rows = []
+        for start in range(0, len(groups), batch_groups):
+            chunk = groups[start : start + batch_groups]
+            token_lp, mask, _ = score_groups(self.model, chunk, scoring, padding_id(self.tokenizer), True, self.device)
+            rows.append(sequence_logprobs(token_lp, mask).view(len(chunk), len(scoring.pairs)))
+        return torch.cat(rows)
 
 
 def max_model_len(model_cfg: ModelConfig) -> int:

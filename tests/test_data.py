@@ -24,7 +24,7 @@ def test_jsonl_queries_dedupe_and_hh_first_turn(tmp_path):
 def test_jsonl_errors_name_the_field_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "fine"}\nnot json\n')
-    with pytest.raises(ConfigError, match="line 2 is not JSON"):
+    with pytest.raises(ConfigError, match="bad.jsonl line 2: not valid JSON"):
         load_queries(DataConfig(source="jsonl", path=str(path)), seed=0)
     path.write_text('{"prompt": "x"}\n')
     with pytest.raises(ConfigError, match="data.query_field 'text' is not a field of record 0"):

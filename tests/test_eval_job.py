@@ -226,7 +226,7 @@ def test_evaluation_job_with_a_loopback_judge(tmp_path, tiny_model_dir):
     finally:
         server.close()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "generate: skipped (--judge-only)" in again.stdout and "one Ray task per model" not in again.stdout
+    assert "generate: skipped (--judge-only)" in again.stdout and "one Ray actor per model" not in again.stdout
     rejudged = json.loads((out / "results.json").read_text())["models"]
     assert rejudged["sami-iter1"]["win_rate_vs_baseline"]["raw"] == win["raw"]
     assert rejudged["sami-iter1"]["mi_lower_bound"] == test["mi_lower_bound"] and rejudged["sami-iter1"]["gsm8k"] == gsm
@@ -286,7 +286,7 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
     """configs/eval_world.yaml, smaller: the world's base model against a perturbed tiny model; adherence, the
     held-out principle, well-formed and the win rates agree with the world's rules on the saved responses."""
     from evals.config import EvalConfig
-    from evals.run import build_plan
+    from evals.plan import build_plan
     from sami.config import load_config
     from sami.world import rules
 
@@ -300,20 +300,19 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["heldout_principle_queries"] == 6 and results["meta"]["heldout_principles"] == ["exclaim"]
     plan = build_plan(load_config(out / "config.yaml", model_cls=EvalConfig))
-    positive = [cons[0] for cons in plan.constitutions]
+    positive = [g.stated()[0] for g in plan.groups]
     scores = {}
     for name in ("base", "other"):
         m = results["models"][name]
         saved = [json.loads(l)["response"] for l in (out / "responses" / f"{name}.jsonl").read_text().splitlines()]
         extra = [json.loads(l)["response"] for l in
                  (out / "responses" / f"{name}.heldout-principle.jsonl").read_text().splitlines()]
-        scores[name] = [rules.adherence_score(r, row["subject"], c) for r, row, c in zip(saved, plan.rows, positive)]
+        scores[name] = [rules.adherence_score(r, g.subject, c) for r, g, c in zip(saved, plan.groups, positive)]
         a = m["adherence"]
         assert a["items"] == pytest.approx(scores[name]) and a["mean"] == pytest.approx(sum(scores[name]) / 12)
         assert a["well_formed"] == pytest.approx(sum(map(rules.well_formed, saved)) / 12)
         assert a["heldout_principle"] == pytest.approx(sum(
-            rules.adherence(r, row["subject"], c)["exclaim"] for r, row, c in
-            zip(extra, plan.heldout_principle.rows, plan.heldout_principle.constitutions)) / 6)
+            rules.adherence(r, g.subject, g.stated()[0])["exclaim"] for r, g in zip(extra, plan.heldout_principle)) / 6)
         assert set(a["per_principle"]) <= {p.name for p in rules.TRAINING_PRINCIPLES}
         assert len(m["mi_bounds"]) == 12 and m["mi_lower_bound"] == pytest.approx(sum(m["mi_bounds"]) / 12)
         judged = [json.loads(l) for l in (out / "judgments" / f"{name}-adherence.jsonl").read_text().splitlines()]

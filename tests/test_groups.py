@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from pipelines.loop import build_groups, equal_shards, replay_groups
 from sami.config import FilterConfig, load_config
 from sami.constitutions import sample_constitutions
-from sami.groups import attach_completions, filter_and_tokenise, plan_groups, tokenise_pairs
+from sami.groups import TrainingSeeds, attach_completions, filter_and_tokenise, plan_groups, tokenise_pairs
 from sami.prompts import training_prompt
 from sami.run_dir import RunDir
 from sami.world.rules import PRINCIPLES
@@ -39,7 +39,7 @@ def completion(text):
 
 def test_plan_attach_filter_tokenise(tokenizer):
     library, stances = fake_writer([q["query_id"] for q in QUERIES], 7)
-    groups = plan_groups(QUERIES, library, stances, "world", seed=0, iteration=1)
+    groups = plan_groups(QUERIES, library, stances, "world", TrainingSeeds(seed=0, iteration=1))
     assert [len(g.generation_prompts) for g in groups] == [2] * 6
     assert groups[0].stances == json.dumps([list(map(list, c.stances)) for c in stances[0]])
     assert all("exclaim" not in g.stances for g in groups)  # the held-out principle is never stated
@@ -94,7 +94,7 @@ def test_generation_phase_batches_seeds_and_orders(tokenizer):
 
 def test_groups_parquet_round_trip_and_shards(tmp_path, tokenizer):
     library, stances = fake_writer([q["query_id"] for q in QUERIES], 0)
-    groups = plan_groups(QUERIES, library, stances, "world", 0, 1)
+    groups = plan_groups(QUERIES, library, stances, "world", TrainingSeeds(0, 1))
     attach_completions(groups, [completion(f"the river is {i}.") for i in range(12)])
     kept, _ = filter_and_tokenise(groups, tokenizer, FilterConfig(), "world", 64, 8)
     (tmp_path / "iteration-1").mkdir()

@@ -6,11 +6,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evals.mi_bound import mi_bounds
-from sami.config import load_config
+from sami.config import ModelConfig, load_config
 from sami.groups import QueryGroup, tokenise_pairs
 from sami.learner import deepspeed_settings, micro_batch_loss, summarise_steps
 from sami.logprobs import collate_sequences, token_logprobs
 from sami.objectives import scoring_for
+from sami.rollout_engines import HFEngine
 
 
 def test_deepspeed_settings_derived_from_the_config():
@@ -71,7 +72,7 @@ def test_learner_sami_loss_and_the_evaluations_mi_bound_agree(tiny_model_dir):
     with torch.no_grad():
         loss, stats = micro_batch_loss(model, None, groups, cfg, scoring_for(cfg, 1),
                                        tokenizer.pad_token_id or tokenizer.eos_token_id, torch.device("cpu"))
-    bounds = mi_bounds(model, tokenizer, groups_text)
+    bounds = mi_bounds(HFEngine(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))), groups_text)
     bound = sum(bounds) / len(bounds)
     assert stats["mi_lower_bound"] == pytest.approx(math.log(2) - loss.item(), abs=1e-6)
     assert bound == pytest.approx(stats["mi_lower_bound"], abs=1e-5)

@@ -80,7 +80,7 @@ def test_missing_or_broken_data_files_are_one_line_before_ray(tmp_path, capsys, 
     broken = tmp_path / "queries.jsonl"
     broken.write_text('{"query": "hello"}\nnot json\n')
     assert train(tmp_path, "data.source=jsonl", "data.task=dialogue", f"data.path={broken}", *flag) == 2
-    assert "line 2 is not JSON" in one_error_line(capsys)
+    assert f"{broken} line 2: not valid JSON" in one_error_line(capsys)
     assert train(tmp_path, f"data.replay_groups_from={tmp_path}/other-run", *flag) == 2
     assert "has no groups.parquet for iteration(s) [1, 2]" in one_error_line(capsys)
 

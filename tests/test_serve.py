@@ -80,6 +80,31 @@ def test_build_app_rejects_unknown_arguments():
         build_app({"model_path": "x", "modle_path": "y"})
 
 
+@pytest.mark.timeout(120)
+def test_engine_auto_reserves_gpus_by_the_cluster_not_by_the_host_that_builds_the_app():
+    """`serve run` builds the app on its own host, here a CPU one, as on a CPU head node. On a cluster with GPUs
+    (Ray's logical GPUs) each replica holds a vLLM engine's placement group and picks its engine where it runs;
+    on a cluster without GPUs it takes one CPU."""
+    import ray
+    import torch
+
+    from actors.rollout import VLLM_PLACEMENT_STRATEGY, vllm_bundles, vllm_holder_options
+
+    assert not torch.cuda.is_available()
+    deployments = {}
+    for gpus in (2, 0):
+        ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+        try:
+            deployments[gpus] = build_app({"model_path": "x", "tensor_parallel_size": 2})._bound_deployment
+        finally:
+            ray.shutdown()
+    replica = deployments[2]._replica_config
+    assert deployments[2].ray_actor_options == vllm_holder_options(2)
+    assert replica.placement_group_bundles == vllm_bundles(2)
+    assert replica.placement_group_strategy == VLLM_PLACEMENT_STRATEGY
+    assert deployments[0].ray_actor_options == {"num_cpus": 1} and deployments[0]._replica_config.placement_group_bundles is None
+
+
 def post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:

@@ -84,7 +84,7 @@ def test_corpus_documents_are_in_the_training_prompt_format():
 
 def test_held_out_principle_and_evaluation_queries():
     from evals.config import EvalConfig
-    from evals.run import build_plan
+    from evals.plan import build_plan
     from sami.config import ConfigError, build_config, load_yaml
     from sami.data import load_queries
 
@@ -99,17 +99,19 @@ def test_held_out_principle_and_evaluation_queries():
 
     p = plan(0)
     extra = p.heldout_principle
-    assert len(p.rows) == 50 and len(extra.rows) == 25
-    assert all("exclaim" not in dict(c.stances) for cons in p.constitutions for c in cons)
+    assert len(p.groups) == 50 and len(extra) == 25
+    assert all("exclaim" not in dict(c.stances) for g in p.groups for c in g.stated())
     assert all(dict(c.stances).get("exclaim") is True and len(c.stances) == 3 and all(dict(c.stances).values())
-               for c in extra.constitutions)
+               for g in extra for c in g.stated())
     # Queries training never saw, none shared between the two sets.
     train = load_config(REPO / "configs" / "world_demo.yaml")
     seen = {r["query_id"] for r in load_queries(train.data, 0)}
-    assert not seen & {r["query_id"] for r in p.rows + extra.rows}
-    assert not {r["query_id"] for r in p.rows} & {r["query_id"] for r in extra.rows}
-    assert plan(0).heldout_principle.generation_prompts == extra.generation_prompts
-    assert plan(1).heldout_principle.generation_prompts != extra.generation_prompts
+    assert not seen & {g.query_id for g in p.groups + extra}
+    assert not {g.query_id for g in p.groups} & {g.query_id for g in extra}
+    def prompts(p):
+        return [g.generation_prompts for g in p.heldout_principle]
+
+    assert prompts(plan(0)) == prompts(p) and prompts(plan(1)) != prompts(p)
     with pytest.raises(ConfigError, match=r"needs 50 \+ 25 held-out queries, there are 60"):
         plan(0, "data.heldout_queries=60")
 

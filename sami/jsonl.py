@@ -1,0 +1,35 @@
+"""JSON Lines, read and written in one place: queries, MT-Bench and GSM8K files, the evaluation's saved outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sami.config import ConfigError
+
+
+class JSONLError(ConfigError):
+    """A JSONL file that cannot be read: the message names the file and the line (a user's mistake, exit 2)."""
+
+
+def read_jsonl(path: str | Path) -> list:
+    """One value per non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise JSONLError(f"{path}: file not found")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise JSONLError(f"{path} line {number}: not valid JSON ({error})") from None
+    return rows
+
+
+def write_jsonl(path: str | Path, records) -> None:
+    """One JSON object a line; the folder is made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
