@@ -69,42 +69,43 @@ class RolloutWorker:
 RolloutActor = ray.remote(RolloutWorker)
 
 
-def vllm_bundles(tp: int) -> list[dict]:
+def vllm_bundles(tp: int, gpus: float = 1.0) -> list[dict]:
     """One vLLM engine's placement group: `tp` bundles of one GPU. The engine must own such a group: a holder
     that reserved GPUs outside one makes vLLM reserve `tp` more for its own (8 GPUs for a TP-4 engine)."""
-    return [{"GPU": 1, "CPU": 1}] * tp
+    return [{"GPU": gpus, "CPU": 1}] * tp
 
 
-def vllm_holder_options(tp: int) -> dict:
+def vllm_holder_options(tp: int, gpus: float = 1.0) -> dict:
     """Ray resources of the actor or task that builds a TP-`tp` engine inside its group (bundle 0). TP = 1: it
     holds the bundle's GPU itself; TP > 1: none, and vLLM's Ray executor starts one worker per bundle
     (VLLM_RAY_BUNDLE_INDICES), capturing the group as the child tasks' placement."""
     if tp == 1:
-        return {"num_cpus": 1, "num_gpus": 1}
+        return {"num_cpus": 1, "num_gpus": gpus}
     return {"num_cpus": 0, "num_gpus": 0,
             "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}}}
 
 
-def vllm_placement(tp: int):
+def vllm_placement(tp: int, gpus: float = 1.0):
     """(placement group, Ray options) for one vLLM engine's holder; the group is not waited for."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group(vllm_bundles(tp), strategy="PACK")
+    pg = placement_group(vllm_bundles(tp, gpus), strategy="PACK")
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
                                                 placement_group_bundle_index=0)
-    return pg, {**vllm_holder_options(tp), "scheduling_strategy": strategy}
+    return pg, {**vllm_holder_options(tp, gpus), "scheduling_strategy": strategy}
 
 
 def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
     """Ray options for one engine's actor: hf, `cpus_per_engine` CPUs; vllm, its own placement group (reserved
-    here, so a cluster without the GPUs fails with a clear error instead of waiting forever)."""
+    here, so a cluster without the GPUs fails with a clear error instead of waiting forever) of `gpus_per_engine`
+    of a GPU per bundle: below 1, a share of one device that a learner's share can take the rest of."""
     if rollout_cfg.engine != "vllm":
         return {"num_cpus": rollout_cfg.cpus_per_engine}
     from ray.util.placement_group import remove_placement_group
 
     tp = rollout_cfg.tensor_parallel_size
-    pg, options = vllm_placement(tp)
+    pg, options = vllm_placement(tp, rollout_cfg.gpus_per_engine)
     try:
         ray.get(pg.ready(), timeout=600)
     except ray.exceptions.GetTimeoutError:

@@ -59,6 +59,17 @@ def same_worker_group(cfgs: list[TrainConfig]) -> None:
                                   f"group share these settings")
 
 
+def learner_scaling(cfg: TrainConfig):
+    """Ray Train's scaling for the learner group: `scaling.num_learners` workers of `cpus_per_learner` CPUs and
+    `gpus_per_learner` GPUs (below 1, a share of one device that a `rollout.gpus_per_engine` share can take the rest
+    of: Ray gives both the same GPU id, and Ray Train's CUDA_VISIBLE_DEVICES names it)."""
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner > 0 else {})}
+    return ScalingConfig(num_workers=s.num_learners, use_gpu=s.gpus_per_learner > 0, resources_per_worker=resources)
+
+
 def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
                  override_config: bool = False) -> list[Path]:
     """Train `cfgs` one after another in ONE Ray Train worker group (one `fit()`: the learners, the Ray Train
@@ -87,7 +98,7 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
         log(f"[sami] {opened}")
 
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.principle_writer import PrincipleWriterActor
@@ -131,12 +142,10 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
             started += actors + ([writer] if writer is not None else [])
             runs.append({"cfg": cfg, "actors": actors, "writer": writer, "model_path": model_path,
                          "run_dir": str(run_dir), "train_queries": train_rows, "attempt": attempt})
-        resources = {"CPU": first.scaling.cpus_per_learner, **({"GPU": first.scaling.gpus_per_learner} if use_gpu else {})}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"runs": runs, "console": str(channel)},
-            scaling_config=ScalingConfig(num_workers=first.scaling.num_learners, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=learner_scaling(first),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name=first.run.name, storage_path=str(todo[0][1] / "ray_train"),
                                  failure_config=FailureConfig(max_failures=first.scaling.max_learner_failures)),
