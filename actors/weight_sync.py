@@ -5,8 +5,9 @@ One control call per engine per sync:
   object store once; each engine loads them in place (`RolloutEngine.update_weights`).
 - GPU / vLLM: one NCCL group spans learner rank 0 (rank 0) and every vLLM worker of every engine (engine e's
   workers take ranks `1 + e * tensor_parallel_size ...`), through vLLM 0.33's weight-transfer API: the
-  trainer end is `nccl_common.trainer_init` + `packed_tensor.packed_nccl_broadcast_producer`, the engines
-  receive with `LLM.update_weights` (`NCCLWeightTransferEngine.receive_weights`). The packed wire format
+  trainer end is what `nccl_common.trainer_init` builds (on a socket held from the moment its port is picked,
+  once every engine is up) + `packed_tensor.packed_nccl_broadcast_producer`, the engines receive with
+  `LLM.update_weights` (`NCCLWeightTransferEngine.receive_weights`). The packed wire format
   (`packed_wire`) is fixed once, when the engines join. Per sync every engine first checks and opens the
   update (`prepare_weight_update`); only when all accepted does rank 0 broadcast, while each engine's
   `receive_weights` call blocks in its workers (a receiver error after the broadcast started would be an
