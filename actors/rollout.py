@@ -74,45 +74,46 @@ RolloutActor = ray.remote(RolloutWorker)
 VLLM_PLACEMENT_STRATEGY = "PACK"
 
 
-def vllm_bundles(tp: int) -> list[dict]:
-    """One vLLM engine's placement group: `tp` bundles of one GPU. The engine must be built inside an *actor*
+def vllm_bundles(tp: int, gpus: float = 1.0) -> list[dict]:
+    """One vLLM engine's placement group: `tp` bundles of one GPU (TP 1: `gpus`, a share of one). The engine must be built inside an *actor*
     scheduled in such a group: vLLM 0.33 captures the current group only inside an actor (vllm/engine/arg_utils.py:
     `if is_in_ray_actor(): placement_group = ray.util.get_current_placement_group()`); built in a task, or by a
     holder outside a group, it makes a group of its own and reserves `tp` GPUs more (8 GPUs for a TP-4 engine)."""
-    return [{"GPU": 1, "CPU": 1}] * tp
+    return [{"GPU": gpus, "CPU": 1}] * tp
 
 
-def vllm_holder_options(tp: int) -> dict:
+def vllm_holder_options(tp: int, gpus: float = 1.0) -> dict:
     """Ray resources of the actor that builds a TP-`tp` engine inside its group (bundle 0). TP = 1: it holds
     the bundle's GPU itself; TP > 1: none, and vLLM's Ray executor starts one worker per bundle
     (VLLM_RAY_BUNDLE_INDICES) in the group it captured."""
     if tp == 1:
-        return {"num_cpus": 1, "num_gpus": 1}
+        return {"num_cpus": 1, "num_gpus": gpus}
     return {"num_cpus": 0, "num_gpus": 0,
             "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}}}
 
 
-def vllm_placement(tp: int):
+def vllm_placement(tp: int, gpus: float = 1.0):
     """(placement group, Ray options) for one vLLM engine's holder actor; the group is not waited for. Serve
     replicas get the same group through their deployment options (cluster/serve_app.py)."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group(vllm_bundles(tp), strategy=VLLM_PLACEMENT_STRATEGY)
+    pg = placement_group(vllm_bundles(tp, gpus), strategy=VLLM_PLACEMENT_STRATEGY)
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
                                                 placement_group_bundle_index=0)
-    return pg, {**vllm_holder_options(tp), "scheduling_strategy": strategy}
+    return pg, {**vllm_holder_options(tp, gpus), "scheduling_strategy": strategy}
 
 
 def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
     """Ray options for one engine's actor: hf, `cpus_per_engine` CPUs; vllm, its own placement group (reserved
-    here, so a cluster without the GPUs fails with a clear error instead of waiting forever)."""
+    here, so a cluster without the GPUs fails with a clear error instead of waiting forever) of `gpus_per_engine`
+    of a GPU per bundle: below 1, a share of one device that a learner's share can take the rest of."""
     if rollout_cfg.engine != "vllm":
         return {"num_cpus": rollout_cfg.cpus_per_engine}
     from ray.util.placement_group import remove_placement_group
 
     tp = rollout_cfg.tensor_parallel_size
-    pg, options = vllm_placement(tp)
+    pg, options = vllm_placement(tp, rollout_cfg.gpus_per_engine)
     try:
         ray.get(pg.ready(), timeout=600)
     except ray.exceptions.GetTimeoutError:

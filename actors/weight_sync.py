@@ -5,8 +5,9 @@ One control call per engine per sync:
   object store once; each engine loads them in place (`RolloutEngine.update_weights`).
 - GPU / vLLM: one NCCL group spans learner rank 0 (rank 0) and every vLLM worker of every engine (engine e's
   workers take ranks `1 + e * tensor_parallel_size ...`), through vLLM 0.33's weight-transfer API: the
-  trainer end is `nccl_common.trainer_init` + `packed_tensor.packed_nccl_broadcast_producer`, the engines
-  receive with `LLM.update_weights` (`NCCLWeightTransferEngine.receive_weights`). The packed wire format
+  trainer end is what `nccl_common.trainer_init` builds (on a socket held from the moment its port is picked,
+  once every engine is up) + `packed_tensor.packed_nccl_broadcast_producer`, the engines receive with
+  `LLM.update_weights` (`NCCLWeightTransferEngine.receive_weights`). The packed wire format
   (`packed_wire`) is fixed once, when the engines join. Per sync every engine first checks and opens the
   update (`prepare_weight_update`); only when all accepted does rank 0 broadcast, while each engine's
   `receive_weights` call blocks in its workers (a receiver error after the broadcast started would be an
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import math
+import socket
 import time
 
 import numpy as np
@@ -33,6 +35,9 @@ from sami.console import log
 from sami.learner import StopRun, full_parameters
 
 RESTART_TIMEOUT_S = 600  # a vLLM engine can take minutes to start on a busy node
+# How long learner rank 0's rendezvous store waits for every engine worker to join (vLLM's own default). The engines
+# are up before it starts waiting, so only an unreachable address or a failed engine runs it out.
+RENDEZVOUS_TIMEOUT_S = 300
 
 # |engine - learner| mean log-prob per token of the probe that a correct sync stays within, by the less precise
 # of the two sides' dtypes. Measured with the real vLLM engine (tests/vllm_lane, docs/vllm.md): fp32 agrees to
@@ -85,11 +90,28 @@ def weight_metadata(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[
     return names, dtypes, shapes
 
 
-def trainer_group(master_address: str, master_port: int, world_size: int):
-    """Learner rank 0's end of the NCCL group (always rank 0), on the current CUDA device."""
-    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+def rendezvous_socket() -> socket.socket:
+    """A listening socket on a free port of this node, held until the rendezvous store takes it over: a port found
+    by binding and closing a socket is free for any process to take before the store binds it."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("", 0))  # every interface: the engines' nodes reach it at this node's address
+    listener.listen()
+    return listener
 
-    return trainer_init({"master_address": master_address, "master_port": master_port, "world_size": world_size})
+
+def trainer_group(address: str, listener: socket.socket, world_size: int):
+    """Learner rank 0's end of the NCCL group (always rank 0), on the current CUDA device: what vLLM's
+    `nccl_common.trainer_init` builds, with the store on `listener` and its wait for the engines' workers bounded by
+    RENDEZVOUS_TIMEOUT_S."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+    from vllm.utils.nccl import unpinned_nccl_env
+
+    store = StatelessProcessGroup.create(host=address, port=listener.getsockname()[1], rank=0, world_size=world_size,
+                                         store_timeout=RENDEZVOUS_TIMEOUT_S, listen_socket=listener)
+    with unpinned_nccl_env():
+        return PyNcclCommunicator(store, device=torch.accelerator.current_device_index())
 
 
 def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], wire: dict) -> None:
@@ -103,17 +125,24 @@ def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], 
 
 
 def open_nccl_group(actors: list, rollout: RolloutConfig):
-    """GPU: join learner rank 0 and every engine's vLLM workers in one NCCL group."""
-    import socket
-
-    with socket.socket() as sock:  # a free port on this node for the group's rendezvous
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
+    """GPU: join learner rank 0 and every engine's vLLM workers in one NCCL group. The engines must be up (their
+    join call would otherwise wait behind vLLM's constructor while the store's wait runs out)."""
+    # This process's node (learner rank 0's), by the address Ray's nodes reach each other at: never the driver's.
     address, tp = ray.util.get_node_ip_address(), rollout.tensor_parallel_size
     world_size = 1 + len(actors) * tp
-    refs = [a.init_weight_transfer.remote(address, port, 1 + e * tp, world_size, packed_wire(rollout))
-            for e, a in enumerate(actors)]
-    group = trainer_group(address, port, world_size)  # joins while the engines join
+    with rendezvous_socket() as listener:  # the store takes the socket over (closing it after is a no-op)
+        port = listener.getsockname()[1]
+        refs = [a.init_weight_transfer.remote(address, port, 1 + e * tp, world_size, packed_wire(rollout))
+                for e, a in enumerate(actors)]
+        try:
+            group = trainer_group(address, listener, world_size)  # joins while the engines join
+        except Exception as e:  # torch's DistStoreError, which vLLM's create_tcp_store re-raises as an OSError (EBADF)
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            ray.get(done)  # an engine that failed to join: its own error first
+            cause = e.__context__ if isinstance(e.__context__, torch.distributed.DistStoreError) else e
+            raise RuntimeError(f"NCCL weight-transfer rendezvous at {address}:{port}: the rollout engines' workers did "
+                               f"not all join within {RENDEZVOUS_TIMEOUT_S} s (can the engines' nodes reach {address}?): "
+                               f"{type(cause).__name__}: {cause}") from e
     ray.get(refs)
     return group
 
@@ -134,10 +163,11 @@ class WeightSync:
 
     def __init__(self, actors: list, rollout: RolloutConfig, zero_stage: int, rank: int, use_nccl: bool):
         self.actors, self.rollout, self.zero_stage, self.rank = actors, rollout, zero_stage, rank
-        self.nccl_group = open_nccl_group(actors, rollout) if use_nccl and rank == 0 else None
         # Rank 0 remembers what the engines should hold, to bring a restarted one back: the incarnation each
         # engine had at the last sync, the last buckets pushed (None: the weights on disk) and the last probe.
+        # Asking it waits until every engine is up, before the NCCL rendezvous starts its bounded wait.
         self.incarnations = ray.get([a.whoami.remote() for a in actors]) if rank == 0 else []
+        self.nccl_group = open_nccl_group(actors, rollout) if use_nccl and rank == 0 else None
         self.last_buckets = None
         self.last_probe: tuple | None = None  # (probe, the learner's log-prob of it)
         self.restarts: list[dict] = []  # engine restarts handled, with their probe checks

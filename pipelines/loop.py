@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -28,7 +29,7 @@ from sami.filters import REASONS
 from sami.groups import (QueryGroup, TrainingSeeds, attach_completions, filter_and_tokenise, generation_seeds,
                          plan_groups)
 from sami.console import log, open_channel, report_progress
-from sami.learner import Learner, StopRun, skip_cpu_shm_comm_op, stop_together
+from sami.learner import Learner, StopRun, control_group, skip_cpu_shm_comm_op, stop_together
 from sami.objectives import objective_for
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
@@ -129,7 +130,9 @@ def setup(run: RunSpec) -> Loop:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_learner > 0
-    device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
+    # Ray Train's device for this worker (its current CUDA device): `ray.get_gpu_ids()` found in CUDA_VISIBLE_DEVICES,
+    # which lists every GPU of the node's workers; the local rank is no index into that list when GPUs are shared.
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     if not use_gpu:
         skip_cpu_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
@@ -157,7 +160,7 @@ def count_learner_starts(run_dir: RunDir, attempt: str, rank: int) -> int:
     """How many times this job (`attempt`: the driver's token) has started the learner group, this one included."""
     if rank == 0:
         run_dir.record_learner_start(attempt)
-    dist.barrier()  # every rank reads after rank 0 wrote
+    dist.barrier(group=control_group())  # every rank reads after rank 0 wrote
     return run_dir.learner_start_count(attempt)
 
 
@@ -184,7 +187,7 @@ def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tu
             problem = e
     stop_together(problem)
     received = [None]
-    dist.scatter_object_list(received, payload, src=0)
+    dist.scatter_object_list(received, payload, src=0, group=control_group())
     shard, probe = received[0]
     return shard, probe, record
 
@@ -314,7 +317,7 @@ def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe, sta
     record["time_checkpoint"] = loop.learner.save(loop.run_dir, iteration, loop.rank)
     record.setdefault("mi_lower_bound", None)
     record["learner_restarts"] = loop.learner_restarts
-    dist.barrier()
+    dist.barrier(group=control_group())
     record["time_iteration"] = time.perf_counter() - started
     if loop.rank == 0:
         history = loop.rank0.history

@@ -91,9 +91,9 @@ def resource_plan(cfg: TrainConfig) -> dict:
     }
     if r.engine == "vllm":
         # actors/rollout.py: one placement group per engine, one GPU bundle per tensor-parallel rank.
-        bundles = [{"GPU": 1, "CPU": 1}] * r.tensor_parallel_size
+        bundles = [{"GPU": r.gpus_per_engine, "CPU": 1}] * r.tensor_parallel_size
         rollout = {"count": r.num_engines, "engine": "vllm", "tensor_parallel_size": r.tensor_parallel_size,
-                   "gpus_each": r.tensor_parallel_size, "cpus_each": r.tensor_parallel_size,
+                   "gpus_each": r.tensor_parallel_size * r.gpus_per_engine, "cpus_each": r.tensor_parallel_size,
                    "placement_group": {"strategy": "PACK", "bundles": bundles}}
     else:
         rollout = {"count": r.num_engines, "engine": "hf", "tensor_parallel_size": 1, "gpus_each": 0,

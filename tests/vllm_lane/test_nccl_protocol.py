@@ -5,8 +5,11 @@ by the update info the engine parses), over a real gloo group between two thread
 vLLM's packed helpers order their work on CUDA streams; on CPU those stream calls are replaced by no-ops (the
 only substitution: every byte goes through vLLM's packing, chunking and unpacking and a gloo broadcast). NCCL
 itself, the CUDA streams and `load_weights` on received buffers need a GPU (benchmarks/gpu_smoke.py).
+The rendezvous runs for real: learner rank 0's `trainer_group` (vLLM's StatelessProcessGroup on the held socket)
+against a vLLM worker's own store client, with the NCCL communicator on top switched off (VLLM_DISABLE_PYNCCL).
 """
 import threading
+import time
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -18,7 +21,8 @@ from vllm.distributed.weight_transfer import packed_tensor
 from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo
 
-from actors.weight_sync import broadcast_weights, packed_wire, weight_metadata
+import actors.weight_sync as weight_sync
+from actors.weight_sync import broadcast_weights, packed_wire, rendezvous_socket, trainer_group, weight_metadata
 from sami.config import RolloutConfig
 
 
@@ -88,3 +92,39 @@ def test_packed_producer_and_receiver_agree_over_gloo(tiny_model_dir, cpu_stream
     assert [n for n, _ in received] == [n for n, _ in named]
     for (_, got), (name, sent) in zip(received, named):
         assert got.dtype == sent.dtype and got.shape == sent.shape and torch.equal(got, sent), name
+
+
+@pytest.fixture
+def rendezvous_only(monkeypatch):
+    monkeypatch.setenv("VLLM_DISABLE_PYNCCL", "1")  # PyNcclCommunicator needs CUDA's NCCL: it returns after the store
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+
+
+def test_a_vllm_worker_joins_the_trainer_store_on_the_held_socket(rendezvous_only):
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    listener = rendezvous_socket()
+    port, received = listener.getsockname()[1], []
+
+    def worker():  # what vLLM's worker_init_process_group does before its communicator
+        group = StatelessProcessGroup.create(host="127.0.0.1", port=port, rank=1, world_size=2)
+        received.append(group.broadcast_obj(None, src=0))
+
+    joining = threading.Thread(target=worker)
+    joining.start()
+    communicator = trainer_group("127.0.0.1", listener, 2)
+    communicator.group.broadcast_obj("weights follow", src=0)
+    joining.join(timeout=60)
+    assert received == ["weights follow"]
+    assert listener.fileno() == -1  # the store owns the socket: the port was never free
+
+
+def test_the_trainer_store_stops_waiting_after_the_rendezvous_timeout(rendezvous_only, monkeypatch):
+    monkeypatch.setattr(weight_sync, "RENDEZVOUS_TIMEOUT_S", 2)
+    started = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        trainer_group("127.0.0.1", rendezvous_socket(), 2)  # nobody joins
+    assert time.monotonic() - started < 30
+    # torch's timeout; vLLM's create_tcp_store then closes the socket the store already closed (EBADF) on top of it
+    timeout = next(e for e in (failed.value, failed.value.__context__) if isinstance(e, dist.DistStoreError))
+    assert "waiting for clients. 1/2 clients joined" in str(timeout)
