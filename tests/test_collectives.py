@@ -67,8 +67,9 @@ def loop_collectives(rank: int, tmp_path) -> dict:
     from pipelines.loop import count_learner_starts, generate_phase
     from sami.config import TrainConfig
     from sami.groups import QueryGroup
+    from sami.run_dir import RunDir
 
-    starts = count_learner_starts(tmp_path, "attempt-1", rank)  # rank 0 writes, a barrier, every rank reads
+    starts = count_learner_starts(RunDir(tmp_path), "attempt-1", rank)  # rank 0 writes, a barrier, every rank reads
     groups = [QueryGroup(query_id=f"q{i}", query=f"query {i}", prompt_ids=[[i, 1]], response_ids=[[i, 2]])
               for i in range(5)]
     upcoming = Future()
