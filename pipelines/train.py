@@ -269,7 +269,6 @@ def prepare_run(pending: PendingRun, attempt: str, log) -> RunSpec:
     if pending.done:
         log(f"[sami] resuming {run_dir.path} from {pending.continues_from}; "
             f"next: iteration {pending.done + 1} of {cfg.run.iterations}")
-    run_dir.drop_metrics_after(pending.done)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir, pending.done)
     run_dir.write_heldout_queries(heldout_rows)
