@@ -231,8 +231,9 @@ def disk_full_line(error: BaseException, run_dir: RunDir) -> str:
     cause = root_cause(error)
     where = getattr(cause, "filename", None) or getattr(error, "filename", None) or run_dir.path
     free = shutil.disk_usage(run_dir.path).free if run_dir.path.is_dir() else 0
-    return (f"no space left on device writing {where} ({free / 2**20:.1f} MiB free in {run_dir.path}); free some "
-            f"space, then {how_to_continue(run_dir)}")
+    said = "" if isinstance(cause, OSError) else f"; {type(cause).__name__}: {' '.join(str(cause).split())[:160]}"
+    return (f"no space left on device writing {where} ({free / 2**20:.1f} MiB free in {run_dir.path}{said}); free "
+            f"some space, then {how_to_continue(run_dir)}")
 
 
 def open_job_log(run_dir: RunDir, log) -> None:
