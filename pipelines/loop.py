@@ -143,6 +143,8 @@ def setup(run: RunSpec) -> Loop:
     # The driver refuses a folder holding a run unless --resume, so complete iterations here are this run's:
     # after --resume, or after Ray Train restarted the learner group (scaling.max_learner_failures).
     start = run.run_dir.last_complete_iteration() + 1
+    if rank == 0:  # a run that died between an iteration's metrics row and its COMPLETE trains it again
+        run.run_dir.drop_metrics_after(start - 1)
     restarts = count_learner_starts(run.run_dir, run.attempt, rank) - 1
     rank0 = Rank0(RunMetrics("train", cfg.run.name), run.run_dir.read_metrics()) if rank == 0 else None
     # A resumed run re-syncs the engines below, so its first generation is on-policy.

@@ -40,6 +40,8 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
         raise ConfigError(str(e)) from None  # it names principles.writer and the URL
     except ValueError as e:
         raise ConfigError(f"principles: {e}") from None
+    check_model_folder("model.name_or_path", cfg.model.name_or_path, "config.json")
+    check_model_folder("model.tokenizer", cfg.model.tokenizer, "tokenizer_config.json")
     if cfg.data.source == "jsonl":
         from sami.data import load_queries
 
@@ -52,10 +54,32 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
                               f"iteration(s) {missing}")
 
 
+def check_model_folder(field: str, name_or_path: str | None, marker: str) -> None:
+    """A model (or tokenizer) given as a path, absolute once the driver resolved it, must be a folder that
+    `save_pretrained` wrote (`marker` in it); a hub name or a built-in name is looked up where the model loads."""
+    if name_or_path is None or not Path(name_or_path).is_absolute():
+        return
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ConfigError(f"{field}: {path} does not exist (a model folder written by save_pretrained, or a hub name)")
+    if not (path / marker).is_file():
+        raise ConfigError(f"{field}: {path} is not a model folder (no {marker} in it)")
+
+
+def run_folder(cfg: TrainConfig) -> RunDir:
+    """`run.output_dir`, absolute; refused where it, or a folder above it, is a file."""
+    path = Path(cfg.run.output_dir).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.output_dir {path}: {existing} is a file, not a folder; choose another run.output_dir")
+    return RunDir(path)
+
+
 def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tuple[int, str]:
-    """(last complete iteration, what a resume continues from, for the console). Refuses to start over a run,
-    to resume an empty folder, changed settings without `override_config`, or a checkpoint it cannot load."""
-    run_dir = RunDir(Path(cfg.run.output_dir).resolve())
+    """(last complete iteration, what a resume continues from, for the console). Refuses a folder that is a file,
+    to start over a run, to resume an empty folder, changed settings without `override_config`, or a checkpoint
+    it cannot load."""
+    run_dir = run_folder(cfg)
     done = run_dir.last_complete_iteration()
     saved = run_dir.config
     if not resume:
@@ -65,7 +89,7 @@ def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tupl
         return 0, "a new run"
     if not saved.is_file():
         raise ConfigError(f"--resume: {run_dir.path} holds no run (no config.yaml); start one without --resume")
-    changed = config_differences(load_config(saved), cfg)
+    changed = config_differences(load_config(saved).with_absolute_paths(), cfg)  # a config.yaml of relative paths too
     if set(changed) - RESUMABLE_CHANGES and not override_config:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"--resume: settings differ from {saved}: {listed}; pass --override-config to continue "

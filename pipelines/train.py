@@ -7,19 +7,25 @@ Train `fit()` (pipelines/loop.py).
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import shutil
+import signal
 import sys
+import threading
 import traceback
 import uuid
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from pipelines.plan import WRITER_CPUS, format_plan
-from pipelines.preflight import check_inputs, check_run_dir, save_run_config
+from pipelines.preflight import check_inputs, check_run_dir, run_folder, save_run_config
 from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
-from sami.run_dir import RunDir
+from sami.run_dir import RunDir, RunDirInUse
 
 
 class RunStopped(RuntimeError):
@@ -29,6 +35,15 @@ class RunStopped(RuntimeError):
 class RunFailed(RuntimeError):
     """The run stopped inside Ray (a learner or an actor); the message is one line: the root cause and the
     command that continues the run."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT (Ctrl-C) or SIGTERM reached the driver: the run stopped where it was; its complete iterations are
+    whole (COMPLETE is written last), so `--resume` continues after the last of them."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -91,39 +106,145 @@ def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
     continues the run in its folder (`--resume`). An entry point's console (not --verbose) sends the framework's
     output to the first run's `job.log` from here on, unless it has a log file already (the demo's).
     """
-    run_dirs = [Path(cfg.run.output_dir).resolve() for cfg in cfgs]
-    todo = check_runs(cfgs, run_dirs, resume, override_config, log)
-    if not todo:
-        return run_dirs
-    open_job_log(todo[0].run_dir, log)
-    connect(todo, log)
-    attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
-    prepared: list[RunSpec] = []
+    cfgs = [cfg.with_absolute_paths() for cfg in cfgs]  # what every worker reads means what it means here
+    run_dirs = [Path(cfg.run.output_dir) for cfg in cfgs]
     try:
-        for pending in todo:
-            prepared.append(prepare_run(pending, attempt, log))
-        job = LearnerJob(tuple(prepared), todo[0].run_dir.console)
-        fit(make_trainer(job), job)
-    finally:
-        stop_actors(prepared)
-    report_stops(todo, attempt, log)
+        return train_sequence(cfgs, run_dirs, resume, log, override_config)
+    except OSError as e:  # the driver's own writes: the lock, the log, config.yaml, the held-out queries
+        current = run_in_progress(cfgs, run_dirs)
+        if not disk_full(e, current):
+            raise
+        raise RunFailed(disk_full_line(e, current)) from None
+
+
+def train_sequence(cfgs: list[TrainConfig], run_dirs: list[Path], resume: list[bool], log,
+                   override_config: bool) -> list[Path]:
+    """run_sequence's steps, with every run's folder owned from its checks to the end."""
+    with ExitStack() as owned:  # each run's folder is this driver's until the sequence ends
+        todo = check_runs(cfgs, run_dirs, resume, override_config, log, owned)
+        if not todo:
+            return run_dirs
+        open_job_log(todo[0].run_dir, log)
+        connect(todo, log)
+        attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
+        prepared: list[RunSpec] = []
+        signum = None
+        try:
+            with stop_on_signals():  # after connect: ray.init puts a SIGTERM handler of its own
+                for pending in todo:
+                    prepared.append(prepare_run(pending, attempt, log))
+                job = LearnerJob(tuple(prepared), todo[0].run_dir.console)
+                fit(make_trainer(job), job)
+        except Interrupt as signalled:
+            signum = signalled.signum
+        finally:
+            stop_actors(prepared)
+        if signum is not None:
+            stop_learners()
+            raise interrupted(todo, signum)
+        report_stops(todo, attempt, log)
     return run_dirs
 
 
 def check_runs(cfgs: list[TrainConfig], run_dirs: list[Path], resume: list[bool], override_config: bool,
-               log) -> list[PendingRun]:
-    """What a user can get wrong, checked first: before the slow imports, config.yaml and Ray. Returns the runs
-    with iterations left."""
+               log, owned: ExitStack) -> list[PendingRun]:
+    """What a user can get wrong, checked first: before the slow imports, config.yaml and Ray. Each run's folder
+    is owned (its LOCK held in `owned`) before what it holds is read: a second run on it is refused here. Returns
+    the runs with iterations left."""
     same_worker_group(cfgs)
     todo = []
     for index, (cfg, run_dir, resumes) in enumerate(zip(cfgs, run_dirs, resume)):
         check_inputs(cfg, generated_before=run_dirs[:index])
+        try:
+            owned.enter_context(run_folder(cfg).owned())
+        except RunDirInUse as e:
+            raise ConfigError(f"run.output_dir: {e}") from None
         done, continues_from = check_run_dir(cfg, resumes, override_config)
         if resumes and done >= cfg.run.iterations:
             log(f"[sami] {run_dir}: all {cfg.run.iterations} iterations are complete; nothing to do")
         else:
             todo.append(PendingRun(cfg, RunDir(run_dir), done, continues_from))
     return todo
+
+
+class Interrupt(BaseException):
+    """Raised in the main thread by the SIGINT/SIGTERM handler (a BaseException: no `except Exception` on the way
+    swallows it); run_sequence turns it into RunInterrupted once the run has stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """While the block runs, SIGINT and SIGTERM raise Interrupt in the main thread; a second signal while the run
+    stops is ignored, so the stop finishes. Outside the main thread (no handlers there) the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        raise Interrupt(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_learners() -> None:
+    """The Ray Train controller and the learners are this driver's actors: leaving Ray ends them (a local Ray
+    stops altogether), so nothing writes into the run folder once the driver reports."""
+    import ray
+
+    ray.shutdown()
+
+
+def interrupted(todo: list[PendingRun], signum: int) -> RunInterrupted:
+    """The line for the run that was in progress: how far it got, and how it continues."""
+    run_dir = run_in_progress([p.cfg for p in todo], [p.run_dir.path for p in todo])
+    iterations = next(p.cfg.run.iterations for p in todo if p.run_dir == run_dir)
+    return RunInterrupted(f"interrupted by {signal.Signals(signum).name}: {run_dir.path} has "
+                          f"{run_dir.last_complete_iteration()} of {iterations} iteration(s) complete; "
+                          f"{how_to_continue(run_dir)}", signum)
+
+
+def run_in_progress(cfgs: list[TrainConfig], run_dirs: list[Path]) -> RunDir:
+    """The first run of a sequence with iterations left (the last one when all are complete)."""
+    return next((RunDir(d) for cfg, d in zip(cfgs, run_dirs) if RunDir(d).last_complete_iteration() < cfg.run.iterations),
+                RunDir(run_dirs[-1]))
+
+
+def how_to_continue(run_dir: RunDir) -> str:
+    if run_dir.config.is_file():
+        return f"continue with: python -m pipelines.train --config {run_dir.config} --resume"
+    return "run it again without --resume (it had not started: no config.yaml)"
+
+
+FULL_DISK_BYTES = 1 << 20  # a run folder with less free space than this when a run failed: the disk filled
+
+
+def disk_full(error: BaseException, run_dir: RunDir) -> bool:
+    """Whether `error` comes from a full disk: ENOSPC, its text (through Ray, pyarrow), or a run folder left with
+    no space (torch.save, under DeepSpeed's checkpoint, says only "file write failed")."""
+    for e in (error, root_cause(error)):
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(e):
+            return True
+    return run_dir.path.is_dir() and shutil.disk_usage(run_dir.path).free < FULL_DISK_BYTES
+
+
+def disk_full_line(error: BaseException, run_dir: RunDir) -> str:
+    cause = root_cause(error)
+    where = getattr(cause, "filename", None) or getattr(error, "filename", None) or run_dir.path
+    free = shutil.disk_usage(run_dir.path).free if run_dir.path.is_dir() else 0
+    said = "" if isinstance(cause, OSError) else f"; {type(cause).__name__}: {' '.join(str(cause).split())[:160]}"
+    return (f"no space left on device writing {where} ({free / 2**20:.1f} MiB free in {run_dir.path}{said}); free "
+            f"some space, then {how_to_continue(run_dir)}")
 
 
 def open_job_log(run_dir: RunDir, log) -> None:
@@ -198,14 +319,35 @@ def fit(trainer, job: LearnerJob) -> None:
     one line (RunFailed) for the console; its traceback goes to the failed run's error.log."""
     try:
         with console.follow(job.console):
-            trainer.fit()
+            in_thread(trainer.fit)
     except Exception as e:
         failed = next((r.run_dir for r in job.runs if not run_complete(r.run_dir)), job.runs[-1].run_dir)
+        if disk_full(e, failed):
+            raise RunFailed(disk_full_line(e, failed)) from e
         failed.error_log.write_text("".join(traceback.format_exception(e)))
         cause = root_cause(e)
         message = " ".join(str(cause).split())[:400]
-        raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {failed.error_log}); continue with: "
-                        f"python -m pipelines.train --config {failed.config} --resume") from e
+        raise RunFailed(f"{type(cause).__name__}: {message} (traceback: {failed.error_log}); "
+                        f"{how_to_continue(failed)}") from e
+
+
+def in_thread(call: Callable[[], object]) -> None:
+    """`call()` in a thread of its own while the main thread waits, interruptible: Ray Train's `fit()` puts a SIGINT
+    handler of its own on the main thread (an abort that let the iterations run on), and not on any other."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name="sami-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)  # signal handlers run in the main thread between joins
+    if failure:
+        raise failure[0]
 
 
 def stop_actors(runs: list[RunSpec]) -> None:
@@ -249,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def job() -> None:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides).with_absolute_paths()  # --dry-run checks what a run reads
         if args.dry_run:
             check_inputs(cfg, contact_endpoints=False)
             _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
@@ -264,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_code(job: Callable[[], None]) -> int:
     """Run an entry point's `job`: 0, or one `error: ...` line on the console and 2 for inputs it refused, 1 for
-    a run that stopped or failed."""
+    a run that stopped or failed, 128 + the signal's number for a run interrupted by SIGINT (130) or SIGTERM (143)."""
     try:
         job()
         return 0
@@ -274,6 +416,9 @@ def exit_code(job: Callable[[], None]) -> int:
     except (RunFailed, RunStopped) as e:
         console.error(f"error: {e}")
         return 1
+    except RunInterrupted as e:  # the shell's code for a death by that signal
+        console.error(f"error: {e}")
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

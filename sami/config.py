@@ -304,10 +304,32 @@ class TrainConfig(Section):
                              f"rollout.weight_sync=object_store or a whole number of GPUs per learner")
         return self
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A copy whose paths are absolute, read against the driver's working directory: Ray Train moves each learner
+        into a session folder of its own, where a relative path names another file (or none). A model or data set
+        name stays a name unless a local folder or file of that name exists, as `from_pretrained` reads it."""
+        cfg = self.model_copy(deep=True)
+        cfg.run.output_dir = absolute(cfg.run.output_dir)
+        cfg.model.name_or_path = absolute(cfg.model.name_or_path, only_if_local=True)
+        cfg.model.tokenizer = absolute(cfg.model.tokenizer, only_if_local=True)
+        cfg.data.path = absolute(cfg.data.path)
+        cfg.data.dataset = absolute(cfg.data.dataset, only_if_local=True)
+        cfg.data.replay_groups_from = absolute(cfg.data.replay_groups_from)
+        cfg.principles.path = absolute(cfg.principles.path)
+        return cfg
+
     def steps_for_iteration(self, iteration: int) -> int:
         """Optimiser steps in 1-based `iteration` (the paper's 2η when grow_steps)."""
         s = self.schedule
         return s.steps_per_iteration * (iteration if s.grow_steps else 1)
+
+
+def absolute(path: Optional[str], only_if_local: bool = False) -> Optional[str]:
+    """`path` made absolute; with `only_if_local`, only where it names something on this machine or is spelt as a
+    path (./, ../, ~, /), so a hub name stays a hub name."""
+    if path is None or (only_if_local and not (Path(path).expanduser().exists() or path.startswith((".", "/", "~")))):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator, Optional
+
+from sami.run_dir import append_line
 
 PROGRESS_INTERVAL = 0.25  # seconds between two progress events a worker writes (the last one always goes)
 POLL_INTERVAL = 0.2  # seconds between two reads of the channel by the driver
@@ -48,7 +50,8 @@ class Console:
         except Exception as e:
             if self.log_path is None:
                 raise
-            traceback.print_exc()  # into the log file: stderr points there
+            with suppress(OSError):  # a full disk: the console line below still shows
+                traceback.print_exc()  # into the log file: stderr points there
             self.error(f"error: {type(e).__name__}: {one_line(str(e))} (traceback: {self.log_path})")
             # The descriptors stay on the log file: what Ray prints while the process exits belongs there.
             raise SystemExit(1) from None
@@ -89,7 +92,8 @@ class Console:
     def _write(self, line: str, log_stream, console_stream, in_log: bool) -> None:
         shown_on = console_stream or log_stream  # no log file open: stdout and stderr are the console
         if in_log and shown_on is not log_stream:
-            print(line, file=log_stream, flush=True)
+            with suppress(OSError):  # the log file's disk is full: the person still sees the line
+                print(line, file=log_stream, flush=True)
         self._show(line, shown_on)
 
     @contextmanager
@@ -159,10 +163,9 @@ class Console:
             return
         if "ray" in sys.modules:  # Ray prints its buffered worker output as it shuts down: into the log file still
             sys.modules["ray"].shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for stream in (self._out, self._err):
-            stream.flush()
+        for stream in (sys.stdout, sys.stderr, self._out, self._err):
+            with suppress(OSError):  # what a full disk kept out of the log file is lost, not raised
+                stream.flush()
         for fd, saved in zip((1, 2), self._saved_fds):
             os.dup2(saved, fd)
             os.close(saved)
@@ -196,17 +199,16 @@ def read_events(path: Path, offset: int) -> tuple[list[dict], int]:
 
 
 class Channel:
-    """Learner rank 0's side of `console.jsonl`: one JSON event a line, appended and flushed."""
+    """Learner rank 0's side of `console.jsonl`: one JSON event a line, each appended whole (or not at all)."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")
+        self._path = path
         self._last_progress: dict[str, float] = {}  # per label: generation and training may overlap
         self._lock = threading.Lock()  # one-step-off generation reports from a thread of its own
 
     def send(self, event: dict) -> None:
         with self._lock:
-            self._file.write(json.dumps(event) + "\n")
-            self._file.flush()
+            append_line(self._path, json.dumps(event))
 
     def progress(self, label: str, done: int, total: int, unit: str) -> None:
         """A count towards `total`; a few a second at most reach the file, and always the last one."""

@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from sami.config import ConfigError, DataConfig
-from sami.jsonl import read_jsonl
+from sami.jsonl import JSONLError, numbered_jsonl
 
 
 def first_human_turn(dialogue: str) -> str:
@@ -19,27 +19,44 @@ def first_human_turn(dialogue: str) -> str:
     return text.split("\n\nAssistant:", 1)[0].strip()
 
 
-def _rows_from_records(records, cfg: DataConfig) -> list[dict]:
+def _rows_from_records(records, cfg: DataConfig, where) -> list[dict]:
+    """`where(index)` names a record for an error: the file and line of a JSONL file, the data set's record."""
     rows, seen = [], set()
     for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where(index)}: expected a JSON object with a query, got {record!r}"[:300])
         if cfg.query_field:
             if cfg.query_field not in record:
                 raise ConfigError(f"data.query_field {cfg.query_field!r} is not a field of record {index} "
                                   f"(fields: {sorted(record)})")
-            query, key = str(record[cfg.query_field]), str(record.get("id", index))
+            query, key = record[cfg.query_field], str(record.get("id", index))
         elif cfg.task == "dialogue" and "chosen" in record:  # Anthropic/hh-rlhf
             query, key = first_human_turn(record["chosen"]), str(index)
         elif cfg.task == "summarization" and "info" in record:  # openai/summarize_from_feedback
             query, key = record["info"]["post"], str(record["info"]["id"])
         elif "query" in record:
-            query, key = str(record["query"]), str(record.get("id", index))
+            query, key = record["query"], str(record.get("id", index))
         else:
             raise ConfigError(f"record {index} has no query: set data.query_field (fields: {sorted(record)})")
-        if key in seen or not query.strip():  # TL;DR has several comparisons per post: dedupe by post id
+        check_query(query, where(index))
+        if key in seen:  # TL;DR has several comparisons per post: dedupe by post id
             continue
         seen.add(key)
         rows.append({"query_id": key, "query": query.strip(), "subject": record.get("subject", "")})
     return rows
+
+
+def check_query(query, where: str) -> None:
+    """A query is text to train on: never null, a number (trained on as "None" or "12345"), blank (dropped
+    unseen) or a lone surrogate (no UTF-8 for the tokenizer)."""
+    if not isinstance(query, str):
+        raise ConfigError(f"{where}: the query is {type(query).__name__} {query!r}, not text"[:300])
+    if not query.strip():
+        raise ConfigError(f"{where}: the query is empty")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{where}: the query holds a lone surrogate ({query[e.start]!r} at character {e.start})") from None
 
 
 def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
@@ -54,7 +71,14 @@ def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
         path = Path(cfg.path)
         if not path.is_file():
             raise ConfigError(f"data.path: file not found: {path}")
-        records = read_jsonl(path)
+        try:
+            numbered = numbered_jsonl(path)
+        except JSONLError as e:
+            raise ConfigError(f"data.path {e}") from None
+        records = [record for _, record in numbered]
+
+        def where(index: int) -> str:
+            return f"data.path {path}: line {numbered[index][0]}"
     else:
         import datasets
 
@@ -63,7 +87,10 @@ def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
         except Exception as e:  # the hub or a local path: either way the user's setting is what failed
             raise ConfigError(f"data.dataset {cfg.dataset!r} (subset {cfg.subset!r}, split {cfg.split!r}) "
                               f"could not be loaded: {e}") from None
-    rows = _rows_from_records(records, cfg)
+
+        def where(index: int) -> str:
+            return f"data.dataset {cfg.dataset!r} (split {cfg.split!r}): record {index}"
+    rows = _rows_from_records(records, cfg, where)
     if not rows:
         raise ConfigError(f"no queries found in {cfg.path or cfg.dataset}")
     limit = (cfg.max_queries or len(rows)) + cfg.heldout_queries

@@ -13,14 +13,24 @@ class JSONLError(ConfigError):
 
 def read_jsonl(path: str | Path) -> list:
     """One value per non-blank line."""
+    return [value for _, value in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: str | Path) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line; bytes that are not UTF-8 are refused with their line."""
     path = Path(path)
     if not path.is_file():
         raise JSONLError(f"{path}: file not found")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise JSONLError(f"{path} line {number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                             f"{error.start + 1})") from None
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line)))
             except json.JSONDecodeError as error:
                 raise JSONLError(f"{path} line {number}: not valid JSON ({error})") from None
     return rows

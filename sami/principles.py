@@ -65,6 +65,11 @@ def validate_principles(entries: list, source: str) -> list[Principle]:
                 raise PrincipleError(f"{where}: missing {field!r}")
             if not isinstance(value, str) or not value.strip():
                 raise PrincipleError(f"{where}: {field!r} must be non-empty text, got {value!r}")
+            try:
+                value.encode("utf-8")  # a lone surrogate ("\ud800" in YAML or JSON) reaches no tokenizer
+            except UnicodeEncodeError as e:
+                raise PrincipleError(f"{where}: {field!r} holds a lone surrogate ({value[e.start]!r} at character "
+                                     f"{e.start}), not text") from None
         name = entry["name"].strip()
         if name in seen:
             raise PrincipleError(f"{where}: duplicate name {name!r}")

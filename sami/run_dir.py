@@ -13,15 +13,22 @@
     <run>/job.log, <run>/error.log         the framework's output; the traceback of a failed run
     <run>/learner_starts                   one line per start of the learner group (the driver's attempt token)
     <run>/STOPPED                          why the run stopped in order
+    <run>/LOCK                             held (flock) by the driver whose run owns the folder; names its pid
     <run>/ray_train/                       Ray Train's storage
 
 The checksum manifest beside each DeepSpeed checkpoint lets a resume unpickle only what the run wrote.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
+import os
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +39,35 @@ class CheckpointError(ValueError):
     """A checkpoint a resume cannot use; the message names the folder and what is wrong."""
 
 
+class RunDirInUse(RuntimeError):
+    """Another live process owns the run folder; the message names the folder and that process."""
+
+
 def json_safe(record: dict) -> dict:
     """Non-finite floats become null: metrics.jsonl stays JSON that any parser reads."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else
             [None if isinstance(x, float) and not math.isfinite(x) else x for x in v] if isinstance(v, list) else v
             for k, v in record.items()}
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and its newline whole or not at all: a write cut short (a full disk) is undone before the error
+    is raised, so a reader of metrics.jsonl or console.jsonl never meets half a line. One writer per file."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+        except OSError as e:
+            written, error = 0, e.errno
+        else:
+            error = errno.ENOSPC if written < len(data) else None
+        if error is not None:
+            os.ftruncate(fd, size)
+            raise OSError(error, os.strerror(error), str(path))
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,32 @@ class RunDir:
     def ray_train(self) -> Path:
         return self.path / "ray_train"
 
+    @property
+    def lock(self) -> Path:
+        return self.path / "LOCK"
+
+    @contextmanager
+    def owned(self):
+        """Own the folder while the block runs: an exclusive flock on LOCK, so a second run refuses it
+        (RunDirInUse). The kernel drops the lock when the holding process ends, however it ends, so a crashed or
+        killed run never leaves the folder stuck."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise RunDirInUse(f"{self.path} is in use by another run ({holder}); wait for it to end or choose "
+                              f"another run.output_dir") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
     def last_complete_iteration(self) -> int:
         done = [int(p.parent.name.split("-")[1]) for p in self.path.glob(f"{self.tag('*')}/COMPLETE")]
         return max(done, default=0)
@@ -138,6 +195,18 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
+    def drop_metrics_after(self, iteration: int) -> None:
+        """metrics.jsonl without rows after `iteration`, the last complete one: a run stopped between writing an
+        iteration's row and its COMPLETE marker left a row for an iteration that a resume trains again."""
+        if not self.metrics.is_file():
+            return
+        lines = [line for line in self.metrics.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+        if len(kept) < len(lines):
+            partial = self.metrics.with_suffix(".jsonl.partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, self.metrics)
+
     def read_probe(self, iteration: int) -> tuple[list[int], list[int]]:
         return tuple(json.loads(self.probe(iteration).read_text()))
 
@@ -147,8 +216,7 @@ class RunDir:
     def record_learner_start(self, attempt: str) -> None:
         """Rank 0, at each start of the learner group: one line with the driver's token (`attempt`)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.learner_starts, "a") as f:
-            f.write(attempt + "\n")
+        append_line(self.learner_starts, attempt)
 
     def learner_start_count(self, attempt: str) -> int:
         """How many times the driver's run `attempt` has started the learner group so far."""
@@ -171,8 +239,7 @@ class RunDir:
         if self.deepspeed(iteration).is_dir():
             write_manifest(self.deepspeed(iteration))
         self.probe(iteration).write_text(json.dumps(list(probe)))
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        append_line(self.metrics, json.dumps(json_safe(record), allow_nan=False))
         self.complete(iteration).write_text("ok\n")
 
 

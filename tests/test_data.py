@@ -14,7 +14,7 @@ def rows(n: int) -> list[dict]:
 def test_jsonl_queries_dedupe_and_hh_first_turn(tmp_path):
     path = tmp_path / "q.jsonl"
     records = [{"id": "a", "query": " Tell me about rivers. "}, {"id": "a", "query": "duplicate id"},
-               {"id": "b", "query": "   "}, {"id": "c", "query": "Name a mountain."}]
+               {"id": "c", "query": "Name a mountain."}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
     loaded = load_queries(DataConfig(source="jsonl", path=str(path), task="dialogue"), seed=0)
     assert [(r["query_id"], r["query"]) for r in loaded] == [("a", "Tell me about rivers."), ("c", "Name a mountain.")]
@@ -31,6 +31,21 @@ def test_jsonl_errors_name_the_field_and_line(tmp_path):
         load_queries(DataConfig(source="jsonl", path=str(path), query_field="text"), seed=0)
     with pytest.raises(ConfigError, match="file not found"):
         load_queries(DataConfig(source="jsonl", path=str(tmp_path / "missing.jsonl")), seed=0)
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b'{"query": "   "}', "line 2: the query is empty"),  # was dropped unseen
+    (b'{"query": null}', "line 2: the query is NoneType None, not text"),  # was trained on as "None"
+    (b'{"query": 12345}', "line 2: the query is int 12345, not text"),  # was trained on as "12345"
+    (b'{"query": "\\ud800 lone"}', "line 2: the query holds a lone surrogate"),
+    (b'{"query": "caf\xe9"}', "line 2: not UTF-8 (byte 0xe9 at column 15)"),  # was a UnicodeDecodeError traceback
+])
+def test_a_query_that_is_not_text_is_refused_with_its_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b'{"query": "fine"}\n' + line + b"\n")
+    with pytest.raises(ConfigError) as refused:
+        load_queries(DataConfig(source="jsonl", path=str(path)), seed=0)
+    assert str(refused.value).startswith(f"data.path {path}") and problem in str(refused.value), str(refused.value)
 
 
 def test_world_queries_are_seeded_and_heldout_comes_last():

@@ -213,3 +213,50 @@ def test_root_cause_sees_through_ray_trains_wrappers():
         assert isinstance(root_cause(e), KeyError)
     plain = ValueError("plain")
     assert root_cause(plain) is plain
+
+
+def bad_input(tmp_path, case: str) -> tuple[list[str], str]:
+    """(overrides, the start of the one error line) for an input today's driver checks too late or not at all."""
+    if case == "model path missing":
+        return [f"model.name_or_path={tmp_path}/no-model"], f"error: model.name_or_path: {tmp_path}/no-model does not exist"
+    if case == "model path not a model folder":
+        (tmp_path / "empty").mkdir()
+        return [f"model.name_or_path={tmp_path}/empty"], \
+            f"error: model.name_or_path: {tmp_path}/empty is not a model folder (no config.json in it)"
+    if case == "output_dir a file":
+        (tmp_path / "a-file").write_text("x")
+        return [f"run.output_dir={tmp_path}/a-file"], \
+            f"error: run.output_dir {tmp_path}/a-file: {tmp_path}/a-file is a file, not a folder"
+    if case == "jsonl not utf-8":
+        (tmp_path / "q.jsonl").write_bytes(b'{"query": "fine"}\n{"query": "caf\xe9"}\n')
+        return ["data.source=jsonl", "data.task=dialogue", f"data.path={tmp_path}/q.jsonl"], \
+            f"error: data.path {tmp_path}/q.jsonl line 2: not UTF-8"
+    if case == "principle lone surrogate":
+        text = yaml.safe_dump(GOOD).replace("definition: Do thing 0.", 'definition: "Do \\ud800 thing 0."')
+        (tmp_path / "p.yaml").write_text(text)
+        return ["principles.source=file", f"principles.path={tmp_path}/p.yaml"], \
+            f"error: principles.path: {tmp_path}/p.yaml: principle #1 ('p0'): 'definition' holds a lone surrogate"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["model path missing", "model path not a model folder", "output_dir a file",
+                                  "jsonl not utf-8", "principle lone surrogate"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_inputs_checked_too_late_are_one_line_before_ray(tmp_path, capsys, no_ray, case, dry_run):
+    overrides, line = bad_input(tmp_path, case)
+    code = train_main(["--config", "configs/tiny.yaml", f"run.output_dir={tmp_path / 'run'}", *overrides,
+                       *(["--dry-run"] if dry_run else [])])
+    err = one_error_line(capsys)
+    assert code == 2 and err.startswith(line), err
+    assert "--resume" not in err  # nothing ran, so nothing to continue
+
+
+def test_relative_paths_are_made_absolute_against_the_drivers_folder(tmp_path, monkeypatch):
+    """Ray Train moves each learner into a session folder: a relative path must not reach a worker."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["principles.source=file", "principles.path=p.yaml", "run.output_dir=runs/x",
+                             "data.source=jsonl", "data.path=q.jsonl", "data.replay_groups_from=runs/other",
+                             "model.name_or_path=./model", "model.tokenizer=org/hub-name"]).with_absolute_paths()
+    assert (cfg.principles.path, cfg.run.output_dir, cfg.data.path, cfg.data.replay_groups_from, cfg.model.name_or_path) \
+        == tuple(str(tmp_path / p) for p in ("p.yaml", "runs/x", "q.jsonl", "runs/other", "model"))
+    assert cfg.model.tokenizer == "org/hub-name"  # a hub name with no such local folder stays a name
