@@ -27,6 +27,7 @@ from evals.config import EvalConfig
 from evals.generate import EvalPlan, HeldoutPrincipleItems
 from sami.config import ConfigError, dump_config, load_config
 from sami.console import VERBOSE_HELP, console
+from sami.run_dir import check_model_folders
 
 
 def log(message: str) -> None:
@@ -441,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     with console.session(verbose=args.verbose):
         try:
             cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
+            check_model_folders(m.path for m in cfg.models)  # before --dry-run's "config OK" and any model loads
             if args.dry_run:
                 print(format_plan(cfg))
                 for problem in missing_paths(cfg):

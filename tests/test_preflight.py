@@ -14,6 +14,7 @@ from evals.run import main as eval_main
 from pipelines.preflight import check_run_dir, save_run_config
 from pipelines.train import main as train_main
 from pipelines.train import root_cause
+from planted import plant
 from sami.config import dump_config, load_config
 from sami.run_dir import MANIFEST, RunDir, write_manifest
 
@@ -117,16 +118,6 @@ def test_evaluation_dry_run_refuses_a_malformed_principle_file(tmp_path, capsys,
 
 # --- --resume ------------------------------------------------------------------------------------------------
 
-class Planted:
-    """Unpickling this writes `marker`: what a planted checkpoint could do with DeepSpeed's torch.load."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('the planted pickle ran')",)
-
-
 def fake_run(tmp_path, *overrides, deepspeed=True, hf=False):
     """A run directory as training leaves it after iteration 1 (checkpoint files are small stand-ins in the
     formats the run writes: a torch.save archive of tensors, a safetensors file)."""
@@ -202,7 +193,7 @@ def test_resume_refuses_a_checkpoint_the_run_did_not_write(tmp_path, capsys, no_
 def test_resume_refuses_a_planted_pickle_whose_manifest_was_rewritten(tmp_path, capsys, no_ray):
     run_dir = fake_run(tmp_path)
     ckpt, marker = run_dir / "deepspeed" / "iteration-1", tmp_path / "planted-pickle-ran"
-    torch.save({"module": Planted(marker)}, ckpt / "mp_rank_00_model_states.pt")
+    plant(ckpt / "mp_rank_00_model_states.pt", marker)
     write_manifest(ckpt)  # whoever can write the folder can rewrite a plain sha256 manifest too
     assert train(tmp_path, "--resume", "--dry-run") == 2
     assert "mp_rank_00_model_states.pt: its pickle calls ['builtins.exec'], which no DeepSpeed checkpoint holds" \
@@ -256,3 +247,19 @@ def test_root_cause_sees_through_ray_trains_wrappers():
         assert isinstance(root_cause(e), KeyError)
     plain = ValueError("plain")
     assert root_cause(plain) is plain
+
+
+def test_evaluation_refuses_a_truncated_hf_export_in_its_dry_run_and_before_loading(tmp_path, capsys, no_ray):
+    hf = fake_run(tmp_path, hf=True) / "iteration-1" / "hf"
+    weights = hf / "model.safetensors"
+    evaluate = ["--config", "configs/eval_world.yaml", f"run.output_dir={tmp_path / 'eval'}",
+                f"models=[{{name: base, path: 'builtin:world'}}, {{name: sami-iter1, path: '{hf}'}}]"]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for dry_run in (["--dry-run"], []):
+        assert eval_main(evaluate + dry_run) == 2
+        assert one_error_line(capsys) == (f"error: models.1.path: {hf}: ['model.safetensors'] changed since the run "
+                                          f"wrote them (sha256 differs from {MANIFEST})")
+    (hf / MANIFEST).unlink()  # an export without a manifest: its safetensors header still tells it is cut short
+    assert eval_main(evaluate + ["--dry-run"]) == 2
+    assert "error: models.1.path: " in one_error_line(capsys)
+    assert not (tmp_path / "eval").exists()
