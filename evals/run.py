@@ -24,6 +24,7 @@ from evals.log import log
 from evals.plan import EvalPlan, library
 from sami.config import ConfigError, dump_config, load_config
 from sami.console import VERBOSE_HELP, console
+from sami.run_dir import check_model_folders
 
 
 def missing_paths(cfg: EvalConfig) -> list[str]:
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     with console.session(verbose=args.verbose):
         try:
             cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
+            check_model_folders(m.path for m in cfg.models)  # before --dry-run's "config OK" and any model loads
             if args.dry_run:
                 print(format_plan(cfg))
                 for problem in missing_paths(cfg):

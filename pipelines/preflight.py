@@ -14,7 +14,7 @@ from sami.config import ConfigError, TrainConfig, config_differences, dump_confi
 from sami.constitutions import sample_constitutions
 from sami.principle_writer import PrincipleWriterCore
 from sami.principles import PrincipleError
-from sami.run_dir import CheckpointError, RunDir, verify_manifest
+from sami.run_dir import CheckpointError, RunDir, verify_checkpoint, verify_model_folder
 
 # Extending (or shortening) a run is what --resume is for; any other change needs --override-config.
 RESUMABLE_CHANGES = {"run.iterations"}
@@ -97,11 +97,15 @@ def check_run_dir(cfg: TrainConfig, resume: bool, override_config: bool) -> tupl
     if done == 0:
         return 0, "no complete iteration: starting again at iteration 1"
     source = run_dir.resume_source(done)
+    try:
+        if run_dir.hf(done).is_dir():  # a resume must not continue past an export no one can load
+            verify_model_folder(run_dir.hf(done))
+        if source == "deepspeed":
+            verify_checkpoint(run_dir.deepspeed(done))
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: iteration {done} is not whole: {e}; put back the run's own copy of it, or "
+                          f"start a new run") from None
     if source == "deepspeed":
-        try:
-            verify_manifest(run_dir.deepspeed(done))
-        except CheckpointError as e:
-            raise ConfigError(f"--resume: {e}") from None
         return done, f"iteration {done} (DeepSpeed checkpoint: weights and optimiser, checksums verified)"
     if source == "hf" and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(f"--resume: iteration {done} has no DeepSpeed checkpoint (checkpoint.deepspeed was false) "

@@ -20,7 +20,7 @@ from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_l
                            shared_prefix_logprobs_and_kl, token_logprobs)
 from sami.objectives import OBJECTIVES, ScoredPairs, Scoring, pair_sequences, run_needs_reference, scoring_for
 from sami.precision import deepspeed_bf16, learner_dtype
-from sami.run_dir import CheckpointError, RunDir, verify_manifest
+from sami.run_dir import DEEPSPEED_PICKLED_CLASSES, CheckpointError, RunDir, verify_checkpoint, verify_model_folder
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
 
 
@@ -65,6 +65,34 @@ def skip_cpu_shm_comm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextmanager
+def weights_only_loads(engine):
+    """DeepSpeed 0.19.8 unpickles a checkpoint with `torch.load(weights_only=False)` (TorchCheckpointEngine.load) and
+    `load_checkpoint` takes no loader of ours: while this is open, the engine's loads go through torch's weights-only
+    unpickler, which builds tensors, plain containers and DeepSpeed's own DEEPSPEED_PICKLED_CLASSES and calls nothing
+    else, whoever wrote the file."""
+    import importlib
+    import pickle
+
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, _, name in (c.rpartition(".") for c in DEEPSPEED_PICKLED_CLASSES)]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{path}: not a checkpoint DeepSpeed wrote, refused by the weights-only "
+                                      f"loader ({str(e).splitlines()[0]})") from None
+
+    checkpoint_engine.load = load  # shadows the class's method on this instance only
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 @contextmanager
@@ -215,15 +243,17 @@ class Learner:
         return self.engine.module
 
     def restore(self, run_dir: RunDir, iteration: int) -> str:
-        """Continue after `iteration`: its DeepSpeed checkpoint once the manifest matches, else the weights of its
-        HF export (safetensors, nothing unpickled) with a fresh optimiser. Returns which ("deepspeed" / "hf")."""
+        """Continue after `iteration`: its DeepSpeed checkpoint (whole, loaded weights-only), else the weights of its
+        HF export (whole; safetensors, nothing unpickled) with a fresh optimiser. Returns which ("deepspeed" / "hf")."""
         source = run_dir.resume_source(iteration)
         if source == "deepspeed":
-            verify_manifest(run_dir.deepspeed(iteration))  # DeepSpeed's torch.load unpickles: check first
-            self.engine.load_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration))
+            verify_checkpoint(run_dir.deepspeed(iteration))
+            with weights_only_loads(self.engine):
+                self.engine.load_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration))
         elif source == "hf":
             from transformers import AutoModelForCausalLM
 
+            verify_model_folder(run_dir.hf(iteration))
             saved = AutoModelForCausalLM.from_pretrained(run_dir.hf(iteration), use_safetensors=True,
                                                          trust_remote_code=self.cfg.model.trust_remote_code)
             self.model.load_state_dict(saved.state_dict())

@@ -4,7 +4,7 @@
     <run>/principles.yaml                  the principle library, written once, reused on resume
     <run>/heldout_queries.jsonl            the queries training never draws
     <run>/iteration-<k>/groups.parquet     the iteration's kept query groups (QueryGroup.record())
-    <run>/iteration-<k>/hf/                the HF export (safetensors and tokenizer)
+    <run>/iteration-<k>/hf/                the HF export (safetensors and tokenizer) and its MANIFEST.sha256
     <run>/iteration-<k>/probe.json         the probe (prompt ids, response ids) a resume re-syncs with
     <run>/iteration-<k>/COMPLETE           written last: the iteration is whole
     <run>/deepspeed/iteration-<k>/         the DeepSpeed checkpoint (tag iteration-<k>) and its MANIFEST.sha256
@@ -16,7 +16,10 @@
     <run>/LOCK                             held (flock) by the driver whose run owns the folder; names its pid
     <run>/ray_train/                       Ray Train's storage
 
-The checksum manifest beside each DeepSpeed checkpoint lets a resume unpickle only what the run wrote.
+The checksum manifest in each DeepSpeed checkpoint and HF export, written once the iteration is saved, shows that
+nothing was truncated or lost since. It is no signature (whoever can write the folder can rewrite it): what keeps a
+planted pickle from running is that the states load weights-only (docs/ARCHITECTURE.md, "Checkpoints a resume
+trusts"); `verify_checkpoint` refuses such a file before Ray starts.
 """
 from __future__ import annotations
 
@@ -31,8 +34,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
+from sami.config import ConfigError
 
 MANIFEST = "MANIFEST.sha256"
+# Everything a DeepSpeed 0.19.8 checkpoint pickles besides tensors and plain containers (ZeRO's optimiser state;
+# read from its saves under ZeRO 0-3): the learner unpickles weights-only with these allowed, and nothing else.
+DEEPSPEED_PICKLED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                             "deepspeed.runtime.zero.config.ZeroStageEnum",
+                             "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 class CheckpointError(ValueError):
@@ -234,10 +245,11 @@ class RunDir:
         return note["message"] if note["attempt"] == attempt else None
 
     def mark_complete(self, iteration: int, record: dict, probe: tuple[list[int], list[int]]) -> None:
-        """Rank 0, after every rank saved: the checkpoint's manifest, the probe for a resume's re-sync, the metrics
-        row, then the marker."""
-        if self.deepspeed(iteration).is_dir():
-            write_manifest(self.deepspeed(iteration))
+        """Rank 0, after every rank saved: the manifests of the checkpoint and the HF export, the probe for a resume's
+        re-sync, the metrics row, then the marker."""
+        for saved in (self.deepspeed(iteration), self.hf(iteration)):
+            if saved.is_dir():
+                write_manifest(saved)
         self.probe(iteration).write_text(json.dumps(list(probe)))
         append_line(self.metrics, json.dumps(json_safe(record), allow_nan=False))
         self.complete(iteration).write_text("ok\n")
@@ -278,3 +290,49 @@ def verify_manifest(folder: Path) -> None:
     changed = sorted(name for name, path in found.items() if _sha256(path) != expected[name])
     if changed:
         raise CheckpointError(f"{folder}: {changed} changed since the run wrote them (sha256 differs from {MANIFEST})")
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError unless a DeepSpeed checkpoint is whole (its manifest) and every pickle in it names only
+    what DeepSpeed saves (DEEPSPEED_PICKLED_CLASSES): a planted file is refused here, before anything loads it.
+    The scan reads the pickles without running them; the learner's weights-only load is the guard itself."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    verify_manifest(folder)
+    for path in sorted(folder.rglob("*.pt")):
+        try:
+            unexpected = sorted(set(get_unsafe_globals_in_checkpoint(str(path))) - set(DEEPSPEED_PICKLED_CLASSES))
+        except (ValueError, RuntimeError, KeyError) as e:  # not a torch.save zip archive
+            raise CheckpointError(f"{path}: not a checkpoint DeepSpeed wrote ({e}); refusing to unpickle it") from None
+        if unexpected:
+            raise CheckpointError(f"{path}: its pickle calls {unexpected}, which no DeepSpeed checkpoint holds; "
+                                  f"refusing to load it (someone other than the run wrote this file)")
+
+
+def verify_model_folder(folder: Path) -> None:
+    """Raise CheckpointError unless a model folder's weights are whole: its manifest matches (a run's HF export) or,
+    without one (a base model, an export of an older run), every safetensors file is as long as its header says."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        verify_manifest(folder)
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy"):  # reads the header only: cheap for any size
+                pass
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a whole safetensors file ({e})") from None
+
+
+def check_model_folders(paths: Iterable[str]) -> None:
+    """The evaluation's check of `models.<i>.path` before it loads a model (and in --dry-run): a local folder whose
+    weights are not whole is one ConfigError; hub names and missing folders are left to their own checks."""
+    for index, path in enumerate(paths):
+        folder = Path(path).expanduser()
+        if folder.is_dir():
+            try:
+                verify_model_folder(folder)
+            except CheckpointError as e:
+                raise ConfigError(f"models.{index}.path: {e}") from None

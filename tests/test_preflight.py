@@ -1,16 +1,20 @@
 """Bad input is refused before Ray starts, and `--resume` overwrites nothing: each case through the entry points'
 `main`, in-process, with a fresh RAY_TMPDIR that must stay empty and `ray.is_initialized()` False after it."""
+import shutil
 import subprocess
 import sys
 
 import pytest
 import ray
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from evals.run import main as eval_main
 from pipelines.preflight import check_run_dir, save_run_config
 from pipelines.train import main as train_main
 from pipelines.train import root_cause
+from planted import plant
 from sami.config import dump_config, load_config
 from sami.run_dir import MANIFEST, RunDir, write_manifest
 
@@ -115,8 +119,8 @@ def test_evaluation_dry_run_refuses_a_malformed_principle_file(tmp_path, capsys,
 # --- --resume ------------------------------------------------------------------------------------------------
 
 def fake_run(tmp_path, *overrides, deepspeed=True, hf=False):
-    """A run directory as training leaves it after iteration 1 (checkpoint files are stand-ins: only their
-    bytes matter to the checks under test)."""
+    """A run directory as training leaves it after iteration 1 (checkpoint files are small stand-ins in the
+    formats the run writes: a torch.save archive of tensors, a safetensors file)."""
     cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path / 'run'}", *overrides])
     run_dir = tmp_path / "run"
     dump_config(cfg, run_dir / "config.yaml")
@@ -125,11 +129,14 @@ def fake_run(tmp_path, *overrides, deepspeed=True, hf=False):
     if deepspeed:
         ckpt = run_dir / "deepspeed" / "iteration-1"
         ckpt.mkdir(parents=True)
-        (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+        torch.save({"module": {"w": torch.zeros(4)}, "ds_version": "0.19.8"}, ckpt / "mp_rank_00_model_states.pt")
         write_manifest(ckpt)
     if hf:
-        (run_dir / "iteration-1" / "hf").mkdir()
-        (run_dir / "iteration-1" / "hf" / "config.json").write_text("{}")
+        hf_dir = run_dir / "iteration-1" / "hf"
+        hf_dir.mkdir()
+        (hf_dir / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(256)}, hf_dir / "model.safetensors")
+        write_manifest(hf_dir)
     return run_dir
 
 
@@ -169,10 +176,11 @@ def test_resume_refuses_a_checkpoint_the_run_did_not_write(tmp_path, capsys, no_
     assert train(tmp_path, "--resume", "--dry-run") == 0
     assert "would continue from iteration 1 (DeepSpeed checkpoint: weights and optimiser, checksums verified)" \
         in capsys.readouterr().out
+    states = (ckpt / "mp_rank_00_model_states.pt").read_bytes()
     (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"evil" * 100)
     assert train(tmp_path, "--resume") == 2
     assert "['mp_rank_00_model_states.pt'] changed since the run wrote them" in one_error_line(capsys)
-    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(states)
     (ckpt / "extra.pt").write_bytes(b"planted")
     assert train(tmp_path, "--resume") == 2
     assert "not in it: ['extra.pt']" in one_error_line(capsys)
@@ -182,6 +190,32 @@ def test_resume_refuses_a_checkpoint_the_run_did_not_write(tmp_path, capsys, no_
     assert f"no {MANIFEST}" in one_error_line(capsys)
 
 
+def test_resume_refuses_a_planted_pickle_whose_manifest_was_rewritten(tmp_path, capsys, no_ray):
+    run_dir = fake_run(tmp_path)
+    ckpt, marker = run_dir / "deepspeed" / "iteration-1", tmp_path / "planted-pickle-ran"
+    plant(ckpt / "mp_rank_00_model_states.pt", marker)
+    write_manifest(ckpt)  # whoever can write the folder can rewrite a plain sha256 manifest too
+    assert train(tmp_path, "--resume", "--dry-run") == 2
+    assert "mp_rank_00_model_states.pt: its pickle calls ['builtins.exec'], which no DeepSpeed checkpoint holds" \
+        in one_error_line(capsys)
+    assert train(tmp_path, "--resume") == 2
+    assert one_error_line(capsys).startswith("error: --resume: iteration 1 is not whole: ")
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_truncated_hf_export(tmp_path, capsys, no_ray):
+    run_dir = fake_run(tmp_path, hf=True)
+    weights = run_dir / "iteration-1" / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a disk that filled up, a copy cut short
+    assert train(tmp_path, "--resume", "--dry-run") == 2
+    assert "['model.safetensors'] changed since the run wrote them" in one_error_line(capsys)
+    assert train(tmp_path, "--resume") == 2
+    assert one_error_line(capsys).startswith("error: --resume: iteration 1 is not whole: ")
+    (run_dir / "iteration-1" / "hf" / MANIFEST).unlink()  # an export without a manifest (an older run's)
+    assert train(tmp_path, "--resume") == 2
+    assert "model.safetensors: not a whole safetensors file" in one_error_line(capsys)
+
+
 def test_resume_without_a_deepspeed_checkpoint(tmp_path, capsys, no_ray):
     run_dir = fake_run(tmp_path, "checkpoint.deepspeed=false", deepspeed=False, hf=True)
     assert train(tmp_path, "checkpoint.deepspeed=false", "--resume", "--dry-run") == 0
@@ -189,7 +223,7 @@ def test_resume_without_a_deepspeed_checkpoint(tmp_path, capsys, no_ray):
             in capsys.readouterr().out)
     assert train(tmp_path, "checkpoint.deepspeed=false", "deepspeed.zero_stage=3", "--resume", "--override-config") == 2
     assert "ZeRO-3 cannot load the HF export's weights" in one_error_line(capsys)
-    (run_dir / "iteration-1" / "hf" / "config.json").unlink()
+    shutil.rmtree(run_dir / "iteration-1" / "hf")
     assert train(tmp_path, "checkpoint.deepspeed=false", "--resume") == 2
     assert "kept neither a DeepSpeed checkpoint nor an HF export" in one_error_line(capsys)
 
@@ -260,3 +294,19 @@ def test_relative_paths_are_made_absolute_against_the_drivers_folder(tmp_path, m
     assert (cfg.principles.path, cfg.run.output_dir, cfg.data.path, cfg.data.replay_groups_from, cfg.model.name_or_path) \
         == tuple(str(tmp_path / p) for p in ("p.yaml", "runs/x", "q.jsonl", "runs/other", "model"))
     assert cfg.model.tokenizer == "org/hub-name"  # a hub name with no such local folder stays a name
+
+
+def test_evaluation_refuses_a_truncated_hf_export_in_its_dry_run_and_before_loading(tmp_path, capsys, no_ray):
+    hf = fake_run(tmp_path, hf=True) / "iteration-1" / "hf"
+    weights = hf / "model.safetensors"
+    evaluate = ["--config", "configs/eval_world.yaml", f"run.output_dir={tmp_path / 'eval'}",
+                f"models=[{{name: base, path: 'builtin:world'}}, {{name: sami-iter1, path: '{hf}'}}]"]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for dry_run in (["--dry-run"], []):
+        assert eval_main(evaluate + dry_run) == 2
+        assert one_error_line(capsys) == (f"error: models.1.path: {hf}: ['model.safetensors'] changed since the run "
+                                          f"wrote them (sha256 differs from {MANIFEST})")
+    (hf / MANIFEST).unlink()  # an export without a manifest: its safetensors header still tells it is cut short
+    assert eval_main(evaluate + ["--dry-run"]) == 2
+    assert "error: models.1.path: " in one_error_line(capsys)
+    assert not (tmp_path / "eval").exists()

@@ -6,8 +6,9 @@ import socket
 import pytest
 import torch
 
+from planted import plant
 from sami.config import load_config
-from sami.run_dir import CheckpointError, RunDir
+from sami.run_dir import CheckpointError, RunDir, write_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -73,3 +74,44 @@ def test_resume_from_deepspeed_checks_the_manifest_before_loading(process_group,
     states.write_bytes(states.read_bytes() + b"\0")  # a file the run did not write
     with pytest.raises(CheckpointError, match="changed since the run wrote them"):
         learner(tiny_model_dir).restore(run_dir, 1)
+
+
+def saved_run(tmp_path, tiny_model_dir, *overrides):
+    """A run folder after iteration 1, as the learner and rank 0 leave it (the checkpoint's manifest written),
+    and the learner that saved it (after one optimiser step: weights and optimiser state that differ from the base,
+    under every ZeRO stage)."""
+    trained = learner(tiny_model_dir, *overrides)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    trained.engine.backward(trained.engine(input_ids=ids, labels=ids).loss)
+    trained.engine.step()
+    run_dir = RunDir(tmp_path)
+    trained.save(run_dir, 1, rank=0)
+    run_dir.mark_complete(1, {"iteration": 1}, ([1], [2]))
+    return run_dir, trained
+
+
+def test_a_planted_pickle_never_runs_even_with_a_rewritten_manifest(process_group, tiny_model_dir, tmp_path):
+    from sami.learner import weights_only_loads
+
+    (run_dir, _), marker = saved_run(tmp_path, tiny_model_dir), tmp_path / "planted-pickle-ran"
+    plant(run_dir.deepspeed(1) / "mp_rank_00_model_states.pt", marker)
+    write_manifest(run_dir.deepspeed(1))  # a plain sha256 manifest: whoever planted the file rewrites it
+    fresh = learner(tiny_model_dir)
+    with pytest.raises(CheckpointError, match=r"its pickle calls \['builtins.exec'\]"):
+        fresh.restore(run_dir, 1)  # refused by the scan before DeepSpeed opens it
+    # and the load itself, were the scan missed: DeepSpeed's own loader goes through the weights-only unpickler
+    with pytest.raises(CheckpointError, match="refused by the weights-only loader"), weights_only_loads(fresh.engine):
+        fresh.engine.load_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(1))
+    assert not marker.exists()
+    assert "load" not in vars(fresh.engine.checkpoint_engine)  # DeepSpeed's loader is back as it was
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_every_zero_stage_restores_weights_only(process_group, tiny_model_dir, tmp_path, zero_stage):
+    """Each stage pickles its own optimiser state, all of it within the allow-list of the weights-only load."""
+    stage = f"deepspeed.zero_stage={zero_stage}"
+    run_dir, trained = saved_run(tmp_path, tiny_model_dir, stage)
+    fresh, probe = learner(tiny_model_dir, stage), ([5, 6, 7], [8, 9, 10])
+    base = fresh.probe_logprob(probe)
+    assert fresh.restore(run_dir, 1) == "deepspeed"
+    assert fresh.probe_logprob(probe) == pytest.approx(trained.probe_logprob(probe), abs=1e-6) != base

@@ -49,10 +49,12 @@ def test_mark_complete_writes_manifest_probe_metrics_row_then_marker(tmp_path):
     (run.deepspeed(1) / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     run.iteration(1).mkdir()
     run.mark_complete(1, {"iteration": 1, "loss": math.nan, "loss_per_step": [0.5, math.inf]}, ([1, 2], [3]))
-    run.iteration(2).mkdir()
+    run.hf(2).mkdir(parents=True)
+    (run.hf(2) / "model.safetensors").write_bytes(b"exported")
     run.mark_complete(2, {"iteration": 2, "loss": 0.25}, ([4], [5, 6]))  # no DeepSpeed checkpoint kept
     verify_manifest(run.deepspeed(1))
-    assert not (run.deepspeed(2) / MANIFEST).exists()
+    verify_manifest(run.hf(2))
+    assert not (run.deepspeed(2) / MANIFEST).exists() and not (run.hf(1) / MANIFEST).exists()
     assert run.metrics.read_text().splitlines() == [  # non-finite floats become null: plain JSON
         '{"iteration": 1, "loss": null, "loss_per_step": [0.5, null]}', '{"iteration": 2, "loss": 0.25}']
     assert run.read_metrics() == [{"iteration": 1, "loss": None, "loss_per_step": [0.5, None]},
