@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sami.run_dir import RunDir
-
 STAGES = {"A": ("torch", "transformers", "pydantic"), "B": ("ray", "deepspeed"), "C": ("vllm",)}
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -61,7 +59,7 @@ class Sizes:
 REAL = Sizes(QWEN2_05B, 151_936, (2, 4, 8), 8, (96, 160), (32, 64), 3, (64, 256), 64, 8192, 50, [
     "model.max_prompt_tokens=256", "model.max_response_tokens=64", "data.max_queries=256", "sampling.max_new_tokens=64",
     "sampling.batch_size=256", "optim.groups_per_step=64", "optim.micro_batch_groups=16", "schedule.steps_per_iteration=4",
-    "deepspeed.bf16=true", "scaling.gpus_per_learner=1"])
+    "deepspeed.bf16=true"])
 TINY = Sizes(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                   max_position_embeddings=512, tie_word_embeddings=True), 1024, (2, 4, 8), 8, (12, 20), (4, 8), 1, (4, 8),
              8, 128, 3, [
@@ -420,10 +418,13 @@ def stage_a(report: Report, out: Path, sizes: Sizes, tiny: bool) -> None:
 
 def smoke_config(model_dir: Path, out: Path, engine: str, gpus: int, overrides: list[str]):
     """The 2-iteration SAMI run: one `engine` rollout engine, one DeepSpeed ZeRO-2 learner; on one GPU both share
-    it and the weights go through the object store (NCCL refuses two ranks on one device)."""
+    it and the weights go through the object store (NCCL refuses two ranks on one device): a vLLM engine and the
+    learner each reserve half of it (one Ray GPU id, 0, for both), an HF engine reserves none and sees the device
+    (`start_ray`)."""
     from sami.config import load_config
 
     shared = gpus <= 1
+    halves = gpus == 1 and engine == "vllm"
     return load_config(None, [
         f"run.output_dir={out}", "run.name=gpu-smoke", "run.iterations=2",
         f"model.name_or_path={model_dir}", "model.dtype=auto",
@@ -436,6 +437,7 @@ def smoke_config(model_dir: Path, out: Path, engine: str, gpus: int, overrides: 
         "deepspeed.zero_stage=2", "checkpoint.deepspeed=false",
         # the first failure is the figure: no restarts of the learner into it (each would cost a minute or more)
         "scaling.num_learners=1", "scaling.cpus_per_learner=1", "scaling.max_learner_failures=0",
+        f"scaling.gpus_per_learner={0.5 if halves else min(gpus, 1)}", f"rollout.gpus_per_engine={0.5 if halves else 1}",
         *overrides,
     ])
 
@@ -444,6 +446,8 @@ def iteration_figures(run_dir: Path, row: dict) -> dict:
     """One iteration's figures from its metrics row (the learner's own token count, `forward_tokens` over the
     micro-batches it ran, and its measured peak) and its query groups (the tokens generated)."""
     import pyarrow.parquet as pq
+
+    from sami.run_dir import RunDir
 
     groups = pq.read_table(RunDir(run_dir).groups(row["iteration"])).to_pylist()
     generated = round(sum(g["response_tokens"] * len(g["responses"]) for g in groups))  # a mean per response
@@ -457,31 +461,32 @@ def iteration_figures(run_dir: Path, row: dict) -> dict:
     }
 
 
-def start_ray(gpus: int) -> None:
+def start_ray(gpus: int, engine: str) -> None:
     """A local Ray without its dashboard (the offline GPU machine has none of the dashboard's dependencies, e.g.
-    aiohttp); on one GPU, two logical Ray GPUs on the one device, so the engine's placement and the learner share it."""
+    aiohttp), its GPUs as they are: on one GPU the shares of `smoke_config` give the engine and the learner Ray GPU
+    id 0, so Ray Train's CUDA_VISIBLE_DEVICES names a device that exists (issue 22, defect 2). An HF engine
+    reserves no GPU, so Ray would hide the device from it: it is left visible to every process there."""
     import ray
 
     from actors.ray_session import LOCAL_ENV
 
     env = {**LOCAL_ENV, **({} if gpus else {"DS_ACCELERATOR": "cpu"})}  # DeepSpeed would look for CUDA
+    if gpus and engine == "hf":
+        env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
     os.environ.update(env)
-    logical_gpus = {}
-    if gpus == 1:
-        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
-        logical_gpus = {"num_gpus": 2}
     # logical CPUs for the learner, the engine and Ray Train's own actors (the 2-CPU starvation deadlock)
-    ray.init(num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, runtime_env={"env_vars": env}, **logical_gpus)
+    ray.init(num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def training_run(out: Path, sizes: Sizes, engine: str, tiny: bool, overrides: list[str]) -> dict:
     import torch
 
     from pipelines.train import run
+    from sami.run_dir import RunDir
 
     gpus = 0 if tiny else torch.cuda.device_count()
     model_dir, params = build_model(out / "model", sizes, "cpu")  # the driver keeps off the GPU
-    start_ray(gpus)
+    start_ray(gpus, engine)
     started = time.perf_counter()
     run_dir = run(smoke_config(model_dir, out / "run", engine, gpus, sizes.train + overrides))
     rows = RunDir(run_dir).read_metrics()

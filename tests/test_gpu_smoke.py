@@ -59,6 +59,9 @@ def test_one_gpu_shares_it_through_the_object_store_two_use_nccl(tmp_path):
         "object_store", "object_store", "auto")
     assert (hf.rollout.engine, split.rollout.engine) == ("hf", "vllm")
     assert hf.deepspeed.bf16 is True and hf.scaling.gpus_per_learner == 1 and hf.run.iterations == 2
+    # one GPU and a vLLM engine: half each, so both get Ray GPU id 0 (issue 22, defect 2); two GPUs: one each
+    assert (shared.rollout.gpus_per_engine, shared.scaling.gpus_per_learner) == (0.5, 0.5)
+    assert (split.rollout.gpus_per_engine, split.scaling.gpus_per_learner) == (1, 1)
 
 
 def test_the_padded_vocabulary_round_trips_what_a_random_model_writes():
