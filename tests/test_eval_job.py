@@ -327,6 +327,32 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
     assert json.loads((out / "results.json").read_text())["models"]["other"]["adherence"] == results["models"]["other"]["adherence"]
 
 
+def test_evaluating_a_run_folder_plans_from_its_config_and_refuses_what_is_not_one(tmp_path, capsys):
+    """Fast: the plan --run makes of a folder laid out as training lays it out (exports faked, never loaded)."""
+    from evals.run import main as eval_main
+    from sami.config import dump_config, load_config
+    from sami.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert eval_main(["--run", str(run.path), "--dry-run"]) == 2
+    assert f"error: --run {run.path}: no config.yaml there, so not a pipelines.train run folder" in capsys.readouterr().err
+    dump_config(load_config(REPO / "configs" / "tiny.yaml", [f"run.output_dir={run.path}"]), run.config)
+    assert eval_main(["--run", str(run.path), "--dry-run"]) == 2
+    assert "no complete iteration with an HF export yet (iterations complete: none" in capsys.readouterr().err
+    for k in (1, 3):  # iteration 2 is incomplete: not evaluated
+        run.hf(k).mkdir(parents=True)
+        (run.hf(k) / "config.json").write_text("{}")
+        run.complete(k).write_text("ok\n")
+    run.hf(2).mkdir(parents=True)
+    assert eval_main(["--run", str(run.path), "--dry-run", "num_queries=5"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[:4] == [f"evaluation eval-tiny: 3 model(s) against baseline 'base' -> {run.evaluation}",
+                        "  model base: builtin:world-small", f"  model iteration-1: {run.hf(1)}",
+                        f"  model iteration-3: {run.hf(3)}"]
+    assert plan[4] == "  queries: the built-in world, the last 32 queries training held out, at most 5; 2 constitutions each (sample_k)"
+    assert "judge: the world's rule judge" in plan[6] and "the world's rule adherence" in plan[7]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_evaluate_a_training_run_from_its_folder_alone(tmp_path):
