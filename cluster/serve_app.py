@@ -92,6 +92,38 @@ def int_field(request: dict, name: str, default: int, low: int, high: int) -> in
     return value
 
 
+def text_field(value, name: str, allow_empty: bool = False) -> str:
+    """Text a request brings for the tokenizer: a string, not blank (an empty prompt fails inside the engine),
+    UTF-8 (JSON's "\\ud800" decodes to a lone surrogate, which no tokenizer encodes)."""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string, got {value!r}"[:200])
+    if not allow_empty and not value.strip():
+        raise RequestError(f"{name} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{name} holds a lone surrogate ({value[e.start]!r} at character {e.start})") from None
+    return value
+
+
+def body_object(request) -> dict:
+    if not isinstance(request, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(request).__name__} {request!r}"[:200])
+    return request
+
+
+def stop_strings(request: dict) -> list[str]:
+    """`stop`: absent, a string or a list of strings (as OpenAI takes it)."""
+    stops = request.get("stop")
+    if stops is None:
+        return []
+    if isinstance(stops, str):
+        stops = [stops]
+    if not isinstance(stops, list):
+        raise RequestError(f"stop must be a string or a list of strings, got {stops!r}"[:200])
+    return [text_field(stop, f"stop[{i}]", allow_empty=True) for i, stop in enumerate(stops)]
+
+
 class CompletionCore:
     """Request dicts in, OpenAI-shaped response dicts out; no web framework (unit-testable as is)."""
 
@@ -114,8 +146,10 @@ class CompletionCore:
 
     # --- prompts ---
     def chat_prompt(self, messages: list[dict]) -> str:
-        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise RequestError("messages must be a non-empty list of {role, content} objects with string content")
+        for i, m in enumerate(messages):
+            text_field(m.get("content"), f"messages[{i}].content")
         system = next((m["content"] for m in messages if m.get("role") == "system"), self.constitution)
         turns = [m for m in messages if m.get("role") != "system"]
         if not turns or turns[-1].get("role") != "user":
@@ -147,10 +181,9 @@ class CompletionCore:
                                       batch_size=max(len(prompts), 1))
         except ValidationError as e:
             raise RequestError(format_validation_error(e, "request")) from None
+        stops = stop_strings(request)
         with self.lock:
             completions = self.engine.generate(prompts, sampling, seed)
-        stops = request.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else stops
         results = []
         for c in completions:
             text, reason = c.text, c.finish_reason
@@ -169,6 +202,7 @@ class CompletionCore:
         return sum(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts)
 
     def chat(self, request: dict) -> dict:
+        request = body_object(request)
         prompt = self.chat_prompt(request.get("messages"))
         n = int_field(request, "n", 1, 1, self.args.max_n)
         results = self._generate([prompt] * n, request, int_field(request, "seed", 0, 0, 2**63 - 1))
@@ -177,13 +211,17 @@ class CompletionCore:
         return self._envelope("chat.completion", choices, self._count([prompt]), sum(r[2] for r in results))
 
     def complete(self, request: dict) -> dict:
-        raw = request.get("prompt")
+        raw = body_object(request).get("prompt")
         prompts = [raw] if isinstance(raw, str) else raw
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError("prompt must be a string or a non-empty list of strings")
         if len(prompts) > self.args.max_prompts:
             raise RequestError(f"prompt has {len(prompts)} entries; this server takes at most {self.args.max_prompts}")
+        for i, p in enumerate(prompts):
+            text_field(p, "prompt" if isinstance(raw, str) else f"prompt[{i}]")
         system = request.get("system", self.constitution)
+        if system is not None:
+            text_field(system, "system", allow_empty=True)
         prompts = [self.plain_prompt(system, p) for p in prompts]
         results = self._generate(prompts, request, int_field(request, "seed", 0, 0, 2**63 - 1))
         choices = [{"index": i, "text": text, "finish_reason": reason} for i, (text, reason, _) in enumerate(results)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -28,6 +29,8 @@ from sami.config import ConfigError, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LOG_TAIL_LINES = 5
+MESSAGE_CHARS = 500
 
 
 class SubmitError(RuntimeError):
@@ -101,6 +104,51 @@ def wait(client, job_id: str, timeout_s: float, poll_s: float = 2.0, out=sys.std
         time.sleep(poll_s)
 
 
+def failure_report(client, job_id: str, status: str) -> str:
+    """Why a job ended without success, in a few lines: Ray's status message (a runtime-env setup or upload error
+    is only there) and the last lines of its logs."""
+    # Ray appends the log tail to an entrypoint's failure (shown below instead) and a traceback to a runtime-env
+    # error: its first line and its last (the exception) say it.
+    message = (client.get_job_info(job_id).message or "no message from Ray").split(", last available logs")[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    message = " ... ".join(dict.fromkeys([lines[0], lines[-1]]))[:MESSAGE_CHARS]
+    tail = [line for line in client.get_job_logs(job_id).splitlines() if line.strip()][-LOG_TAIL_LINES:]
+    lines = [f"job {job_id}: {status}: {message}"]
+    lines += [f"last log lines (all of them: ray job logs {job_id}):", *(f"  | {line}" for line in tail)] if tail \
+        else ["the job wrote no log lines"]
+    return "\n".join(lines)
+
+
+def upload_size(working_dir: Path, excludes: list[str]) -> int:
+    """Bytes Ray would zip of working_dir: its own walk, with the runtime env's excludes, .rayignore and
+    .gitignore (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), uncompressed as Ray stores them."""
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    folder, total = working_dir.resolve(), 0
+
+    def add(path: Path) -> None:
+        nonlocal total
+        if path.is_file():
+            total += path.stat().st_size
+
+    _dir_travel(folder, [_get_excludes(folder, excludes)], add,
+                include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+                logger=logging.getLogger(__name__))  # not Ray's INFO line on the ignore files it read
+    return total
+
+
+def check_upload_size(working_dir: Path, excludes: list[str]) -> None:
+    """Refuse before uploading what the dashboard would answer with HTTP 413."""
+    from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
+
+    size = upload_size(working_dir, excludes)
+    if size >= DASHBOARD_CLIENT_MAX_SIZE:
+        raise ConfigError(f"--working-dir {working_dir.resolve()} is {size / 2**20:.1f} MiB to upload, over Ray's "
+                          f"{DASHBOARD_CLIENT_MAX_SIZE / 2**20:.0f} MiB limit for a job's working_dir; list what the "
+                          f"job does not need in {working_dir.resolve() / '.rayignore'} (gitignore syntax)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="training config (or evaluation config with --eval)")
@@ -137,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         command = entrypoint(config_path, args.overrides, args.resume, "evals.run" if args.eval else "pipelines.train",
                              args.override_config)
         runtime_env = build_runtime_env(uses_gpu, working_dir)
+        check_upload_size(working_dir, runtime_env["excludes"])
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -159,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"follow it: ray job logs --address {args.address} --follow {job_id}")
             return 0
         status = wait(client, job_id, args.timeout)
+        if status != "SUCCEEDED":
+            print(failure_report(client, job_id, status), file=sys.stderr)
+            return 1
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"job {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The evaluation job: `python -m evals.run --config configs/eval_<name>.yaml [key=value ...]`.
+"""The evaluation job: `python -m evals.run --config configs/eval_<name>.yaml [key=value ...]`, or
+`python -m evals.run --run <a pipelines.train run folder> [key=value ...]`.
 
 Submittable as is: `ray job submit --working-dir . -- python -m evals.run --config ...`. It evaluates
 checkpoints exported by training (HF folders) against a baseline model, in four phases, one module each
@@ -22,9 +23,54 @@ from pathlib import Path
 from evals.config import EvalConfig
 from evals.log import log
 from evals.plan import EvalPlan, library
-from sami.config import ConfigError, dump_config, load_config
+from sami.config import ConfigError, TrainConfig, build_config, dump_config, load_config, load_yaml
 from sami.console import VERBOSE_HELP, console
-from sami.run_dir import check_model_folders
+from sami.run_dir import RunDir, check_model_folders
+
+
+DEFAULTS_FROM_RUN = ("generation", "adherence", "judge")  # what --config may set instead of the run
+
+
+def settings_from_run(run: RunDir) -> dict:
+    """The evaluation a training run implies: its base model against each complete iteration's HF export, on the
+    queries it held out, under its principles and constitution mode, written to <run>/eval."""
+    if not run.config.is_file():
+        raise ConfigError(f"--run {run.path}: no config.yaml there, so not a pipelines.train run folder")
+    train = load_config(run.config, model_cls=TrainConfig)
+    exported = [k for k in run.complete_iterations() if (run.hf(k) / "config.json").is_file()]
+    if not exported:
+        raise ConfigError(f"--run {run.path}: no complete iteration with an HF export yet "
+                          f"(iterations complete: {run.complete_iterations() or 'none'}; checkpoint.export_hf)")
+    if not train.data.heldout_queries:
+        raise ConfigError(f"--run {run.path}: the run held out no queries (its data.heldout_queries is 0); "
+                          f"evaluate with --config and data settings of your own")
+    world = train.data.task == "world"
+    # The world's queries are drawn again from the run's seed (the judge needs the world's source): the rows
+    # training cut off, as heldout_queries.jsonl holds them; any other run's are read from that file.
+    data = train.data.model_dump(mode="json", exclude={"replay_groups_from", "queries_per_iteration"}) if world else \
+        {"source": "jsonl", "path": str(run.heldout_queries), "task": train.data.task, "heldout_queries": 0}
+    principles = train.principles.model_dump(mode="json", exclude={"writer"})
+    if principles["source"] != "world":  # a file or a writer's: the library the run saved
+        principles.update(source="file", path=str(run.principles))
+    return {"run": {"name": f"eval-{train.run.name}", "output_dir": str(run.evaluation), "seed": train.run.seed},
+            "models": [{"name": "base", "path": train.model.name_or_path}]
+                      + [{"name": RunDir.tag(k), "path": str(run.hf(k))} for k in exported],
+            "baseline": "base", "data": data, "principles": principles,
+            # defaults an evaluation config's sections replace: only the world's rules judge without an endpoint
+            "generation": {"sampling": train.sampling.model_dump(mode="json"), "dtype": train.model.dtype,
+                           "max_prompt_tokens": train.model.max_prompt_tokens},
+            "adherence": {"enabled": world}, "judge": {"backend": "world" if world else "openai"}}
+
+
+def load_eval_config(config: str | None, run: str | None, overrides: list[str]) -> EvalConfig:
+    """--config alone; or --run, whose settings replace the config's run, models, baseline, data and principles
+    sections (its generation, judge and benchmark sections apply)."""
+    if run is None:
+        return load_config(config, overrides, model_cls=EvalConfig)
+    from_run = settings_from_run(RunDir(run))
+    defaults = {section: from_run.pop(section) for section in DEFAULTS_FROM_RUN}
+    return build_config(EvalConfig, {**defaults, **(load_yaml(config) if config else {}), **from_run}, overrides,
+                        f"--run {run}")
 
 
 def missing_paths(cfg: EvalConfig) -> list[str]:
@@ -147,7 +193,10 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="an evaluation config (configs/eval_*.yaml)")
+    parser.add_argument("--config", help="an evaluation config (configs/eval_*.yaml); with --run, its judge and "
+                                         "benchmark settings")
+    parser.add_argument("--run", help="a pipelines.train run folder: evaluate its base model and every complete "
+                                      "iteration's HF export on the queries it held out (results in <run>/eval)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. run.output_dir=runs/eval2")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, the principle file and the judge endpoint; print what would run")
@@ -156,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of generating them again (no Ray)")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + " (run.output_dir/job.log)")
     args = parser.parse_args(argv)
+    if not (args.config or args.run):
+        parser.error("give --config, --run or both")
     from evals.gsm8k import GSM8KError
     from evals.mtbench import MTBenchError
     from sami.chat_clients import ChatClientError, check_endpoint
@@ -163,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with console.session(verbose=args.verbose):
         try:
-            cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
+            cfg = load_eval_config(args.config, args.run, args.overrides)
             check_model_folders(m.path for m in cfg.models)  # before --dry-run's "config OK" and any model loads
             if args.dry_run:
                 print(format_plan(cfg))

@@ -15,6 +15,7 @@
     <run>/STOPPED                          why the run stopped in order
     <run>/LOCK                             held (flock) by the driver whose run owns the folder; names its pid
     <run>/ray_train/                       Ray Train's storage
+    <run>/eval/                            `python -m evals.run --run <run>`'s results (its run.output_dir)
 
 The checksum manifest in each DeepSpeed checkpoint and HF export, written once the iteration is saved, shows that
 nothing was truncated or lost since. It is no signature (whoever can write the folder can rewrite it): what keeps a
@@ -163,6 +164,10 @@ class RunDir:
         return self.path / "ray_train"
 
     @property
+    def evaluation(self) -> Path:
+        return self.path / "eval"
+
+    @property
     def lock(self) -> Path:
         return self.path / "LOCK"
 
@@ -188,9 +193,11 @@ class RunDir:
         finally:
             os.close(fd)  # releases the lock
 
+    def complete_iterations(self) -> list[int]:
+        return sorted(int(p.parent.name.split("-")[1]) for p in self.path.glob(f"{self.tag('*')}/COMPLETE"))
+
     def last_complete_iteration(self) -> int:
-        done = [int(p.parent.name.split("-")[1]) for p in self.path.glob(f"{self.tag('*')}/COMPLETE")]
-        return max(done, default=0)
+        return max(self.complete_iterations(), default=0)
 
     def resume_source(self, iteration: int) -> str | None:
         """What a resume after `iteration` loads: "deepspeed" (weights and optimiser), "hf" (weights only) or None."""

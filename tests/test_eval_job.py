@@ -143,9 +143,10 @@ def eval_config(tmp_path: Path, tiny_model_dir: Path, inputs: dict, judge_url: s
     return path
 
 
-def run_job(config: Path, *overrides, timeout=420) -> subprocess.CompletedProcess:
+def run_job(config: Path | None, *overrides, run: Path | None = None, timeout=420) -> subprocess.CompletedProcess:
     env = dict(os.environ, SAMI_EVAL_TEST_KEY="sk-eval-test-secret-123", RAY_AUTH_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "evals.run", "--config", str(config), *overrides], cwd=REPO, env=env,
+    where = (["--config", str(config)] if config else []) + (["--run", str(run)] if run else [])
+    return subprocess.run([sys.executable, "-m", "evals.run", *where, *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -324,3 +325,56 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
     again = run_job(REPO / "configs" / "eval_world.yaml", *overrides, "--judge-only")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["models"]["other"]["adherence"] == results["models"]["other"]["adherence"]
+
+
+def test_evaluating_a_run_folder_plans_from_its_config_and_refuses_what_is_not_one(tmp_path, capsys):
+    """Fast: the plan --run makes of a folder laid out as training lays it out (exports faked, never loaded)."""
+    from evals.run import main as eval_main
+    from sami.config import dump_config, load_config
+    from sami.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert eval_main(["--run", str(run.path), "--dry-run"]) == 2
+    assert f"error: --run {run.path}: no config.yaml there, so not a pipelines.train run folder" in capsys.readouterr().err
+    dump_config(load_config(REPO / "configs" / "tiny.yaml", [f"run.output_dir={run.path}"]), run.config)
+    assert eval_main(["--run", str(run.path), "--dry-run"]) == 2
+    assert "no complete iteration with an HF export yet (iterations complete: none" in capsys.readouterr().err
+    for k in (1, 3):  # iteration 2 is incomplete: not evaluated
+        run.hf(k).mkdir(parents=True)
+        (run.hf(k) / "config.json").write_text("{}")
+        run.complete(k).write_text("ok\n")
+    run.hf(2).mkdir(parents=True)
+    assert eval_main(["--run", str(run.path), "--dry-run", "num_queries=5"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[:4] == [f"evaluation eval-tiny: 3 model(s) against baseline 'base' -> {run.evaluation}",
+                        "  model base: builtin:world-small", f"  model iteration-1: {run.hf(1)}",
+                        f"  model iteration-3: {run.hf(3)}"]
+    assert plan[4] == "  queries: the built-in world, the last 32 queries training held out, at most 5; 2 constitutions each (sample_k)"
+    assert "judge: the world's rule judge" in plan[6] and "the world's rule adherence" in plan[7]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_evaluate_a_training_run_from_its_folder_alone(tmp_path):
+    """`evals.run --run DIR`: no models=[...] or data settings; the run's config gives the base model, its complete
+    iterations the exports, heldout_queries.jsonl the queries (the world's drawn again: the same rows)."""
+    from sami.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    trained = subprocess.run([sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
+                              f"run.output_dir={run.path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert run.complete_iterations() == [1, 2]
+    plan = run_job(None, "--dry-run", run=run.path)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert f"evaluation eval-tiny: 3 model(s) against baseline 'base' -> {run.evaluation}" in plan.stdout
+    assert f"  model iteration-2: {run.hf(2)}" in plan.stdout and "  model base: builtin:world-small" in plan.stdout
+    done = run_job(None, "num_queries=12", "win_rates.bootstrap=200", run=run.path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((run.evaluation / "results.json").read_text())
+    assert list(results["models"]) == ["base", "iteration-1", "iteration-2"] and results["meta"]["queries"] == 12
+    assert results["models"]["iteration-2"]["win_rate_vs_baseline"]["n"] == 12
+    assert all(results["models"][m]["adherence"]["mean"] is not None for m in results["models"])
+    held_out = [json.loads(line)["query_id"] for line in run.heldout_queries.read_text().splitlines()]
+    answered = [json.loads(line)["query_id"] for line in (run.evaluation / "responses" / "base.jsonl").read_text().splitlines()]
+    assert len(held_out) == 32 and answered == held_out[:12]

@@ -93,6 +93,35 @@ def test_submit_to_nothing_says_how_to_start_a_cluster(capsys, monkeypatch):
     assert code == 1 and "cannot reach the Ray dashboard" in capsys.readouterr().err
 
 
+def sparse_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_a_working_dir_over_rays_upload_limit_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """Ray's dashboard answers HTTP 413 (a 31-line traceback) to a working_dir zip over 100 MiB. The size counts
+    what Ray would zip: not the runtime env's excludes, nor what .rayignore lists. Sparse files: no disk used."""
+    from cluster.runtime_env import EXCLUDES
+    from cluster.submit import upload_size
+
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "configs").mkdir()
+    shutil.copy(TINY, tmp_path / "configs" / "tiny.yaml")
+    sparse_file(tmp_path / "weights.bin", 150 * 2**20)
+    (tmp_path / "runs").mkdir()
+    sparse_file(tmp_path / "runs" / "old.bin", 300 * 2**20)  # excluded by the runtime env
+    small = (tmp_path / "configs" / "tiny.yaml").stat().st_size
+    assert upload_size(tmp_path, EXCLUDES) == 150 * 2**20 + small
+    monkeypatch.chdir(tmp_path)
+    assert submit_main(["--config", "configs/tiny.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --working-dir {tmp_path} is 150.0 MiB to upload, over Ray's 100 MiB limit for a job's "
+                   f"working_dir; list what the job does not need in {tmp_path / '.rayignore'} (gitignore syntax)\n")
+    (tmp_path / ".rayignore").write_text("weights.bin\n")
+    assert upload_size(tmp_path, EXCLUDES) == small + len("weights.bin\n")
+    assert submit_main(["--config", "configs/tiny.yaml", "--dry-run"]) == 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Slow: a real loopback cluster
 
@@ -257,6 +286,25 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
     assert results["models"]["sami-iter2"]["adherence"]["heldout_principle"] is not None
     assert "| sami-iter2 |" in (eval_dir / "report.md").read_text()
     assert any('job="eval"' in s and "ray_sami_mi_lower_bound" in s for s in samples)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failed_job_says_why(loopback_cluster, tmp_path):
+    """`job ...: FAILED` alone hid the cause: now Ray's status message and the job's last log lines, exit 1.
+    The model folder is checked inside the job (it may exist only on the cluster), so the job itself fails."""
+    job_id = f"sami-fails-{secrets.token_hex(4)}"
+    missing = tmp_path / "no-such-model"
+    result = subprocess.run([sys.executable, "-m", "cluster.submit", "--config", "configs/tiny.yaml", "--address",
+                             loopback_cluster.address, "--job-id", job_id, f"model.name_or_path={missing}",
+                             f"run.output_dir={tmp_path / 'run'}"], cwd=REPO, env=loopback_cluster.env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    stderr = result.stderr.splitlines()  # Ray's client logs its upload first
+    report = stderr[stderr.index(f"job {job_id}: FAILED: Job entrypoint command failed with exit code 2"):]
+    assert report[1] == f"last log lines (all of them: ray job logs {job_id}):"
+    assert 3 <= len(report) <= 7 and all(line.startswith("  | ") for line in report[2:]), result.stderr
+    assert report[-1].startswith("  | error: model.name_or_path") and str(missing) in report[-1]
 
 
 @pytest.mark.slow

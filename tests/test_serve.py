@@ -1,5 +1,6 @@
 """The OpenAI-compatible Serve app: its core on a tiny checkpoint (fast), then over HTTP under Ray Serve (slow)."""
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -64,6 +65,32 @@ def test_bad_counts_and_types_are_request_errors(core, field, value, message):
     """RequestError is what the HTTP layer answers with 400 (a ValueError from int() was a 500)."""
     with pytest.raises(RequestError, match=message):
         core.chat({"messages": [{"role": "user", "content": "hi"}], field: value})
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("method, body, message", [
+    ("chat", [], "the body must be a JSON object, got list []"),
+    ("chat", None, "the body must be a JSON object, got NoneType None"),
+    ("complete", "hi", "the body must be a JSON object, got str 'hi'"),
+    ("chat", {"messages": HI, "stop": 5}, "stop must be a string or a list of strings, got 5"),
+    ("complete", {"prompt": "hi", "stop": ["ok", None]}, "stop[1] must be a string, got None"),
+    ("complete", {"prompt": ""}, "prompt is empty"),
+    ("complete", {"prompt": ["a", "  "]}, "prompt[1] is empty"),
+    ("chat", {"messages": [{"role": "user", "content": ""}]}, "messages[0].content is empty"),
+    ("chat", {"messages": [{"role": "system", "content": "x"}, {"role": "user"}]},
+     "messages[1].content must be a string, got None"),
+    ("chat", {"messages": [{"role": "user", "content": "hi \ud800"}]},
+     "messages[0].content holds a lone surrogate ('\\ud800' at character 3)"),
+    ("complete", {"prompt": "\udc80"}, "prompt holds a lone surrogate"),
+    ("complete", {"prompt": "hi", "system": "be \ud83d"}, "system holds a lone surrogate"),
+    ("chat", {"messages": HI, "stop": "\ud800"}, "stop[0] holds a lone surrogate"),
+])
+def test_malformed_bodies_and_text_are_request_errors_naming_the_field(core, method, body, message):
+    """Each was a 500 (AttributeError, TypeError or UnicodeEncodeError inside the handler)."""
+    with pytest.raises(RequestError, match=re.escape(message)):
+        getattr(core, method)(body)
 
 
 def test_prompts_per_request_are_capped(tiny_model_dir):
@@ -138,6 +165,10 @@ def test_serve_answers_over_http_on_loopback(tiny_model_dir):
         assert status == 200 and text["object"] == "text_completion"
         status, error = post(f"{base}/chat/completions", {"messages": []})
         assert status == 400 and "messages must be" in error["error"]["message"]
+        status, error = post(f"{base}/chat/completions", [])
+        assert status == 400 and error["error"]["message"] == "the body must be a JSON object, got list []"
+        status, error = post(f"{base}/completions", {"prompt": "hi \ud800"})
+        assert status == 400 and "prompt holds a lone surrogate" in error["error"]["message"]
         with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
             assert json.loads(response.read())["data"][0]["id"] == "tiny"
         # The principle writer's own client can use it as its endpoint.
