@@ -21,40 +21,6 @@ from sami.learner import StopRun
 ON_DISK = -99.0  # the probe "log-prob" of an engine holding the weights on disk
 
 
-class FlakyEngine:
-    """Ends its process in `method` the first `exits` times it is called there (counted in a file: a restart
-    forgets everything else)."""
-
-    def __init__(self, method: str, exits: int, counter: str):
-        self.method, self.exits, self.counter = method, exits, counter
-        self.incarnation, self.weight_sum = uuid.uuid4().hex, ON_DISK
-
-    def _maybe_exit(self, method: str) -> None:
-        done = int(open(self.counter).read()) if os.path.exists(self.counter) else 0
-        if method == self.method and done < self.exits:
-            with open(self.counter, "w") as f:
-                f.write(str(done + 1))
-            os._exit(1)
-
-    def whoami(self) -> str:
-        return self.incarnation
-
-    def update_weights(self, buckets) -> dict:
-        self._maybe_exit("update_weights")
-        self.weight_sum = float(sum(a.sum() for bucket in buckets for a in bucket.values()))
-        return {"bytes": sum(a.nbytes for b in buckets for a in b.values()), "dtype": "float32", "incarnation": self.incarnation}
-
-    def sequence_logprob(self, prompt_ids, response_ids) -> float:
-        self._maybe_exit("sequence_logprob")
-        return self.weight_sum
-
-    def prepare_weight_update(self, names, dtype_names, shapes) -> None:
-        self._maybe_exit("prepare_weight_update")
-
-    def receive_weights(self) -> dict:
-        return {"dtype": "float32"}
-
-
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
@@ -65,7 +31,41 @@ def ray_session():
 
 
 def engines(ray, tmp_path, method: str, exits: int, count: int = 2) -> list:
-    """`count` engines; the last one ends in `method` `exits` times."""
+    """`count` engines; the last one ends in `method` `exits` times (defined here: Ray pickles a local class by
+    value, and its workers cannot import this test module)."""
+    class FlakyEngine:
+        """Ends its process in `method` the first `exits` times it is called there (counted in a file: a restart
+        forgets everything else)."""
+
+        def __init__(self, method: str, exits: int, counter: str):
+            self.method, self.exits, self.counter = method, exits, counter
+            self.incarnation, self.weight_sum = uuid.uuid4().hex, ON_DISK
+
+        def _maybe_exit(self, method: str) -> None:
+            done = int(open(self.counter).read()) if os.path.exists(self.counter) else 0
+            if method == self.method and done < self.exits:
+                with open(self.counter, "w") as f:
+                    f.write(str(done + 1))
+                os._exit(1)
+
+        def whoami(self) -> str:
+            return self.incarnation
+
+        def update_weights(self, buckets) -> dict:
+            self._maybe_exit("update_weights")
+            self.weight_sum = float(sum(a.sum() for bucket in buckets for a in bucket.values()))
+            return {"bytes": sum(a.nbytes for b in buckets for a in b.values()), "dtype": "float32", "incarnation": self.incarnation}
+
+        def sequence_logprob(self, prompt_ids, response_ids) -> float:
+            self._maybe_exit("sequence_logprob")
+            return self.weight_sum
+
+        def prepare_weight_update(self, names, dtype_names, shapes) -> None:
+            self._maybe_exit("prepare_weight_update")
+
+        def receive_weights(self) -> dict:
+            return {"dtype": "float32"}
+
     options = {"num_cpus": 0.5, "max_restarts": -1, "max_task_retries": 0}
     return [ray.remote(FlakyEngine).options(**options).remote(method, exits if e == count - 1 else 0,
                                                               str(tmp_path / f"exits-{e}"))
