@@ -2,6 +2,7 @@
 and the actor group's one generation call, `generate_on_engines`."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import Counter, deque
@@ -14,6 +15,10 @@ from ray.exceptions import RayActorError
 from sami.config import ModelConfig, RolloutConfig, SamplingConfig
 from sami.learner import StopRun
 from sami.rollout_engines import Seeds, make_engine
+
+# Test-only fault (tests/test_faults.py): the first `update_weights` call that finds no file at this env var's path
+# writes it and ends its process, as an engine lost mid-sync would.
+EXIT_IN_UPDATE_WEIGHTS = "SAMI_TEST_EXIT_IN_UPDATE_WEIGHTS"
 
 
 def dtype_name(dtype) -> str:
@@ -39,6 +44,10 @@ class RolloutWorker:
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> dict:
         """One control call per sync: the caller passes ONE object ref holding all buckets (Ray resolves it
         to the list here, zero-copy for numpy). Returns the time spent loading, the bytes moved, the incarnation."""
+        marker = os.environ.get(EXIT_IN_UPDATE_WEIGHTS)
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
         start = time.perf_counter()
         self.engine.update_weights(buckets)
         self.engine.reset_prefix_cache()
@@ -135,7 +144,12 @@ def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg:
 
 
 class RolloutEngineError(StopRun):
-    """An engine failed more often in one iteration than `rollout.max_engine_failures` allows."""
+    """An engine failed more often in one iteration (or one weight sync) than `rollout.max_engine_failures` allows."""
+
+
+def engine_failure(error: RayActorError) -> str:
+    """Why an engine call failed, in one line."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}"
 
 
 def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[Seeds],
@@ -161,7 +175,7 @@ def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling:
             answer = ray.get(ref)
             problem = None if answer["incarnation"] == incarnations[engine] else "it restarted with the weights on disk"
         except RayActorError as e:
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            problem = engine_failure(e)
         if problem is None:
             results[batch] = answer["completions"]
             free.append(engine)

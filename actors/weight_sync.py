@@ -18,7 +18,7 @@ learner rank takes part in gathering the parameters; only rank 0 sends.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import math
 import socket
@@ -29,7 +29,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 import torch
 
-from actors.rollout import dtype_name
+from actors.rollout import RolloutEngineError, dtype_name, engine_failure
 from sami.config import RolloutConfig
 from sami.console import log
 from sami.learner import StopRun, full_parameters
@@ -158,6 +158,11 @@ def nccl_push(actors: list, group, named: list[tuple[str, torch.Tensor]], wire: 
     return ray.get(refs)
 
 
+def no_nccl_rejoin(what: str) -> str:
+    return (f"{what}; a restarted vLLM engine cannot rejoin the NCCL weight-transfer group of this run: resume "
+            f"the run (--resume) to rebuild it")
+
+
 class WeightSync:
     """Held by every learner rank; rank 0 owns the transport to the rollout actors."""
 
@@ -171,6 +176,7 @@ class WeightSync:
         self.last_buckets = None
         self.last_probe: tuple | None = None  # (probe, the learner's log-prob of it)
         self.restarts: list[dict] = []  # engine restarts handled, with their probe checks
+        self.restarted_in_sync: list[int] = []  # engines restarted during this sync, until its probe check
         self.dtypes: set[torch.dtype] = set()  # the learner's and the engines' precision, for the probe check
 
     def push(self, module) -> dict:
@@ -184,14 +190,18 @@ class WeightSync:
                 raise StopRun(f"weight sync refused: parameter {broken} holds non-finite values")
             self.dtypes = {t.dtype for _, t in named}
             if self.nccl_group is not None:
-                results = nccl_push(self.actors, self.nccl_group, named, packed_wire(self.rollout))
+                try:
+                    results = nccl_push(self.actors, self.nccl_group, named, packed_wire(self.rollout))
+                except RayActorError as e:
+                    raise StopRun(no_nccl_rejoin(f"a rollout engine was lost during the weight sync "
+                                                 f"({engine_failure(e)})")) from None
                 self.dtypes |= {getattr(torch, r["dtype"]) for r in results}
                 nbytes = sum(t.numel() * t.element_size() for _, t in named)
                 return {"sync_bytes": nbytes, "buckets": -(-nbytes // (self.rollout.sync_bucket_mb * 2**20))}
             buckets = state_dict_buckets(named, self.rollout.sync_bucket_mb)
-        ref = ray.put(buckets)
-        results = ray.get([actor.update_weights.remote(ref) for actor in self.actors])
-        self.last_buckets, self.incarnations = ref, [r["incarnation"] for r in results]
+        self.last_buckets = ray.put(buckets)  # from here on what a restarted engine must get
+        results = self._on_every_engine(lambda actor: actor.update_weights.remote(self.last_buckets))
+        self.incarnations = [r["incarnation"] for r in results]
         self.dtypes |= {getattr(torch, r["dtype"]) for r in results}
         return {"sync_bytes": results[0]["bytes"], "buckets": len(buckets)}
 
@@ -200,22 +210,54 @@ class WeightSync:
         if self.rank != 0:
             return 0.0
         self.last_probe = (probe, learner_logprob)
-        return self._probe_check(self.actors, probe, learner_logprob)
+        engines = self._on_every_engine(lambda actor: actor.sequence_logprob.remote(*probe), reload=True)
+        diffs = self._probe_check(engines, learner_logprob)
+        for index in self.restarted_in_sync:  # probe-checked with the others: report each once
+            self._restarted(index, diffs[index])
+        self.restarted_in_sync = []
+        return max(diffs)
 
-    def _probe_check(self, actors: list, probe: tuple[list[int], list[int]], learner_logprob: float) -> float:
-        engines = ray.get([a.sequence_logprob.remote(probe[0], probe[1]) for a in actors])
-        diff = max(abs(e - learner_logprob) for e in engines)
+    def _probe_check(self, engines: list[float], learner_logprob: float) -> list[float]:
+        """Each engine's |probe log-prob - the learner's|; raises if one is past the tolerance."""
+        diffs = [abs(e - learner_logprob) for e in engines]
         tolerance = probe_tolerance(self.rollout, self.dtypes)
-        if not math.isfinite(diff) or diff > tolerance:  # NaN > tol is False: test it apart
+        if not all(math.isfinite(d) and d <= tolerance for d in diffs):  # NaN > tol is False: test it apart
             raise StopRun(f"weight sync verification failed: rollout engines score the probe {engines}, the learner "
                           f"{learner_logprob:.6f} (tolerance {tolerance})")
-        return diff
+        return diffs
 
-    def recover(self, index: int) -> None:
-        """Rank 0: bring restarted engine `index` back to the learner's current weights, probe-checked."""
+    def _on_every_engine(self, call: Callable, reload: bool = False) -> list:
+        """`call(actor)` (one remote call) on every engine at once; the answers in engine order. An engine that dies
+        meanwhile is restarted by Ray from the model on disk: it is waited for, given the last pushed weights first
+        if `reload` (an `update_weights` call loads them itself) and asked again, at most
+        `rollout.max_engine_failures` times; its probe check is `verify`'s."""
+        refs, answers = [call(actor) for actor in self.actors], []
+        for index, ref in enumerate(refs):
+            failures = 0
+            while True:
+                try:
+                    answers.append(ray.get(ref))
+                    break
+                except RayActorError as e:
+                    failures, lost = failures + 1, f"rollout engine {index} lost during the weight sync ({engine_failure(e)})"
+                    if self.nccl_group is not None:
+                        raise StopRun(no_nccl_rejoin(lost)) from None
+                    if failures > self.rollout.max_engine_failures:
+                        raise RolloutEngineError(f"{lost}: failed {failures} time(s) in one weight sync "
+                                                 f"(rollout.max_engine_failures={self.rollout.max_engine_failures})") from None
+                    log(f"{lost}: restarting it")
+                    self.incarnations[index] = self._wait_for_restart(index)
+                    if reload and self.last_buckets is not None:  # runs before `call` on the one-call-at-a-time actor
+                        self.actors[index].update_weights.remote(self.last_buckets)
+                    ref = call(self.actors[index])
+                    if index not in self.restarted_in_sync:
+                        self.restarted_in_sync.append(index)
+        return answers
+
+    def _wait_for_restart(self, index: int) -> str:
+        """The incarnation of engine `index` once Ray has restarted it (with the weights on disk)."""
         if self.nccl_group is not None:
-            raise StopRun(f"rollout engine {index} restarted; a restarted vLLM engine cannot rejoin the NCCL "
-                               f"weight-transfer group of this run: resume the run (--resume) to rebuild it")
+            raise StopRun(no_nccl_rejoin(f"rollout engine {index} restarted"))
         actor, deadline = self.actors[index], time.monotonic() + RESTART_TIMEOUT_S
         while True:  # Ray restarts the actor in the background; calls fail until it is up
             try:
@@ -225,10 +267,21 @@ class WeightSync:
                 if time.monotonic() > deadline:
                     raise StopRun(f"rollout engine {index} did not come back within {RESTART_TIMEOUT_S} s: {e}") from None
                 time.sleep(1.0)
+        return incarnation
+
+    def recover(self, index: int) -> None:
+        """Rank 0: bring restarted engine `index` back to the learner's current weights, probe-checked."""
+        actor, incarnation = self.actors[index], self._wait_for_restart(index)
         if self.last_buckets is not None:
             incarnation = ray.get(actor.update_weights.remote(self.last_buckets))["incarnation"]
-        diff = self._probe_check([actor], *self.last_probe) if self.last_probe is not None else None
+        diff = None
+        if self.last_probe is not None:
+            probe, learner_logprob = self.last_probe
+            diff = self._probe_check(ray.get([actor.sequence_logprob.remote(*probe)]), learner_logprob)[0]
         self.incarnations[index] = incarnation
+        self._restarted(index, diff)
+
+    def _restarted(self, index: int, diff: float | None) -> None:
         self.restarts.append({"engine": index, "probe_abs_diff": diff})
         log(f"rollout engine {index} restarted: current weights loaded"
             + (f", probe check passed (|diff| {diff:.2e})" if diff is not None else " (the weights on disk are current)"))

@@ -66,7 +66,7 @@ def train_run(run: RunSpec) -> bool:
             record.update(loop.learner.train(iteration, groups, on_step=lambda step, steps: report_progress(
                 f"iteration {iteration} train", step, steps, "step")))
             record["time_wait_generation"] = finish_generation(upcoming)
-            record.update(sync_phase(loop, probe))
+            record.update(with_sync_restarts(record, sync_phase(loop, probe)))
             loop.engine_weights = iteration
             checkpoint_phase(loop, iteration, record, probe, started)
         loop.phase("idle")
@@ -239,9 +239,7 @@ def rank0_groups(loop: Loop, iteration: int, policy_iteration: int) -> tuple[lis
                                                                     f"iteration {iteration} generate", done, batches,
                                                                     "batch")),
             tokenizer=loop.learner.tokenizer)
-        restarted = sync.restarts[restarts_before:]
-        diffs = [r["probe_abs_diff"] for r in restarted if r["probe_abs_diff"] is not None]
-        figures.update(engine_restarts=len(restarted), restart_probe_abs_diff=max(diffs) if diffs else None)
+        figures.update(restart_figures(sync.restarts[restarts_before:]))
         for group in groups:
             group.policy_iteration, group.staleness = policy_iteration, iteration - 1 - policy_iteration
         log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
@@ -295,6 +293,21 @@ def equal_shards(groups: list[QueryGroup], world: int) -> list[list[QueryGroup]]
     return [groups[r * per_rank : (r + 1) * per_rank] for r in range(world)]
 
 
+def restart_figures(restarts: list[dict]) -> dict:
+    """The metrics of engine restarts: how many, and the worst probe |diff| a restarted engine passed with."""
+    diffs = [r["probe_abs_diff"] for r in restarts if r["probe_abs_diff"] is not None]
+    return {"engine_restarts": len(restarts), "restart_probe_abs_diff": max(diffs) if diffs else None}
+
+
+def with_sync_restarts(record: dict, synced: dict) -> dict:
+    """The sync's figures, its engine restarts counted with the iteration's generation's (one row per iteration)."""
+    if "engine_restarts" not in synced:
+        return synced
+    both = [r for r in (record.get("restart_probe_abs_diff"), synced["restart_probe_abs_diff"]) if r is not None]
+    return {**synced, "engine_restarts": record.get("engine_restarts", 0) + synced["engine_restarts"],
+            "restart_probe_abs_diff": max(both) if both else None}
+
+
 def sync_phase(loop: Loop, probe: Probe) -> dict:
     """The learner's weights to every rollout engine, then the probe check (a replay run has no engines)."""
     if not loop.sync.actors:
@@ -302,10 +315,12 @@ def sync_phase(loop: Loop, probe: Probe) -> dict:
     loop.phase("sync")
     started = time.perf_counter()
     learner_logprob = loop.learner.probe_logprob(probe)  # every rank: under ZeRO-3 it gathers the parameters
-    figures, problem = {}, None
+    figures, problem, restarts_before = {}, None, len(loop.sync.restarts)
     try:  # rank 0 alone sends and checks; every rank must learn whether it failed
         figures = loop.sync.push(loop.learner.module)
         figures["probe_abs_diff"] = loop.sync.verify(learner_logprob, probe)
+        if loop.rank == 0:  # an engine lost and restarted during the sync
+            figures.update(restart_figures(loop.sync.restarts[restarts_before:]))
     except StopRun as e:
         problem = e
     stop_together(problem)

@@ -1,5 +1,5 @@
-"""Faults on a real run of configs/tiny.yaml (local Ray, CPU): a killed rollout actor, a killed learner worker,
-a loss that turns NaN. Each run is `python -m pipelines.train` in a subprocess, so processes can be killed by
+"""Faults on a real run of configs/tiny.yaml (local Ray, CPU): a killed rollout actor (mid-generation, or inside
+its weight load), a killed learner worker, a loss that turns NaN. Each run is `python -m pipelines.train` in a subprocess, so processes can be killed by
 pid (found among the driver's descendants by their Ray names) and the exit code read as a user sees it."""
 import json
 import os
@@ -13,6 +13,7 @@ import psutil
 import pyarrow.parquet
 import pytest
 
+from actors.rollout import EXIT_IN_UPDATE_WEIGHTS
 from sami.run_dir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -21,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
 
 
-def start(out: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+def start(out: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
                              f"run.output_dir={out}", *SMALL, *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -72,6 +73,25 @@ def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path, schedul
     assert len(ids) == len(set(ids)) == restarted["groups"]
     filtered = sum(v for k, v in restarted.items() if k.startswith("filtered_"))
     assert restarted["groups"] + filtered == 32  # every query's group generated exactly once
+    assert "rollout engine 0 restarted: current weights loaded, probe check passed" in log
+
+
+@pytest.mark.timeout(300)
+def test_an_engine_lost_inside_the_weight_sync_is_restarted_without_the_learners(tmp_path):
+    """The engine's process ends inside its first `update_weights` (iteration 1's sync): the sync restarts it, loads
+    the learner's weights into it and probe-checks it; the learners and the iteration go on as if nothing happened."""
+    out, exited = tmp_path / "run", tmp_path / "engine-exited"
+    driver = start(out, env={EXIT_IN_UPDATE_WEIGHTS: str(exited)})
+    log, _ = driver.communicate(timeout=280)
+    assert driver.returncode == 0, log[-3000:]
+    assert exited.is_file()  # the engine did end inside update_weights
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]  # none generated or trained twice
+    assert [r["learner_restarts"] for r in rows] == [0, 0, 0]
+    assert [r["engine_restarts"] for r in rows] == [1, 0, 0]
+    assert rows[0]["restart_probe_abs_diff"] <= 1e-4 and all(r["probe_abs_diff"] <= 1e-4 for r in rows)
+    assert log.count(": iteration 1/3 [") == 1, log[-3000:]
+    assert log.count("rollout engine 0 lost during the weight sync (Actor") == 1, log[-3000:]  # ActorUnavailable or -Died
     assert "rollout engine 0 restarted: current weights loaded, probe check passed" in log
 
 
