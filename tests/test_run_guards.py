@@ -100,6 +100,8 @@ def test_ctrl_c_stops_in_seconds_and_resume_continues_without_a_lost_or_repeated
         f"pipelines.train --config {out / 'config.yaml'} --resume"), log[-3000:]
     assert seconds < 15, seconds
     assert 1 <= done < 4 and iterations(out) == list(range(1, done + 1))  # an iteration's row only once it is whole
+    if signum == signal.SIGTERM:
+        return  # the folder is left as SIGINT leaves it; resuming it once (below) is enough for the suite's time
     code, log = finish(start(out, "run.iterations=4", "--resume"))
     assert code == 0, log[-3000:]
     assert iterations(out) == [1, 2, 3, 4]
