@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sami.config import ConfigError
+from sami.jsonl import read_jsonl
 
 MANIFEST = "MANIFEST.sha256"
 # Everything a DeepSpeed 0.19.8 checkpoint pickles besides tensors and plain containers (ZeRO's optimiser state;
@@ -209,9 +210,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """metrics.jsonl's rows so far (none before the first complete iteration)."""
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics) if self.metrics.is_file() else []
 
     def drop_metrics_after(self, iteration: int) -> None:
         """metrics.jsonl without rows after `iteration`, the last complete one: a run stopped between writing an
