@@ -169,6 +169,11 @@ class RolloutConfig(EngineConfig):
     # engine in one iteration stop the run.
     max_engine_failures: int = Field(3, ge=0)
 
+    @property
+    def nccl_sync(self) -> bool:
+        """Whether weights reach the engines over NCCL (vLLM engines, weight_sync auto; on GPU learners only)."""
+        return self.engine == "vllm" and self.weight_sync == "auto"
+
 
 class FilterConfig(Section):
     leak_patterns: list[str] = Field(default_factory=lambda: ["[insert", "Human:", "###"])
@@ -282,7 +287,7 @@ class TrainConfig(Section):
         if r.gpus_per_engine < 1 and r.tensor_parallel_size > 1:
             raise ValueError(f"rollout.gpus_per_engine ({r.gpus_per_engine}) below 1 needs rollout.tensor_parallel_size "
                              f"1, not {r.tensor_parallel_size} (a tensor-parallel engine takes whole GPUs)")
-        if r.gpus_per_engine < 1 and r.engine == "vllm" and r.weight_sync == "auto":
+        if r.gpus_per_engine < 1 and r.nccl_sync:
             raise ValueError(f"rollout.gpus_per_engine ({r.gpus_per_engine}) shares a GPU, and the NCCL weight sync "
                              f"(rollout.weight_sync=auto) refuses two ranks on one device: set rollout.weight_sync="
                              f"object_store")
@@ -298,7 +303,7 @@ class TrainConfig(Section):
         if o.kl_beta > 0 and o.name == "sft_then_sami" and o.sft_iterations >= self.run.iterations:
             raise ValueError(f"objective.kl_beta is {o.kl_beta} but every iteration is SFT (objective.sft_iterations "
                              f"{o.sft_iterations}, run.iterations {self.run.iterations}), which has no KL term")
-        if self.rollout.engine == "vllm" and self.rollout.weight_sync == "auto" and gpus != int(gpus):
+        if self.rollout.nccl_sync and gpus != int(gpus):
             raise ValueError(f"scaling.gpus_per_learner is {gpus}, a share of a GPU, but rollout.weight_sync 'auto' "
                              f"syncs vLLM engines over NCCL, which refuses two ranks on one GPU: set "
                              f"rollout.weight_sync=object_store or a whole number of GPUs per learner")
