@@ -80,14 +80,18 @@ def checkpoint_bytes(params: int, cfg: TrainConfig) -> dict[str, int]:
     return out
 
 
+def learner_bundle(cfg: TrainConfig) -> dict:
+    """One learner's Ray resources: `cpus_per_learner` CPUs, `gpus_per_learner` GPUs."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner > 0 else {})}
+
+
 def resource_plan(cfg: TrainConfig) -> dict:
     s, r = cfg.scaling, cfg.rollout
     learners = {
         "count": s.num_learners, "gpus_each": s.gpus_per_learner, "cpus_each": s.cpus_per_learner,
         # Ray Train reserves one bundle per worker in one placement group (PACK: same node where it fits).
-        "placement_group": {"strategy": "PACK", "bundles": [
-            {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner else {})}
-        ] * s.num_learners},
+        "placement_group": {"strategy": "PACK", "bundles": [learner_bundle(cfg)] * s.num_learners},
     }
     if r.engine == "vllm":
         # actors/rollout.py: one placement group per engine, one GPU bundle per tensor-parallel rank.

@@ -269,6 +269,9 @@ class ScalingConfig(Section):
     # cluster whose GPUs are logical only), decided by the learners themselves (pipelines/torch_backend.py); gloo
     # trains on the CPU.
     torch_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # The one wait for resources: the learners' and the engines' placement groups together (nodes an autoscaler starts
+    # from 0 included), and Ray Train's wait for its worker group (a restart after a lost node too).
+    placement_timeout_s: float = Field(1800.0, gt=0.0)
 
 
 class CheckpointConfig(Section):

@@ -22,7 +22,7 @@ def test_engine_and_learner_share_the_one_gpu_of_a_one_gpu_node(tmp_path):
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from actors.rollout import rollout_actor_options
+    from actors.rollout import rollout_placement
     from pipelines.torch_backend import torch_config
     from pipelines.train import learner_scaling
 
@@ -43,9 +43,9 @@ def test_engine_and_learner_share_the_one_gpu_of_a_one_gpu_node(tmp_path):
     hf_on_a_gpu = load_config(None, ["rollout.engine=hf", "rollout.gpus_per_engine=1"]).rollout
     ray.init(num_gpus=2, num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        holder = ray.remote(EngineHolderStandIn).options(**rollout_actor_options(cfg.rollout)).remote()
+        holder = ray.remote(EngineHolderStandIn).options(**rollout_placement(0, cfg.rollout)[1]).remote()
         engine = ray.get(holder.gpus.remote())
-        hf_holder = ray.remote(EngineHolderStandIn).options(**rollout_actor_options(hf_on_a_gpu)).remote()
+        hf_holder = ray.remote(EngineHolderStandIn).options(**rollout_placement(0, hf_on_a_gpu)[1]).remote()
         hf_engine = ray.get(hf_holder.gpus.remote())
         TorchTrainer(learner_gpus, train_loop_config={"out": str(tmp_path / "learner.json")},
                      scaling_config=learner_scaling(cfg), torch_config=torch_config(cfg),
