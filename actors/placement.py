@@ -136,3 +136,11 @@ def remove_groups(requests: list[GroupRequest]) -> None:
 
     for r in requests:
         remove_placement_group(r.group)
+
+
+def group_machines(request: GroupRequest) -> set[str]:
+    """The addresses of the machines holding a placed group's bundles."""
+    from ray.util.placement_group import placement_group_table
+
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return {address[node] for node in placement_group_table(request.group)["bundles_to_node_id"].values()}

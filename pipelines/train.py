@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.plan import WRITER_CPUS, format_plan, learner_bundle
-from pipelines.preflight import check_inputs, check_run_dir, run_folder, save_run_config
+from pipelines.preflight import check_inputs, check_run_dir, check_shared_run_folder, run_folder, save_run_config
 from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
@@ -311,9 +311,13 @@ def prepare_run(pending: PendingRun, attempt: str, log, engine_groups: list) -> 
 def place(job: LearnerJob, engine_groups: list, log) -> None:
     """Every node the job needs, asked for at once, so an autoscaler starts them together: the engines' placement
     groups and one of the learners' shape and labels (Ray Train's own, asked for only in `fit()`, stands in for
-    until it does), waited for together for `scaling.placement_timeout_s`; then the engines' constructors, so an
-    engine that died starting is reported before any learner starts. Raises RunFailed (one line)."""
-    from actors.placement import LEARNER, PlacementTimeout, remove_groups, request_group, role_selector, wait_for_groups
+    until it does), waited for together for `scaling.placement_timeout_s`; a run folder on a node's own disk when
+    the learners landed on other machines is refused (ConfigError); then the engines' constructors, so an engine that
+    died starting is reported before any learner starts. Raises RunFailed (one line)."""
+    import ray
+
+    from actors.placement import (LEARNER, PlacementTimeout, group_machines, remove_groups, request_group,
+                                  role_selector, wait_for_groups)
     from actors.rollout import RolloutEngineError, engines_started
 
     cfg = job.runs[0].cfg
@@ -321,10 +325,13 @@ def place(job: LearnerJob, engine_groups: list, log) -> None:
     try:
         waited = wait_for_groups([learners, *engine_groups], cfg.scaling.placement_timeout_s,
                                  "scaling.placement_timeout_s")
+        machines = group_machines(learners) | {ray.util.get_node_ip_address()}
     except PlacementTimeout as e:
         raise RunFailed(str(e)) from None
     finally:
         remove_groups([learners])  # Ray Train asks for the same resources again in fit()
+    for run in job.runs:  # where the learners landed, so a node-local run folder is refused before any starts
+        check_shared_run_folder(run.run_dir.path, machines)
     if waited > 10:
         log(f"[sami] the cluster placed the learners and rollout engines in {waited:.0f} s")
     try:
