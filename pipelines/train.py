@@ -138,8 +138,8 @@ def train_sequence(cfgs: list[TrainConfig], run_dirs: list[Path], resume: list[b
                 for pending in todo:
                     prepared.append(prepare_run(pending, attempt, log, engine_groups))
                 job = LearnerJob(tuple(prepared), todo[0].run_dir.console)
-                place(job, engine_groups, log)
-                fit(make_trainer(job), job)
+                backend = place(job, engine_groups, log)
+                fit(make_trainer(job, backend), job)
         except Interrupt as signalled:
             signum = signalled.signum
         finally:
@@ -308,17 +308,19 @@ def prepare_run(pending: PendingRun, attempt: str, log, engine_groups: list) -> 
     return RunSpec(cfg, run_dir, model_path, train_rows, actors, writer, attempt)
 
 
-def place(job: LearnerJob, engine_groups: list, log) -> None:
+def place(job: LearnerJob, engine_groups: list, log) -> str:
     """Every node the job needs, asked for at once, so an autoscaler starts them together: the engines' placement
     groups and one of the learners' shape and labels (Ray Train's own, asked for only in `fit()`, stands in for
     until it does), waited for together for `scaling.placement_timeout_s`; a run folder on a node's own disk when
     the learners landed on other machines is refused (ConfigError); then the engines' constructors, so an engine that
-    died starting is reported before any learner starts. Raises RunFailed (one line)."""
+    died starting is reported before any learner starts. Returns the learners' torch backend, chosen in their group
+    (pipelines/torch_backend.py). Raises RunFailed (one line)."""
     import ray
 
     from actors.placement import (LEARNER, PlacementTimeout, group_machines, remove_groups, request_group,
                                   role_selector, wait_for_groups)
     from actors.rollout import RolloutEngineError, engines_started
+    from pipelines.torch_backend import learners_backend
 
     cfg = job.runs[0].cfg
     learners = request_group("learners", [learner_bundle(cfg)] * cfg.scaling.num_learners, role_selector(LEARNER))
@@ -326,6 +328,7 @@ def place(job: LearnerJob, engine_groups: list, log) -> None:
         waited = wait_for_groups([learners, *engine_groups], cfg.scaling.placement_timeout_s,
                                  "scaling.placement_timeout_s")
         machines = group_machines(learners) | {ray.util.get_node_ip_address()}
+        backend = learners_backend(cfg, learners.group)
     except PlacementTimeout as e:
         raise RunFailed(str(e)) from None
     finally:
@@ -339,15 +342,16 @@ def place(job: LearnerJob, engine_groups: list, log) -> None:
             engines_started(list(run.actors))
     except RolloutEngineError as e:
         raise RunFailed(f"run {run.cfg.run.name}: {e}") from None
+    return backend
 
 
-def make_trainer(job: LearnerJob):
-    """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape)."""
+def make_trainer(job: LearnerJob, backend: str):
+    """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape), its
+    process group on `backend` (`place`)."""
     from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.loop import train_loop_per_worker
-    from pipelines.torch_backend import torch_config
 
     first = job.runs[0]
     # The one wait for resources (`place`) is Ray Train's too, for the worker group it starts and restarts; the driver's
@@ -357,7 +361,7 @@ def make_trainer(job: LearnerJob):
         train_loop_per_worker,
         train_loop_config=job.as_config(),
         scaling_config=learner_scaling(first.cfg),
-        torch_config=torch_config(first.cfg),
+        torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=first.cfg.run.name, storage_path=str(first.run_dir.ray_train),
                              failure_config=FailureConfig(max_failures=first.cfg.scaling.max_learner_failures)),
     )
