@@ -56,15 +56,16 @@ def node_types(path: Path = CLUSTER_YAML) -> list[NodeType]:
             for name, spec in config.get("available_node_types", {}).items() if name != head]
 
 
-def fits(bundles: list[dict], selector: Optional[dict], node: NodeType) -> bool:
-    """Whether nodes of this type (as many as it may start) can hold these bundles: the labels match, each bundle fits
-    one node, and all of them fit the type's nodes together."""
+def fits(bundles: list[dict], selector: Optional[dict], node: NodeType, strategy: str = "PACK") -> bool:
+    """Whether nodes of this type (as many as it may start; one under STRICT_PACK) can hold these bundles: the labels
+    match, each bundle fits one node, and all of them fit the type's nodes together."""
     if any(node.labels.get(k) != v for k, v in (selector or {}).items()):
         return False
     if any(amount > node.resources.get(name, 0.0) for bundle in bundles for name, amount in bundle.items()):
         return False
     total = {name: sum(b.get(name, 0.0) for b in bundles) for bundle in bundles for name in bundle}
-    return all(amount <= node.resources.get(name, 0.0) * node.max_workers for name, amount in total.items())
+    nodes = 1 if strategy == "STRICT_PACK" else node.max_workers
+    return all(amount <= node.resources.get(name, 0.0) * nodes for name, amount in total.items())
 
 
 @dataclass
@@ -74,12 +75,13 @@ class GroupRequest:
     what: str  # "learners", "rollout engine 1", ...
     bundles: list[dict]
     selector: Optional[dict]
+    strategy: str
     group: object  # ray.util.placement_group.PlacementGroup
 
     def describe(self, types: list[NodeType]) -> str:
         shape = " + ".join(f"{n} x {bundle_text(b)}" for b, n in count_bundles(self.bundles))
         where = f" on {ROLE}={self.selector[ROLE]} nodes" if self.selector else ""
-        fitting = [t.name for t in types if fits(self.bundles, self.selector, t)]
+        fitting = [t.name for t in types if fits(self.bundles, self.selector, t, self.strategy)]
         verdict = (f"node type {' or '.join(fitting)} would fit it" if fitting else
                    "no node type of ray_cluster.yaml fits it") if types else "no ray_cluster.yaml to compare with"
         return f"{self.what} ({shape}{where}: {verdict})"
@@ -104,7 +106,8 @@ def request_group(what: str, bundles: list[dict], selector: Optional[dict], stra
     from ray.util.placement_group import placement_group
 
     labels = [dict(selector) for _ in bundles] if selector else None
-    return GroupRequest(what, bundles, selector, placement_group(bundles, strategy=strategy, bundle_label_selector=labels))
+    return GroupRequest(what, bundles, selector, strategy,
+                        placement_group(bundles, strategy=strategy, bundle_label_selector=labels))
 
 
 class PlacementTimeout(RuntimeError):

@@ -79,9 +79,10 @@ class RolloutWorker:
 RolloutActor = ray.remote(RolloutWorker)
 
 
-# vLLM's own strategy for the group it makes when it finds none (vllm/v1/executor/ray_utils.py
-# initialize_ray_cluster): as few nodes as possible, one node where the GPUs are there.
-VLLM_PLACEMENT_STRATEGY = "PACK"
+# One node per engine. vLLM's own group (vllm/v1/executor/ray_utils.py initialize_ray_cluster) is PACK, "as few
+# nodes as possible": four TP-4 groups asked for at once (an evaluation of four models) were split 3 + 1 and
+# 2 + 1 + 1 over the 4-GPU rollout nodes (tests/test_placement.py), tensor parallelism across machines.
+VLLM_PLACEMENT_STRATEGY = "STRICT_PACK"
 
 
 def vllm_bundles(tp: int, gpus: float = 1.0) -> list[dict]:

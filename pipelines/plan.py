@@ -98,7 +98,7 @@ def resource_plan(cfg: TrainConfig) -> dict:
         bundles = [{"GPU": r.engine_gpus, "CPU": 1}] * r.tensor_parallel_size
         rollout = {"count": r.num_engines, "engine": "vllm", "tensor_parallel_size": r.tensor_parallel_size,
                    "gpus_each": r.tensor_parallel_size * r.engine_gpus, "cpus_each": r.tensor_parallel_size,
-                   "placement_group": {"strategy": "PACK", "bundles": bundles}}
+                   "placement_group": {"strategy": "STRICT_PACK", "bundles": bundles}}  # one node per engine
     else:
         rollout = {"count": r.num_engines, "engine": "hf", "tensor_parallel_size": 1, "gpus_each": r.engine_gpus,
                    "cpus_each": r.cpus_per_engine, "placement_group": None}

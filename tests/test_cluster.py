@@ -76,6 +76,7 @@ def test_the_node_types_that_would_fit_a_request():
     assert fitting([{"CPU": 8, "GPU": 1}] * 16, LEARNER) == ["learner"]  # two learner nodes (max_workers 2)
     assert fitting([{"CPU": 8, "GPU": 1}] * 17, LEARNER) == []  # more GPUs than two nodes hold
     assert fitting([{"GPU": 1, "CPU": 1}] * 4, ROLLOUT) == ["rollout"]  # a TP-4 engine
+    assert [t.name for t in types if fits([{"GPU": 1, "CPU": 1}] * 8, {"role": ROLLOUT}, t, "STRICT_PACK")] == []  # TP 8
     assert fitting([{"GPU": 9, "CPU": 1}], ROLLOUT) == []  # no node has 9 GPUs
     assert [t.name for t in types if fits([{"GPU": 1, "CPU": 1}], None, t)] == ["learner", "rollout"]  # no selector
 
