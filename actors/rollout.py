@@ -114,15 +114,16 @@ def vllm_placement(tp: int, gpus: float = 1.0):
 
 
 def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
-    """Ray options for one engine's actor: hf, `cpus_per_engine` CPUs; vllm, its own placement group (reserved
-    here, so a cluster without the GPUs fails with a clear error instead of waiting forever) of `gpus_per_engine`
-    of a GPU per bundle: below 1, a share of one device that a learner's share can take the rest of."""
+    """Ray options for one engine's actor: hf, `cpus_per_engine` CPUs and `gpus_per_engine` GPUs (default none: on a
+    GPU it runs there); vllm, its own placement group (reserved here, so a cluster without the GPUs fails with a
+    clear error instead of waiting forever) of `gpus_per_engine` of a GPU per bundle: below 1, a share of one
+    device that a learner's share can take the rest of."""
     if rollout_cfg.engine != "vllm":
-        return {"num_cpus": rollout_cfg.cpus_per_engine}
+        return {"num_cpus": rollout_cfg.cpus_per_engine, "num_gpus": rollout_cfg.engine_gpus}
     from ray.util.placement_group import remove_placement_group
 
     tp = rollout_cfg.tensor_parallel_size
-    pg, options = vllm_placement(tp, rollout_cfg.gpus_per_engine)
+    pg, options = vllm_placement(tp, rollout_cfg.engine_gpus)
     try:
         ray.get(pg.ready(), timeout=600)
     except ray.exceptions.GetTimeoutError:

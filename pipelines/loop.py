@@ -7,6 +7,7 @@ them; every rank checkpoints. The model is loaded once.
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
 from dataclasses import dataclass
@@ -124,12 +125,16 @@ class Loop:
 
 def setup(run: RunSpec) -> Loop:
     """Distributed init, the learner, the weight sync; on `--resume` the last complete iteration, re-synced."""
-    import deepspeed
-
     cfg = run.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_learner > 0
+    # The learners train where their process group's backend works (scaling.torch_backend, pipelines/torch_backend.py):
+    # NCCL on the GPUs, gloo on the CPU (also where the GPUs Ray gave are logical only).
+    use_gpu = dist.get_backend() == "nccl"
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would take a GPU it sees for its own
+    import deepspeed
+
     # Ray Train's device for this worker (its current CUDA device): `ray.get_gpu_ids()` found in CUDA_VISIBLE_DEVICES,
     # which lists every GPU of the node's workers; the local rank is no index into that list when GPUs are shared.
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")

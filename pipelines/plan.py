@@ -91,12 +91,12 @@ def resource_plan(cfg: TrainConfig) -> dict:
     }
     if r.engine == "vllm":
         # actors/rollout.py: one placement group per engine, one GPU bundle per tensor-parallel rank.
-        bundles = [{"GPU": r.gpus_per_engine, "CPU": 1}] * r.tensor_parallel_size
+        bundles = [{"GPU": r.engine_gpus, "CPU": 1}] * r.tensor_parallel_size
         rollout = {"count": r.num_engines, "engine": "vllm", "tensor_parallel_size": r.tensor_parallel_size,
-                   "gpus_each": r.tensor_parallel_size * r.gpus_per_engine, "cpus_each": r.tensor_parallel_size,
+                   "gpus_each": r.tensor_parallel_size * r.engine_gpus, "cpus_each": r.tensor_parallel_size,
                    "placement_group": {"strategy": "PACK", "bundles": bundles}}
     else:
-        rollout = {"count": r.num_engines, "engine": "hf", "tensor_parallel_size": 1, "gpus_each": 0,
+        rollout = {"count": r.num_engines, "engine": "hf", "tensor_parallel_size": 1, "gpus_each": r.engine_gpus,
                    "cpus_each": r.cpus_per_engine, "placement_group": None}
     # Only a language-model writer is an actor of its own; a file or the world is read on learner rank 0.
     lm_writer = cfg.principles.source == "writer"
@@ -157,7 +157,8 @@ def format_plan(cfg: TrainConfig) -> str:
         f"  parameters: {plan['parameters_source']}",
         "resources:",
         f"  learners:         {g['learners']['count']} x ({g['learners']['gpus_each']:g} GPU, "
-        f"{g['learners']['cpus_each']:g} CPU), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}{_bundles(g['learners']['placement_group'])}",
+        f"{g['learners']['cpus_each']:g} CPU), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, torch backend "
+        f"{cfg.scaling.torch_backend}{_bundles(g['learners']['placement_group'])}",
         f"  rollout engines:  {g['rollout']['count']} x {g['rollout']['engine']} ({g['rollout']['gpus_each']:g} GPU, "
         f"{g['rollout']['cpus_each']:g} CPU, tensor parallel {g['rollout']['tensor_parallel_size']})"
         f"{_bundles(g['rollout']['placement_group'])}",

@@ -299,16 +299,17 @@ def prepare_run(pending: PendingRun, attempt: str, log) -> RunSpec:
 def make_trainer(job: LearnerJob):
     """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape)."""
     from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from pipelines.loop import train_loop_per_worker
+    from pipelines.torch_backend import torch_config
 
     first = job.runs[0]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.as_config(),
         scaling_config=learner_scaling(first.cfg),
-        torch_config=TorchConfig(backend="nccl" if first.cfg.scaling.gpus_per_learner > 0 else "gloo"),
+        torch_config=torch_config(first.cfg),
         run_config=RunConfig(name=first.cfg.run.name, storage_path=str(first.run_dir.ray_train),
                              failure_config=FailureConfig(max_failures=first.cfg.scaling.max_learner_failures)),
     )

@@ -155,9 +155,10 @@ class EngineConfig(Section):
 class RolloutConfig(EngineConfig):
     num_engines: int = Field(1, ge=1)
     cpus_per_engine: float = Field(1.0, gt=0.0)
-    # The GPU share of a vLLM engine of tensor_parallel_size 1. Below 1 it shares its GPU: 0.5 here and
+    # GPUs of one engine (a vLLM engine: per tensor-parallel rank); None: 1 for vllm, 0 for hf (`engine_gpus`). An hf
+    # engine given one runs on it, so rollout nodes serve without vLLM. Below 1 the engine shares its GPU: 0.5 here and
     # scaling.gpus_per_learner=0.5 put the engine and the learner on a one-GPU node's one device.
-    gpus_per_engine: float = Field(1.0, gt=0.0, le=1.0)
+    gpus_per_engine: Optional[float] = Field(None, ge=0.0, le=1.0)
     sync_bucket_mb: int = Field(256, ge=1)  # object-store buckets; NCCL packed-buffer size
     # auto: NCCL when the learners are on GPU and the engines are vLLM, else the object store. object_store:
     # always, e.g. a learner and an engine sharing one GPU (NCCL refuses two ranks on one device; a share of a
@@ -168,6 +169,13 @@ class RolloutConfig(EngineConfig):
     # A dead engine is restarted, given the current weights and probe-checked; this many failures of one
     # engine in one iteration stop the run.
     max_engine_failures: int = Field(3, ge=0)
+
+    @property
+    def engine_gpus(self) -> float:
+        """The GPUs one engine (one tensor-parallel rank of a vLLM engine) asks Ray for."""
+        if self.gpus_per_engine is not None:
+            return self.gpus_per_engine
+        return 1.0 if self.engine == "vllm" else 0.0
 
     @property
     def nccl_sync(self) -> bool:
@@ -257,6 +265,10 @@ class ScalingConfig(Section):
     cpus_per_learner: float = Field(0.5, gt=0.0)
     # A failed learner worker restarts the whole learner group from the last complete iteration, this many times.
     max_learner_failures: int = Field(2, ge=0)
+    # The learners' process group: auto, NCCL where every learner sees a CUDA device (and gloo elsewhere: a CPU, or a
+    # cluster whose GPUs are logical only), decided by the learners themselves (pipelines/torch_backend.py); gloo
+    # trains on the CPU.
+    torch_backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 class CheckpointConfig(Section):
@@ -283,12 +295,16 @@ class TrainConfig(Section):
     def _cross_checks(self):
         if self.rollout.engine == "vllm" and self.scaling.gpus_per_learner == 0:
             raise ValueError("rollout.engine is 'vllm' (GPU only) but scaling.gpus_per_learner is 0")
+        if self.scaling.torch_backend == "nccl" and self.scaling.gpus_per_learner == 0:
+            raise ValueError("scaling.torch_backend is 'nccl' (GPU only) but scaling.gpus_per_learner is 0")
         r = self.rollout
-        if r.gpus_per_engine < 1 and r.tensor_parallel_size > 1:
-            raise ValueError(f"rollout.gpus_per_engine ({r.gpus_per_engine}) below 1 needs rollout.tensor_parallel_size "
+        if r.engine == "vllm" and r.engine_gpus == 0:
+            raise ValueError("rollout.engine is 'vllm' (GPU only) but rollout.gpus_per_engine is 0")
+        if r.engine == "vllm" and r.engine_gpus < 1 and r.tensor_parallel_size > 1:
+            raise ValueError(f"rollout.gpus_per_engine ({r.engine_gpus}) below 1 needs rollout.tensor_parallel_size "
                              f"1, not {r.tensor_parallel_size} (a tensor-parallel engine takes whole GPUs)")
-        if r.gpus_per_engine < 1 and r.nccl_sync:
-            raise ValueError(f"rollout.gpus_per_engine ({r.gpus_per_engine}) shares a GPU, and the NCCL weight sync "
+        if r.engine_gpus < 1 and r.nccl_sync:
+            raise ValueError(f"rollout.gpus_per_engine ({r.engine_gpus}) shares a GPU, and the NCCL weight sync "
                              f"(rollout.weight_sync=auto) refuses two ranks on one device: set rollout.weight_sync="
                              f"object_store")
         if self.optim.groups_per_step % self.scaling.num_learners:

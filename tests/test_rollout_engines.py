@@ -194,7 +194,7 @@ def test_rollout_actor_syncs_through_one_object_ref(tiny_model_dir, trained):
 
     model, tok, target = trained
     cfg = RolloutConfig(engine="hf", cpus_per_engine=1)
-    assert rollout_actor_options(cfg) == {"num_cpus": 1}
+    assert rollout_actor_options(cfg) == {"num_cpus": 1, "num_gpus": 0}  # an hf engine takes no GPU unless asked
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         actor = RolloutActor.options(**rollout_actor_options(cfg)).remote(str(tiny_model_dir), cfg, ModelConfig())
