@@ -93,3 +93,25 @@ class AutoscalingCluster(LoopbackCluster):
             time.sleep(1.0)
         alive = [(n["node_id"][-5:], n["labels"].get("role")) for n in self.alive_workers()]
         raise TimeoutError(f"{len(alive)} worker nodes alive after {timeout_s}s, not {count}: {alive}")
+
+
+def main() -> None:
+    """By hand (docs/cluster.md): start the cluster, print how to reach it, stop it by pid on Ctrl-C."""
+    import tempfile
+
+    cluster = AutoscalingCluster(Path(tempfile.mkdtemp(prefix="sami-autoscaling-")), idle_timeout_minutes=1)
+    try:
+        cluster.wait_ready()
+        print(f"autoscaling cluster up: {cluster.config_path} (node types), ray logs in {cluster.ray_dir}\n"
+              f"export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.root / 'token'}\n"
+              f"Ctrl-C stops it", flush=True)
+        while cluster.process.poll() is None:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
