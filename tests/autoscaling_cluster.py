@@ -6,6 +6,7 @@ its start/shutdown run `ray stop --force`, which ends every Ray on the machine. 
 `external` provider under our own `ray start --head --autoscaling-config=...` (LoopbackCluster: own ports, temp
 dir and token), torn down by pid. The GPUs are logical: Ray schedules by them, nothing runs on a GPU."""
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class AutoscalingCluster(LoopbackCluster):
         super().__init__(root, head_args=(f"--num-cpus={head_cpus}", "--num-gpus=0", f"--labels={head_labels}",
                                           f"--autoscaling-config={self.config_path}"),
                          env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                              # this checkout's code on every node (jobs need no working_dir upload)
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                               "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID,
                               "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID})
 

@@ -16,7 +16,7 @@ import pytest
 
 from autoscaling_cluster import AutoscalingCluster
 from sami.run_dir import RunDir
-from test_job_submit import REPO, VENV_BIN
+from test_job_submit import REPO, TINY, VENV_BIN
 
 pytestmark = [pytest.mark.slow]
 # configs/tiny.yaml with a logical GPU per learner and per engine: 1 learner node (2 GPUs) and 1 rollout node.
@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow]
 ON_GPUS = ["scaling.gpus_per_learner=1", "rollout.gpus_per_engine=1", "scaling.torch_backend=gloo"]
 # Three short iterations (a node lost in iteration 2 needs a third to show the run goes on): 32 queries, 2 steps.
 SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
+TINY = str(TINY)
 ENGINE_CLASSES = {"RolloutWorker", "ModelWorker"}  # training's and the evaluation's engines
 
 
@@ -39,16 +40,19 @@ def cluster(tmp_path_factory):
 
 class Job:
     """A `ray job submit --no-wait` of a `python -m` entry point, followed to its end over the dashboard while
-    the worker nodes alive are recorded (node id -> role label)."""
+    the worker nodes alive are recorded (node id -> role label). No `--working-dir`: every fake node shares one
+    session folder, where a node's runtime-env agent unpacks the package again under the processes of the other
+    nodes running in it (a job's TrainController died in MKL for its lost working directory); the code reaches
+    every node through the cluster's PYTHONPATH instead (test_job_submit.py tests the upload)."""
 
     def __init__(self, cluster: AutoscalingCluster, module: str, *args: str, env_vars: dict | None = None):
         self.cluster, self.id = cluster, f"sami-{module.split('.')[0]}-{secrets.token_hex(4)}"
         self.workers_seen: dict[str, str] = {}
         submit = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"env_vars": env_vars or {}}), "--submission-id", self.id,
-             "--no-wait", "--", "python", "-m", module, *args],
-            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--runtime-env-json",
+             json.dumps({"env_vars": env_vars or {}}), "--submission-id", self.id, "--no-wait", "--", "python", "-m",
+             module, *args],
+            env=cluster.env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stdout + submit.stderr
 
     def status(self) -> str:
@@ -79,10 +83,6 @@ class Job:
         return [{**a, "role": roles.get(a["node_id"])} for a in actors]
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def training_run(cluster, tmp_path_factory):
     """configs/tiny.yaml submitted to the cluster at 0 workers, every file its processes open recorded by node
@@ -91,8 +91,8 @@ def training_run(cluster, tmp_path_factory):
     started, root = time.monotonic(), tmp_path_factory.mktemp("training-run")
     run_dir, audit = root / "run", root / "opened"
     audit.mkdir()
-    train = Job(cluster, "pipelines.train", "--config", "configs/tiny.yaml", f"run.output_dir={run_dir}", *ON_GPUS,
-                env_vars={"PYTHONPATH": str(REPO / "tests" / "file_audit"), "SAMI_FILE_AUDIT": str(audit)})
+    train = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS,
+                env_vars={"PYTHONPATH": f"{REPO / 'tests' / 'file_audit'}:{REPO}", "SAMI_FILE_AUDIT": str(audit)})
     assert train.wait(300) == "SUCCEEDED", train.logs()[-3000:]
     return train, run_dir, audit, time.monotonic() - started
 
@@ -106,7 +106,7 @@ def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(
     placed = {(a["class_name"], a["role"]) for a in train.actors()}
     assert {role for name, role in placed if name == "RayTrainWorker"} == {"learner"}, placed
     assert {role for name, role in placed if name in ENGINE_CLASSES} == {"rollout"}, placed
-    rows = metrics(run_dir)
+    rows = RunDir(run_dir).read_metrics()
     assert [r["iteration"] for r in rows] == [1, 2]
     # The weights crossed from the learner node to the rollout node and the engine scored the probe as they did.
     assert all(r["sync_bytes"] > 0 and r["probe_abs_diff"] <= 1e-4 for r in rows), rows
@@ -114,9 +114,9 @@ def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(
     eval_dir = tmp_path / "eval"
     models = (f"models=[{{name: base, path: 'builtin:world-small'}}, "
               f"{{name: sami-iter2, path: '{run_dir}/iteration-2/hf'}}]")
-    evaluate = Job(cluster, "evals.run", "--config", "configs/eval_world.yaml", models, f"run.output_dir={eval_dir}",
-                   "baseline=base", "data.max_queries=256", "data.heldout_queries=32", "num_queries=16",
-                   "adherence.heldout_principle_queries=8", "generation.gpus_per_model=1")
+    evaluate = Job(cluster, "evals.run", "--config", str(REPO / "configs" / "eval_world.yaml"), models,
+                   f"run.output_dir={eval_dir}", "baseline=base", "data.max_queries=256", "data.heldout_queries=32",
+                   "num_queries=16", "adherence.heldout_principle_queries=8", "generation.gpus_per_model=1")
     assert evaluate.wait(300) == "SUCCEEDED", evaluate.logs()[-3000:]
     assert {a["role"] for a in evaluate.actors() if a["class_name"] in ENGINE_CLASSES} == {"rollout"}
     assert json.loads((eval_dir / "results.json").read_text())["meta"]["queries"] == 16
@@ -173,13 +173,13 @@ def node_lost_in_iteration_two(cluster: AutoscalingCluster, run_dir: Path, actor
     """A 3-iteration training job whose node holding a `actor_class` actor is lost once iteration 1 is complete:
     (the job, the lost node's id, the metrics rows). The job must succeed, each iteration once, every query's
     group generated exactly once."""
-    job = Job(cluster, "pipelines.train", "--config", "configs/tiny.yaml", f"run.output_dir={run_dir}", *ON_GPUS,
+    job = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS,
               *SMALL)
     assert job.wait(240, until=(run_dir / "iteration-1" / "COMPLETE").is_file) is None, job.logs()[-3000:]
     lost = next(a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["state"] == "ALIVE")
     kill_raylet(lost)
     assert job.wait(300) == "SUCCEEDED", job.logs()[-3000:]
-    rows = metrics(run_dir)
+    rows = RunDir(run_dir).read_metrics()
     assert [r["iteration"] for r in rows] == [1, 2, 3], job.logs()[-3000:]
     for row in rows:  # no group lost or generated twice
         ids = [g["query_id"] for g in pyarrow.parquet.read_table(RunDir(run_dir).groups(row["iteration"])).to_pylist()]
