@@ -12,6 +12,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from actors.placement import GroupRequest, request_group
 from sami.config import ModelConfig, RolloutConfig, SamplingConfig
 from sami.learner import StopRun
 from sami.rollout_engines import Seeds, make_engine
@@ -78,9 +79,10 @@ class RolloutWorker:
 RolloutActor = ray.remote(RolloutWorker)
 
 
-# vLLM's own strategy for the group it makes when it finds none (vllm/v1/executor/ray_utils.py
-# initialize_ray_cluster): as few nodes as possible, one node where the GPUs are there.
-VLLM_PLACEMENT_STRATEGY = "PACK"
+# One node per engine. vLLM's own group (vllm/v1/executor/ray_utils.py initialize_ray_cluster) is PACK, "as few
+# nodes as possible": four TP-4 groups asked for at once (an evaluation of four models) were split 3 + 1 and
+# 2 + 1 + 1 over the 4-GPU rollout nodes (tests/test_placement.py), tensor parallelism across machines.
+VLLM_PLACEMENT_STRATEGY = "STRICT_PACK"
 
 
 def vllm_bundles(tp: int, gpus: float = 1.0) -> list[dict]:
@@ -101,47 +103,59 @@ def vllm_holder_options(tp: int, gpus: float = 1.0) -> dict:
             "runtime_env": {"env_vars": {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, range(tp)))}}}
 
 
-def vllm_placement(tp: int, gpus: float = 1.0):
-    """(placement group, Ray options) for one vLLM engine's holder actor; the group is not waited for. Serve
-    replicas get the same group through their deployment options (cluster/serve_app.py)."""
-    from ray.util.placement_group import placement_group
+def holder_strategy(group):
+    """Bundle 0 of `group` for the actor that holds an engine; the tasks and actors it starts (vLLM's TP workers)
+    stay in the group."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group(vllm_bundles(tp, gpus), strategy=VLLM_PLACEMENT_STRATEGY)
-    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True,
-                                                placement_group_bundle_index=0)
-    return pg, {**vllm_holder_options(tp, gpus), "scheduling_strategy": strategy}
+    return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True, placement_group_bundle_index=0)
 
 
-def rollout_actor_options(rollout_cfg: RolloutConfig) -> dict:
-    """Ray options for one engine's actor: hf, `cpus_per_engine` CPUs and `gpus_per_engine` GPUs (default none: on a
-    GPU it runs there); vllm, its own placement group (reserved here, so a cluster without the GPUs fails with a
-    clear error instead of waiting forever) of `gpus_per_engine` of a GPU per bundle: below 1, a share of one
-    device that a learner's share can take the rest of."""
-    if rollout_cfg.engine != "vllm":
-        return {"num_cpus": rollout_cfg.cpus_per_engine, "num_gpus": rollout_cfg.engine_gpus}
-    from ray.util.placement_group import remove_placement_group
-
-    tp = rollout_cfg.tensor_parallel_size
-    pg, options = vllm_placement(tp, rollout_cfg.engine_gpus)
-    try:
-        ray.get(pg.ready(), timeout=600)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise RuntimeError(f"rollout: could not reserve {tp} GPU(s) for one vLLM engine (rollout.tensor_parallel_size="
-                           f"{tp}) in 10 minutes; the cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s)") from None
-    return options
+def engine_placement(what: str, engine: str, tp: int, gpus: float, cpus: float,
+                     selector: Optional[dict] = None) -> tuple[GroupRequest, dict]:
+    """One engine's placement group, on nodes matching `selector` (actors/placement.py), asked for now and not waited
+    for, and the Ray options of the actor that holds the engine in its bundle 0: vllm, `vllm_bundles` (`gpus` per
+    tensor-parallel rank) and `vllm_holder_options`; hf, one bundle of `cpus` CPUs and `gpus` GPUs (none: it runs on
+    a CPU). Training's rollout engines, the evaluation's model actors; Serve replicas get the vLLM group through
+    their deployment options (cluster/serve_app.py)."""
+    if engine == "vllm":
+        bundles, own = vllm_bundles(tp, gpus), vllm_holder_options(tp, gpus)
+    else:
+        bundles, own = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})}], {"num_cpus": cpus, "num_gpus": gpus}
+    request = request_group(what, bundles, selector, VLLM_PLACEMENT_STRATEGY)
+    return request, {**own, "scheduling_strategy": holder_strategy(request.group)}
 
 
-def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig) -> list:
-    """`rollout.num_engines` actors, each holding one engine (one control call per call, one at a time). Ray
-    restarts a dead one (without limit: `generate_on_engines` bounds the failures per iteration); its calls
-    are never retried, since the restarted engine must first get the learner's weights back."""
-    return [
-        RolloutActor.options(max_concurrency=1, max_restarts=-1, max_task_retries=0, **rollout_actor_options(rollout_cfg))
-        .remote(model_path, rollout_cfg, model_cfg)
-        for _ in range(rollout_cfg.num_engines)
-    ]
+def rollout_placement(index: int, rollout_cfg: RolloutConfig, selector: Optional[dict] = None) -> tuple[GroupRequest, dict]:
+    """Rollout engine `index`'s `engine_placement`: `gpus_per_engine` (below 1, a share of one device that a learner's
+    share can take the rest of) and `cpus_per_engine`."""
+    r = rollout_cfg
+    return engine_placement(f"rollout engine {index}", r.engine, r.tensor_parallel_size, r.engine_gpus,
+                            r.cpus_per_engine, selector)
+
+
+def start_rollout_actors(model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig,
+                         selector: Optional[dict] = None) -> tuple[list, list[GroupRequest]]:
+    """`rollout.num_engines` actors, each holding one engine (one control call per call, one at a time) in a placement
+    group of its own on nodes matching `selector`; returns them and their groups, which the caller waits for
+    (`actors.placement.wait_for_groups`, with the learners') and removes. Ray restarts a dead actor (without limit:
+    `generate_on_engines` bounds the failures per iteration); its calls are never retried, since the restarted engine
+    must first get the learner's weights back."""
+    placements = [rollout_placement(i, rollout_cfg, selector) for i in range(rollout_cfg.num_engines)]
+    actors = [RolloutActor.options(max_concurrency=1, max_restarts=-1, max_task_retries=0, **options)
+              .remote(model_path, rollout_cfg, model_cfg) for _, options in placements]
+    return actors, [request for request, _ in placements]
+
+
+def engines_started(actors: list) -> None:
+    """Wait for every engine's constructor; an engine that died in it raises RolloutEngineError naming it and why
+    (Ray does not restart an actor whose constructor raised)."""
+    for index, actor in enumerate(actors):
+        try:
+            ray.get(actor.whoami.remote())
+        except RayActorError as e:
+            raise RolloutEngineError(f"rollout engine {index} died while starting: "
+                                     f"{str(e).strip().splitlines()[-1].strip()}") from None
 
 
 class RolloutEngineError(StopRun):

@@ -59,21 +59,27 @@ def pick_engine(requested: str) -> str:
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
 
 
-def cluster_has_gpus() -> bool:
-    """Whether the Ray cluster the replicas run on has GPUs. `serve run` builds the app on its own host (often
-    a CPU head node) before it connects, so this host's devices say nothing about the replicas'."""
+def cluster_view() -> tuple[bool, Optional[dict]]:
+    """(whether the Ray cluster the replicas run on has GPUs, the label selector of its rollout nodes: None where it
+    has no role labels, actors/placement.py). `serve run` builds the app on its own host (often a CPU head node)
+    before it connects, so this host's devices say nothing about the replicas'."""
     import ray
 
+    from actors.placement import ROLLOUT, role_selector
+
+    def seen() -> tuple[bool, Optional[dict]]:
+        return ray.cluster_resources().get("GPU", 0) > 0, role_selector(ROLLOUT)
+
     if ray.is_initialized():  # `serve deploy`: the app is built inside the cluster
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return seen()
     try:
         ray.init(address="auto", log_to_driver=False)  # the running cluster `serve run` is about to join
-    except ConnectionError:  # none: `serve run` starts a local one on this host
+    except ConnectionError:  # none: `serve run` starts a local one on this host (no labels)
         import torch
 
-        return torch.cuda.is_available()
+        return torch.cuda.is_available(), None
     try:
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return seen()
     finally:
         ray.shutdown()  # `serve run` connects itself, with its namespace and runtime env
 
@@ -286,8 +292,11 @@ def replica_options(args: ServeArgs) -> dict:
     (`actors.rollout.vllm_bundles`): Serve schedules the replica in bundle 0."""
     from actors.rollout import VLLM_PLACEMENT_STRATEGY, vllm_bundles, vllm_holder_options
 
-    if args.engine == "hf" or (args.engine == "auto" and not cluster_has_gpus()):
-        return {"num_replicas": args.num_replicas, "ray_actor_options": {"num_cpus": 1}}
+    has_gpus, selector = cluster_view()  # replicas on `role: rollout` nodes where the cluster has roles
+    if args.engine == "hf" or (args.engine == "auto" and not has_gpus):
+        return {"num_replicas": args.num_replicas,
+                "ray_actor_options": {"num_cpus": 1, **({"label_selector": selector} if selector else {})}}
     tp = args.tensor_parallel_size
     return {"num_replicas": args.num_replicas, "ray_actor_options": vllm_holder_options(tp),
-            "placement_group_bundles": vllm_bundles(tp), "placement_group_strategy": VLLM_PLACEMENT_STRATEGY}
+            "placement_group_bundles": vllm_bundles(tp), "placement_group_strategy": VLLM_PLACEMENT_STRATEGY,
+            **({"placement_group_bundle_label_selector": [dict(selector) for _ in range(tp)]} if selector else {})}

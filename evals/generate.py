@@ -132,28 +132,36 @@ class ModelWorker:
         return model_outputs(model, cfg, plan)
 
 
+def model_placement(name: str, cfg: EvalConfig):
+    """(placement group request, actor options) of one model's actor, on `role: rollout` nodes where the cluster has
+    roles: a vLLM engine's group (one GPU per tensor-parallel rank), or one bundle of `generation.cpus_per_model` CPUs
+    and `gpus_per_model` GPUs for hf."""
+    from actors.placement import ROLLOUT, role_selector
+    from actors.rollout import engine_placement
+
+    g = cfg.generation
+    return engine_placement(f"model {name}", g.engine, g.tensor_parallel_size, 1.0 if g.engine == "vllm" else g.gpus_per_model,
+                            g.cpus_per_model, role_selector(ROLLOUT))
+
+
 def start_workers(cfg: EvalConfig, plan: EvalPlan) -> tuple[dict, dict, dict]:
     """(pending call -> model name, model name -> actor, model name -> placement group), every model at once."""
     import ray
 
-    from actors.rollout import vllm_placement
-
     worker, plan_ref = ray.remote(ModelWorker), ray.put(plan)
     pending, actors, groups = {}, {}, {}
     for m in cfg.models:
-        if cfg.generation.engine == "vllm":
-            groups[m.name], options = vllm_placement(cfg.generation.tensor_parallel_size)
-        else:
-            options = {"num_cpus": cfg.generation.cpus_per_model, "num_gpus": cfg.generation.gpus_per_model}
+        request, options = model_placement(m.name, cfg)
+        groups[m.name] = request.group
         actors[m.name] = worker.options(max_restarts=0, max_task_retries=0, **options).remote()
         pending[actors[m.name].outputs.remote(m, cfg, plan_ref)] = m.name
     return pending, actors, groups
 
 
 def generate_all(cfg: EvalConfig, plan: EvalPlan) -> dict[str, ModelOutputs]:
-    """One Ray actor per model, all at once. A vLLM model's actor holds a placement group of its own, as a
-    rollout actor does (its GPUs, reserved once: vLLM captures an actor's group, never a task's, and would
-    reserve as many again), released when the model is done."""
+    """One Ray actor per model, all at once. Each holds a placement group of its own, as a rollout actor does (a
+    vLLM engine's GPUs reserved once: vLLM captures an actor's group, never a task's, and would reserve as many
+    again), released when the model is done."""
     import ray
     from ray.util.placement_group import remove_placement_group
 

@@ -80,21 +80,25 @@ def checkpoint_bytes(params: int, cfg: TrainConfig) -> dict[str, int]:
     return out
 
 
+def learner_bundle(cfg: TrainConfig) -> dict:
+    """One learner's Ray resources: `cpus_per_learner` CPUs, `gpus_per_learner` GPUs."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner > 0 else {})}
+
+
 def resource_plan(cfg: TrainConfig) -> dict:
     s, r = cfg.scaling, cfg.rollout
     learners = {
         "count": s.num_learners, "gpus_each": s.gpus_per_learner, "cpus_each": s.cpus_per_learner,
         # Ray Train reserves one bundle per worker in one placement group (PACK: same node where it fits).
-        "placement_group": {"strategy": "PACK", "bundles": [
-            {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner else {})}
-        ] * s.num_learners},
+        "placement_group": {"strategy": "PACK", "bundles": [learner_bundle(cfg)] * s.num_learners},
     }
     if r.engine == "vllm":
         # actors/rollout.py: one placement group per engine, one GPU bundle per tensor-parallel rank.
         bundles = [{"GPU": r.engine_gpus, "CPU": 1}] * r.tensor_parallel_size
         rollout = {"count": r.num_engines, "engine": "vllm", "tensor_parallel_size": r.tensor_parallel_size,
                    "gpus_each": r.tensor_parallel_size * r.engine_gpus, "cpus_each": r.tensor_parallel_size,
-                   "placement_group": {"strategy": "PACK", "bundles": bundles}}
+                   "placement_group": {"strategy": "STRICT_PACK", "bundles": bundles}}  # one node per engine
     else:
         rollout = {"count": r.num_engines, "engine": "hf", "tensor_parallel_size": 1, "gpus_each": r.engine_gpus,
                    "cpus_each": r.cpus_per_engine, "placement_group": None}

@@ -18,6 +18,9 @@ from sami.run_dir import CheckpointError, RunDir, verify_checkpoint, verify_mode
 
 # Extending (or shortening) a run is what --resume is for; any other change needs --override-config.
 RESUMABLE_CHANGES = {"run.iterations"}
+# File systems every node of a cluster can mount at once (/proc/mounts' type; fuse.* counts as its prefix, e.g.
+# fuse.gcsfuse): EFS is nfs4.
+SHARED_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "fuse"}
 
 
 def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_before: list[Path] = ()) -> None:
@@ -123,3 +126,33 @@ def save_run_config(cfg: TrainConfig, run_dir: RunDir, done: int) -> None:
     if saved.is_file() and config_differences(load_config(saved), cfg):
         saved.rename(run_dir.kept_config(done))
     dump_config(cfg, saved)
+
+
+def mount_of(path: Path, mounts: str) -> tuple[str, str]:
+    """(mount point, file system type) of the mount holding `path`'s nearest existing folder, from the text of
+    /proc/mounts."""
+    here = next(p for p in (path, *path.parents) if p.exists()).resolve()
+    best = ("/", "unknown")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (here == Path(point) or Path(point) in here.parents) and len(point) >= len(best[0]):
+            best = (point, fields[2])
+    return best
+
+
+def check_shared_run_folder(run_dir: Path, machines: set[str], mounts_file: Path = Path("/proc/mounts")) -> None:
+    """Refuse a run folder on a node's own disk when the driver and the learners are on several machines: the
+    learners write their checkpoint shards, metrics.jsonl, console.jsonl and STOPPED there, the driver and every
+    learner read them back (a resume, a restarted learner group). One machine (or no /proc/mounts to read): no check."""
+    if len(machines) < 2 or not mounts_file.is_file():
+        return
+    point, fstype = mount_of(run_dir, mounts_file.read_text())
+    if fstype.split(".")[0] in SHARED_FILE_SYSTEMS:
+        return
+    raise ConfigError(f"run.output_dir {run_dir} is on this node's own disk ({fstype} at {point}), but the driver and "
+                      f"the learners are on {len(machines)} machines ({', '.join(sorted(machines))}), which must all "
+                      f"read and write it: mount a shared file system there on every node (docs/cluster.md, "
+                      f"\"Storage\"), or choose a run.output_dir on one")

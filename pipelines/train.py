@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipelines.plan import WRITER_CPUS, format_plan
-from pipelines.preflight import check_inputs, check_run_dir, run_folder, save_run_config
+from pipelines.plan import WRITER_CPUS, format_plan, learner_bundle
+from pipelines.preflight import check_inputs, check_run_dir, check_shared_run_folder, run_folder, save_run_config
 from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
@@ -88,12 +88,15 @@ class PendingRun:
 def learner_scaling(cfg: TrainConfig):
     """Ray Train's scaling for the learner group: `scaling.num_learners` workers of `cpus_per_learner` CPUs and
     `gpus_per_learner` GPUs (below 1, a share of one device that a `rollout.gpus_per_engine` share can take the rest
-    of: Ray gives both the same GPU id, and Ray Train's CUDA_VISIBLE_DEVICES names it)."""
+    of: Ray gives both the same GPU id, and Ray Train's CUDA_VISIBLE_DEVICES names it), on `role: learner` nodes
+    where the cluster labels its nodes by role (actors/placement.py). Needs a connected Ray."""
     from ray.train import ScalingConfig
 
+    from actors.placement import LEARNER, role_selector
+
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_learner, **({"GPU": s.gpus_per_learner} if s.gpus_per_learner > 0 else {})}
-    return ScalingConfig(num_workers=s.num_learners, use_gpu=s.gpus_per_learner > 0, resources_per_worker=resources)
+    return ScalingConfig(num_workers=s.num_learners, use_gpu=s.gpus_per_learner > 0,
+                         resources_per_worker=learner_bundle(cfg), label_selector=role_selector(LEARNER))
 
 
 def run_sequence(cfgs: list[TrainConfig], resume: list[bool], log=console.say,
@@ -128,17 +131,19 @@ def train_sequence(cfgs: list[TrainConfig], run_dirs: list[Path], resume: list[b
         connect(todo, log)
         attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
         prepared: list[RunSpec] = []
+        engine_groups: list = []  # every run's engines' placement groups (actors.placement.GroupRequest)
         signum = None
         try:
             with stop_on_signals():  # after connect: ray.init puts a SIGTERM handler of its own
                 for pending in todo:
-                    prepared.append(prepare_run(pending, attempt, log))
+                    prepared.append(prepare_run(pending, attempt, log, engine_groups))
                 job = LearnerJob(tuple(prepared), todo[0].run_dir.console)
-                fit(make_trainer(job), job)
+                backend = place(job, engine_groups, log)
+                fit(make_trainer(job, backend), job)
         except Interrupt as signalled:
             signum = signalled.signum
         finally:
-            stop_actors(prepared)
+            stop_actors(prepared, engine_groups)
         if signum is not None:
             stop_learners()
             raise interrupted(todo, signum)
@@ -265,8 +270,11 @@ def connect(todo: list[PendingRun], log) -> None:
         log(f"[sami] Ray dashboard: {dashboard}")
 
 
-def prepare_run(pending: PendingRun, attempt: str, log) -> RunSpec:
-    """The run's model and queries, its folder (config.yaml, the held-out queries), its writer and rollout actors."""
+def prepare_run(pending: PendingRun, attempt: str, log, engine_groups: list) -> RunSpec:
+    """The run's model and queries, its folder (config.yaml, the held-out queries), its writer and rollout actors
+    (on `role: rollout` nodes where the cluster has roles; their placement groups, not waited for, appended to
+    `engine_groups`)."""
+    from actors.placement import ROLLOUT, role_selector
     from actors.principle_writer import PrincipleWriterActor
     from actors.rollout import start_rollout_actors
     from sami.data import load_queries, split_queries
@@ -292,24 +300,68 @@ def prepare_run(pending: PendingRun, attempt: str, log) -> RunSpec:
     # same core inside learner rank 0 (a process less).
     writer = PrincipleWriterActor.options(num_cpus=WRITER_CPUS).remote(cfg.principles, str(run_dir.path)) \
         if cfg.principles.source == "writer" and not replay else None
-    actors = () if replay else tuple(start_rollout_actors(model_path, cfg.rollout, cfg.model))
+    actors = ()
+    if not replay:
+        started, groups = start_rollout_actors(model_path, cfg.rollout, cfg.model, role_selector(ROLLOUT))
+        actors = tuple(started)
+        engine_groups.extend(groups)
     return RunSpec(cfg, run_dir, model_path, train_rows, actors, writer, attempt)
 
 
-def make_trainer(job: LearnerJob):
-    """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape)."""
+def place(job: LearnerJob, engine_groups: list, log) -> str:
+    """Every node the job needs, asked for at once, so an autoscaler starts them together: the engines' placement
+    groups and one of the learners' shape and labels (Ray Train's own, asked for only in `fit()`, stands in for
+    until it does), waited for together for `scaling.placement_timeout_s`; a run folder on a node's own disk when
+    the learners landed on other machines is refused (ConfigError); then the engines' constructors, so an engine that
+    died starting is reported before any learner starts. Returns the learners' torch backend, chosen in their group
+    (pipelines/torch_backend.py). Raises RunFailed (one line)."""
+    import ray
+
+    from actors.placement import (LEARNER, PlacementTimeout, group_machines, remove_groups, request_group,
+                                  role_selector, wait_for_groups)
+    from actors.rollout import RolloutEngineError, engines_started
+    from pipelines.torch_backend import learners_backend
+
+    cfg = job.runs[0].cfg
+    learners = request_group("learners", [learner_bundle(cfg)] * cfg.scaling.num_learners, role_selector(LEARNER))
+    try:
+        waited = wait_for_groups([learners, *engine_groups], cfg.scaling.placement_timeout_s,
+                                 "scaling.placement_timeout_s")
+        machines = group_machines(learners) | {ray.util.get_node_ip_address()}
+        backend = learners_backend(cfg, learners.group)
+    except PlacementTimeout as e:
+        raise RunFailed(str(e)) from None
+    finally:
+        remove_groups([learners])  # Ray Train asks for the same resources again in fit()
+    for run in job.runs:  # where the learners landed, so a node-local run folder is refused before any starts
+        check_shared_run_folder(run.run_dir.path, machines)
+    if waited > 10:
+        log(f"[sami] the cluster placed the learners and rollout engines in {waited:.0f} s")
+    try:
+        for run in job.runs:
+            engines_started(list(run.actors))
+    except RolloutEngineError as e:
+        raise RunFailed(f"run {run.cfg.run.name}: {e}") from None
+    return backend
+
+
+def make_trainer(job: LearnerJob, backend: str):
+    """One Ray Train worker group for the whole sequence, shaped by its first run (all runs share the shape), its
+    process group on `backend` (`place`)."""
     from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.loop import train_loop_per_worker
-    from pipelines.torch_backend import torch_config
 
     first = job.runs[0]
+    # The one wait for resources (`place`) is Ray Train's too, for the worker group it starts and restarts; the driver's
+    # value reaches its controller (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{first.cfg.scaling.placement_timeout_s:g}"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.as_config(),
         scaling_config=learner_scaling(first.cfg),
-        torch_config=torch_config(first.cfg),
+        torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=first.cfg.run.name, storage_path=str(first.run_dir.ray_train),
                              failure_config=FailureConfig(max_failures=first.cfg.scaling.max_learner_failures)),
     )
@@ -351,13 +403,17 @@ def in_thread(call: Callable[[], object]) -> None:
         raise failure[0]
 
 
-def stop_actors(runs: list[RunSpec]) -> None:
-    """The rollout and writer actors of the runs prepared so far, whether the sequence ended well or not."""
+def stop_actors(runs: list[RunSpec], engine_groups: list) -> None:
+    """The rollout and writer actors of the runs prepared so far and the engines' placement groups, whether the
+    sequence ended well or not."""
     import ray
+
+    from actors.placement import remove_groups
 
     for run in runs:
         for actor in run.actors + ((run.writer,) if run.writer is not None else ()):
             ray.kill(actor)
+    remove_groups(engine_groups)
 
 
 def report_stops(todo: list[PendingRun], attempt: str, log) -> None:

@@ -266,9 +266,12 @@ class ScalingConfig(Section):
     # A failed learner worker restarts the whole learner group from the last complete iteration, this many times.
     max_learner_failures: int = Field(2, ge=0)
     # The learners' process group: auto, NCCL where every learner sees a CUDA device (and gloo elsewhere: a CPU, or a
-    # cluster whose GPUs are logical only), decided by the learners themselves (pipelines/torch_backend.py); gloo
+    # cluster whose GPUs are logical only), decided on the learners' own GPUs (pipelines/torch_backend.py); gloo
     # trains on the CPU.
     torch_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # The one wait for resources: the learners' and the engines' placement groups together (nodes an autoscaler starts
+    # from 0 included), and Ray Train's wait for its worker group (a restart after a lost node too).
+    placement_timeout_s: float = Field(1800.0, gt=0.0)
 
 
 class CheckpointConfig(Section):

@@ -46,10 +46,39 @@ def test_cluster_yaml_start_commands_set_auth_timeouts_and_loopback_dashboard():
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         start = " ".join(commands)
         for needed in ("RAY_AUTH_MODE=token", "RAY_worker_register_timeout_seconds=",
-                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=1800"):
+                       "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S=1800"):
             assert needed in start
-    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+        # the wait for nodes is the job's own (scaling.placement_timeout_s), also given to Ray Train
+        assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in start
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "RAY_enable_autoscaler_v2=1" in head  # only v2 reads the labels when it picks a node type
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_node_types_carry_the_roles_the_requests_select():
+    from actors.placement import LEARNER, ROLE, ROLLOUT, node_types
+
+    types = {t.name: t for t in node_types(REPO / "ray_cluster.yaml")}
+    assert {name: t.labels.get(ROLE) for name, t in types.items()} == {"learner": LEARNER, "rollout": ROLLOUT}
+    assert cluster_config()["available_node_types"]["head"]["labels"][ROLE] == "head"  # roles_in_use() sees it
+
+
+def test_the_node_types_that_would_fit_a_request():
+    from actors.placement import LEARNER, ROLLOUT, fits, node_types
+
+    types = node_types(REPO / "ray_cluster.yaml")
+
+    def fitting(bundles, role):
+        return [t.name for t in types if fits(bundles, {"role": role}, t)]
+
+    assert fitting([{"CPU": 8, "GPU": 1}] * 8, LEARNER) == ["learner"]  # hh_mistral7b's learners
+    assert fitting([{"CPU": 8, "GPU": 1}] * 16, LEARNER) == ["learner"]  # two learner nodes (max_workers 2)
+    assert fitting([{"CPU": 8, "GPU": 1}] * 17, LEARNER) == []  # more GPUs than two nodes hold
+    assert fitting([{"GPU": 1, "CPU": 1}] * 4, ROLLOUT) == ["rollout"]  # a TP-4 engine
+    assert [t.name for t in types if fits([{"GPU": 1, "CPU": 1}] * 8, {"role": ROLLOUT}, t, "STRICT_PACK")] == []  # TP 8
+    assert fitting([{"GPU": 9, "CPU": 1}], ROLLOUT) == []  # no node has 9 GPUs
+    assert [t.name for t in types if fits([{"GPU": 1, "CPU": 1}], None, t)] == ["learner", "rollout"]  # no selector
 
 
 def test_ray_validation_rejects_a_typo():

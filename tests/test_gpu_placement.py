@@ -15,15 +15,17 @@ ONE_GPU_SHARE = ["rollout.engine=vllm", "rollout.gpus_per_engine=0.5", "scaling.
 
 @pytest.mark.timeout(300)
 def test_engine_and_learner_share_the_one_gpu_of_a_one_gpu_node(tmp_path):
-    """Also: the learners' process group on logical GPUs is gloo, chosen by the learners (scaling.torch_backend auto;
-    Ray Train's own choice, NCCL, dies here: "Distributed package doesn't have NCCL built in"), and an hf engine
-    takes the GPU rollout.gpus_per_engine asks for."""
+    """Also: the learners' process group on logical GPUs is gloo, chosen in the learners' own placement group
+    (scaling.torch_backend auto; Ray Train's own choice, NCCL, dies here: "Distributed package doesn't have NCCL
+    built in"), and an hf engine takes the GPU rollout.gpus_per_engine asks for."""
     import ray
     from ray.train import RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.rollout import rollout_actor_options
-    from pipelines.torch_backend import torch_config
+    from actors.placement import remove_groups, request_group
+    from actors.rollout import rollout_placement
+    from pipelines.plan import learner_bundle
+    from pipelines.torch_backend import learners_backend
     from pipelines.train import learner_scaling
 
     def assigned() -> dict:  # what Ray gave the calling process (defined here: Ray workers cannot import tests/)
@@ -43,32 +45,34 @@ def test_engine_and_learner_share_the_one_gpu_of_a_one_gpu_node(tmp_path):
     hf_on_a_gpu = load_config(None, ["rollout.engine=hf", "rollout.gpus_per_engine=1"]).rollout
     ray.init(num_gpus=2, num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        holder = ray.remote(EngineHolderStandIn).options(**rollout_actor_options(cfg.rollout)).remote()
+        holder = ray.remote(EngineHolderStandIn).options(**rollout_placement(0, cfg.rollout)[1]).remote()
         engine = ray.get(holder.gpus.remote())
-        hf_holder = ray.remote(EngineHolderStandIn).options(**rollout_actor_options(hf_on_a_gpu)).remote()
+        hf_holder = ray.remote(EngineHolderStandIn).options(**rollout_placement(0, hf_on_a_gpu)[1]).remote()
         hf_engine = ray.get(hf_holder.gpus.remote())
+        learners = request_group("learners", [learner_bundle(cfg)] * cfg.scaling.num_learners, None)  # as place() does
+        ray.get(learners.group.ready(), timeout=60)
+        backend = learners_backend(cfg, learners.group)
+        remove_groups([learners])
         TorchTrainer(learner_gpus, train_loop_config={"out": str(tmp_path / "learner.json")},
-                     scaling_config=learner_scaling(cfg), torch_config=torch_config(cfg),
+                     scaling_config=learner_scaling(cfg), torch_config=TorchConfig(backend=backend),
                      run_config=RunConfig(storage_path=str(tmp_path / "ray_train"))).fit()
         learner = json.loads((tmp_path / "learner.json").read_text())
     finally:
         ray.shutdown()
     # the node's device "0": the vLLM engine and the learner hold a share of it, and each sees it
     assert engine == {"ids": ["0"], "visible": "0"}
-    assert learner == {"ids": ["0"], "visible": "0", "backend": "gloo"}
+    assert backend == "gloo" and learner == {"ids": ["0"], "visible": "0", "backend": "gloo"}
     assert hf_engine == {"ids": ["1"], "visible": "1"}  # the node's other device, whole
 
 
 def test_the_backend_is_the_learners_choice_only_where_they_hold_gpus():
-    from ray.train.torch import TorchConfig
-
-    from pipelines.torch_backend import LearnersChooseTorchConfig, backend_for, torch_config
+    from pipelines.torch_backend import backend_for, learners_backend
 
     assert (backend_for([True, True]), backend_for([True, False]), backend_for([False])) == ("nccl", "gloo", "gloo")
-    assert isinstance(torch_config(load_config(None, ["scaling.gpus_per_learner=1"])), LearnersChooseTorchConfig)
-    assert torch_config(load_config(None)) == TorchConfig(backend="gloo")  # no GPUs asked for
-    assert torch_config(load_config(None, ["scaling.gpus_per_learner=1", "scaling.torch_backend=nccl"])).backend == "nccl"
-    assert torch_config(load_config(None, ["scaling.gpus_per_learner=1", "scaling.torch_backend=gloo"])).backend == "gloo"
+    # asked for, or no GPUs: no probe (no group needed)
+    assert learners_backend(load_config(None), None) == "gloo"
+    assert learners_backend(load_config(None, ["scaling.gpus_per_learner=1", "scaling.torch_backend=nccl"]), None) == "nccl"
+    assert learners_backend(load_config(None, ["scaling.gpus_per_learner=1", "scaling.torch_backend=gloo"]), None) == "gloo"
 
 
 def test_a_gpu_share_is_refused_where_it_cannot_work():

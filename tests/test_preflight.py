@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -15,7 +16,7 @@ from pipelines.preflight import check_run_dir, save_run_config
 from pipelines.train import main as train_main
 from pipelines.train import root_cause
 from planted import plant
-from sami.config import dump_config, load_config
+from sami.config import ConfigError, dump_config, load_config
 from sami.run_dir import MANIFEST, RunDir, write_manifest
 
 GOOD = [{"name": f"p{i}", "definition": f"Do thing {i}.", "antithesis": f"Never do thing {i}."} for i in range(4)]
@@ -310,3 +311,31 @@ def test_evaluation_refuses_a_truncated_hf_export_in_its_dry_run_and_before_load
     assert eval_main(evaluate + ["--dry-run"]) == 2
     assert "error: models.1.path: " in one_error_line(capsys)
     assert not (tmp_path / "eval").exists()
+
+
+
+MOUNTS = """/dev/root / ext4 rw,relatime 0 0
+fs-0123.efs.us-west-2.amazonaws.com:/ /mnt/shared nfs4 rw,vers=4.1 0 0
+"""
+
+
+def test_a_node_local_run_folder_is_refused_only_across_machines(tmp_path):
+    """The driver on one machine, the learners on another: the run folder must be on a shared file system (a
+    /proc/mounts of our own: this machine's disk, an EFS mount, a bucket through FUSE)."""
+    from pipelines.preflight import check_shared_run_folder, mount_of
+
+    def mounts(text: str) -> Path:
+        (tmp_path / "mounts").write_text(text)
+        return tmp_path / "mounts"
+
+    run, two = tmp_path / "runs" / "x", {"10.0.0.1", "10.0.0.2"}
+    assert mount_of(run, MOUNTS) == ("/", "ext4")  # the nearest existing folder's mount
+    with pytest.raises(ConfigError) as refused:
+        check_shared_run_folder(run, two, mounts(MOUNTS))
+    assert str(refused.value) == (f"run.output_dir {run} is on this node's own disk (ext4 at /), but the driver and "
+                                  "the learners are on 2 machines (10.0.0.1, 10.0.0.2), which must all read and write "
+                                  "it: mount a shared file system there on every node (docs/cluster.md, \"Storage\"), "
+                                  "or choose a run.output_dir on one")
+    check_shared_run_folder(run, {"10.0.0.1"}, mounts(MOUNTS))  # one machine: its disk is everyone's
+    check_shared_run_folder(run, two, mounts(MOUNTS + f"efs:/ {tmp_path} nfs4 rw 0 0\n"))
+    check_shared_run_folder(run, two, mounts(MOUNTS + f"bucket {tmp_path} fuse.gcsfuse rw 0 0\n"))

@@ -190,14 +190,14 @@ def test_make_engine_picks_and_guards(tiny_model_dir):
 @pytest.mark.timeout(120)
 def test_rollout_actor_syncs_through_one_object_ref(tiny_model_dir, trained):
     ray = pytest.importorskip("ray")
-    from actors.rollout import RolloutActor, rollout_actor_options
+    from actors.rollout import start_rollout_actors
 
     model, tok, target = trained
     cfg = RolloutConfig(engine="hf", cpus_per_engine=1)
-    assert rollout_actor_options(cfg) == {"num_cpus": 1, "num_gpus": 0}  # an hf engine takes no GPU unless asked
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        actor = RolloutActor.options(**rollout_actor_options(cfg)).remote(str(tiny_model_dir), cfg, ModelConfig())
+        (actor,), (group,) = start_rollout_actors(str(tiny_model_dir), cfg, ModelConfig())
+        assert group.bundles == [{"CPU": 1}]  # an hf engine takes no GPU unless asked
         prompt_ids = tok(PROMPTS[1], add_special_tokens=False).input_ids
         buckets = state_dict_buckets(model.named_parameters(), bucket_mb=1)
         ref = ray.put(buckets)  # all buckets in one object: one control call per sync
@@ -227,7 +227,7 @@ def test_a_restarted_engine_gets_the_current_weights_back(tiny_model_dir, traine
     cfg = RolloutConfig(engine="hf", cpus_per_engine=1, probe_tolerance=1e-4, max_engine_failures=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        (actor,) = start_rollout_actors(str(tiny_model_dir), cfg, ModelConfig())
+        (actor,), _ = start_rollout_actors(str(tiny_model_dir), cfg, ModelConfig())
         sync = WeightSync([actor], cfg, zero_stage=2, rank=0, use_nccl=False)
         sync.push(model)
         probe = (tok(PROMPTS[1], add_special_tokens=False).input_ids, target)

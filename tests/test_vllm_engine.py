@@ -73,14 +73,14 @@ def test_prefix_cache_reset_keeps_outputs_exact(engines):
 @pytest.mark.timeout(600)
 def test_nccl_weight_transfer(tiny_model_dir):
     ray = pytest.importorskip("ray")
-    from actors.rollout import RolloutActor, rollout_actor_options
+    from actors.rollout import start_rollout_actors
     from actors.weight_sync import nccl_push, packed_wire, rendezvous_socket, trainer_group
     from gpu_devices import free_device_index
 
     ray.init(num_gpus=2, include_dashboard=False)
     try:
         cfg = RolloutConfig(engine="vllm", gpu_memory_utilization=0.3)
-        actor = RolloutActor.options(**rollout_actor_options(cfg)).remote(str(tiny_model_dir), cfg, MODEL_CFG)
+        (actor,), _ = start_rollout_actors(str(tiny_model_dir), cfg, MODEL_CFG)
         ray.get(actor.reset_prefix_cache.remote())
         held = ray.get(actor.__ray_call__.remote(lambda worker: ray.get_gpu_ids()))
         device = free_device_index(held, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())

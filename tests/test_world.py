@@ -121,10 +121,27 @@ def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sami.world import base_model
+
     monkeypatch.setenv("SAMI_CACHE_DIR", str(tmp_path))
+    pretrained_on = []
+
+    def recording(*args, **kwargs):  # the real pretraining, and the threads it ran on
+        pretrained_on.append(torch.get_num_threads())
+        return pretrain(*args, **kwargs)
+
+    pretrain = base_model.pretrain
+    monkeypatch.setattr(base_model, "pretrain", recording)
     spec = BaseModelSpec(num_docs=200, steps=5, batch_size=8)
     messages = []
-    path = ensure_base_model(spec, log=messages.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a job driver's count
+    try:
+        path = ensure_base_model(spec, log=messages.append)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert pretrained_on == [base_model.PRETRAIN_THREADS]
     assert path == tmp_path / "world" / f"base-{spec_hash(spec)}" and (path / "READY").is_file()
     assert any("pretraining the base model" in m for m in messages)
     weights = next(path.glob("*.safetensors"))
@@ -134,10 +151,9 @@ def test_base_model_is_built_once_then_reused(tmp_path, monkeypatch):
     assert messages == [f"[world] reusing cached base model {path}"] and weights.stat().st_mtime_ns == mtime
     other = BaseModelSpec(num_docs=200, steps=5, batch_size=8, seed=1)
     assert spec_hash(other) != spec_hash(spec)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)  # another machine's thread count: another cache entry
+    torch.set_num_threads(3)  # built by a caller with 1 thread, reused by one with another count
     try:
-        assert spec_hash(spec) != path.name.removeprefix("base-")
+        assert ensure_base_model(spec, log=messages.append) == path and len(pretrained_on) == 1
     finally:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -2,8 +2,9 @@
 
 It plays mistral-7b's part in the paper: it knows the format and follows principles weakly (adherence
 ≈ p_follow). Training is deterministic under a seed on a given machine; the cache key covers every setting and
-what else changes the weights (library versions, CPU threads), and a folder
-counts as cached only once its marker file is written, so a crash never leaves a half model behind.
+what else changes the weights (library versions, the CPU threads it trains on: always `PRETRAIN_THREADS`, whatever
+the caller's), and a folder counts as cached only once its marker file is written, so a crash never leaves a half
+model behind.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from sami.tiny_model import build_tiny_model, train_tokenizer
 from sami.world import grammar
 
 WORLD_VERSION = 1  # bump when the grammar or principles change, to invalidate caches
+# Pretraining runs on this many torch threads whatever the caller has (a job driver under `ray job submit` gets 1, a
+# test session 2), so neither the weights nor the cache key depend on who builds the model first.
+PRETRAIN_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,22 @@ def cache_root() -> Path:
 
 def build_environment() -> dict:
     """What else changes the pretrained weights bit for bit: the library versions and the CPU threads (float sums
-    split across threads round differently), so a cache carried to another machine is rebuilt, not trusted."""
+    split across threads round differently: pretraining pins them, `pretraining_threads`), so a cache carried to
+    another machine's libraries is rebuilt, not trusted."""
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": PRETRAIN_THREADS}
+
+
+@contextmanager
+def pretraining_threads():
+    """torch on `PRETRAIN_THREADS` threads while the block runs, the caller's count again after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def spec_hash(spec: BaseModelSpec) -> str:
@@ -141,7 +158,8 @@ def ensure_base_model(spec: BaseModelSpec | None = None, cache_dir: str | Path |
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log(f"[world] pretraining the base model ({spec.steps} steps on {spec.num_docs} documents), cached in {folder}")
-    pretrain(tmp, spec, log)
+    with pretraining_threads():
+        pretrain(tmp, spec, log)
     (tmp / "spec.json").write_text(json.dumps({**asdict(spec), **build_environment()}, indent=2))
     (tmp / "READY").write_text("ok\n")
     shutil.rmtree(folder, ignore_errors=True)
