@@ -290,6 +290,8 @@ def prepare_run(pending: PendingRun, attempt: str, log, engine_groups: list) -> 
         log(f"[sami] resuming {run_dir.path} from {pending.continues_from}; "
             f"next: iteration {pending.done + 1} of {cfg.run.iterations}")
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    if cfg.model.name_or_path.startswith("builtin:"):  # in the driver's cache: other nodes read the run folder only
+        model_path = run_dir.share_model(model_path)
     save_run_config(cfg, run_dir, pending.done)
     run_dir.write_heldout_queries(heldout_rows)
     replay = cfg.data.replay_groups_from is not None

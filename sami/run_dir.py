@@ -15,6 +15,8 @@
     <run>/STOPPED                          why the run stopped in order
     <run>/LOCK                             held (flock) by the driver whose run owns the folder; names its pid
     <run>/ray_train/                       Ray Train's storage
+    <run>/base_model/                      a built-in base model, copied from the driver's cache: what the learner
+                                           and engine nodes load (they share the run folder, not the driver's disk)
     <run>/eval/                            `python -m evals.run --run <run>`'s results (its run.output_dir)
 
 The checksum manifest in each DeepSpeed checkpoint and HF export, written once the iteration is saved, shows that
@@ -30,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -163,6 +166,15 @@ class RunDir:
     @property
     def ray_train(self) -> Path:
         return self.path / "ray_train"
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / "base_model"
+
+    def share_model(self, folder: str) -> str:
+        """A model folder on the driver's own disk (the built-in model's cache) copied into the run folder."""
+        shutil.copytree(folder, self.base_model, dirs_exist_ok=True)
+        return str(self.base_model)
 
     @property
     def evaluation(self) -> Path:

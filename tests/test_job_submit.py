@@ -145,32 +145,37 @@ def worker_port_range_start(taken: list[int], width: int = 1000) -> int:
 
 
 class LoopbackCluster:
-    """`ray start --head --block` on 127.0.0.1 with its own ports, temp dir and auth token."""
+    """`ray start --head --block` on 127.0.0.1 with its own ports, temp dir and auth token; `head_args` and
+    `env` (tests/autoscaling_cluster.py's autoscaler) are added to its command line and environment."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, head_args: tuple[str, ...] = ("--num-cpus=4",), env: dict | None = None):
         self.root = root
         # Ray's socket paths must stay under 107 bytes: pytest's tmp paths are too long for them.
         self.ray_dir = Path(tempfile.mkdtemp(prefix="sami-ray-", dir="/tmp"))
         self.token = secrets.token_hex(32)
         (root / "token").write_text(self.token)
-        (gcs, self.dashboard_port, client, agent_http, agent_grpc, runtime_env_agent, self.metrics_port, node_manager,
-         object_manager) = ports = free_ports(9)
+        (self.gcs_port, self.dashboard_port, client, agent_http, agent_grpc, runtime_env_agent, self.metrics_port,
+         node_manager, object_manager) = ports = free_ports(9)
         low = worker_port_range_start(ports)
         self.env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN_PATH": str(root / "token"), "RAY_metrics_report_interval_ms": "500"}
+                    "RAY_AUTH_TOKEN_PATH": str(root / "token"), "RAY_metrics_report_interval_ms": "500", **(env or {})}
         self.env.pop("RAY_ADDRESS", None)  # the job's own driver finds the cluster through Ray Jobs
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                   f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                   f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                    f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
                    f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
                    f"--metrics-export-port={self.metrics_port}", f"--node-manager-port={node_manager}",
                    f"--object-manager-port={object_manager}", f"--min-worker-port={low}",
-                   f"--max-worker-port={low + 999}", f"--temp-dir={self.ray_dir}", "--num-cpus=4",
-                   "--disable-usage-stats"]
+                   f"--max-worker-port={low + 999}", f"--temp-dir={self.ray_dir}", "--disable-usage-stats",
+                   *head_args]
+        self.before_start()
         self.log = open(root / "ray_start.log", "w")
         self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
+
+    def before_start(self) -> None:
+        """What a subclass writes once the ports are chosen, before `ray start` runs."""
 
     def get(self, path: str, token: str | None = None, timeout: float = 10.0):
         headers = {"Authorization": f"Bearer {token or self.token}"}

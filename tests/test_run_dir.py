@@ -101,3 +101,15 @@ def test_heldout_queries_are_one_json_object_a_line(tmp_path):
     rows = [{"query_id": "q1", "query": "hi"}, {"query_id": "q2", "query": "ünïcode"}]
     run.write_heldout_queries(rows)
     assert [json.loads(line) for line in run.heldout_queries.read_text().splitlines()] == rows
+
+
+def test_a_model_on_the_drivers_disk_is_shared_through_the_run_folder(tmp_path):
+    """Learner and engine nodes share the run folder, not the driver's cache (tests/test_autoscaling.py's audit)."""
+    cache = tmp_path / "cache" / "base-1"
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text('{"hidden_size": 8}')
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    assert run.share_model(str(cache)) == str(tmp_path / "run" / "base_model")
+    assert (run.base_model / "config.json").read_text() == '{"hidden_size": 8}'
+    assert run.share_model(str(cache)) == str(run.base_model)  # a resume copies it again over the old copy

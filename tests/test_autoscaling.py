@@ -1,0 +1,216 @@
+"""The jobs on a local autoscaling cluster (tests/autoscaling_cluster.py: ray_cluster.yaml's node types, logical
+GPUs): `ray job submit` starts exactly the worker nodes a job needs, learners land on `learner` nodes and engines
+on `rollout` nodes (read from the nodes' labels), and the cluster goes back to 0 workers when the jobs are done."""
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet
+import pytest
+
+from autoscaling_cluster import AutoscalingCluster
+from sami.run_dir import RunDir
+from test_job_submit import REPO, TINY, VENV_BIN
+
+pytestmark = [pytest.mark.slow]
+# configs/tiny.yaml with a logical GPU per learner and per engine: 1 learner node (2 GPUs) and 1 rollout node.
+# (gloo: the logical GPUs are no CUDA devices.)
+ON_GPUS = ["scaling.gpus_per_learner=1", "rollout.gpus_per_engine=1", "scaling.torch_backend=gloo"]
+# Three short iterations (a node lost in iteration 2 needs a third to show the run goes on): 32 queries, 2 steps.
+SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
+TINY = str(TINY)
+ENGINE_CLASSES = {"RolloutWorker", "ModelWorker"}  # training's and the evaluation's engines
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = AutoscalingCluster(tmp_path_factory.mktemp("ray-autoscaling"))
+    try:
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class Job:
+    """A `ray job submit --no-wait` of a `python -m` entry point, followed to its end over the dashboard while
+    the worker nodes alive are recorded (node id -> role label). No `--working-dir`: every fake node shares one
+    session folder, where a node's runtime-env agent unpacks the package again under the processes of the other
+    nodes running in it (a job's TrainController died in MKL for its lost working directory); the code reaches
+    every node through the cluster's PYTHONPATH instead (test_job_submit.py tests the upload)."""
+
+    def __init__(self, cluster: AutoscalingCluster, module: str, *args: str, env_vars: dict | None = None):
+        self.cluster, self.id = cluster, f"sami-{module.split('.')[0]}-{secrets.token_hex(4)}"
+        self.workers_seen: dict[str, str] = {}
+        submit = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--runtime-env-json",
+             json.dumps({"env_vars": env_vars or {}}), "--submission-id", self.id, "--no-wait", "--", "python", "-m",
+             module, *args],
+            env=cluster.env, capture_output=True, text=True, timeout=120)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+
+    def status(self) -> str:
+        self.workers_seen.update({n["node_id"]: n["labels"].get("role") for n in self.cluster.alive_workers()})
+        return self.cluster.get(f"/api/jobs/{self.id}")["status"]
+
+    def logs(self) -> str:
+        return self.cluster.get(f"/api/jobs/{self.id}/logs")["logs"]
+
+    def wait(self, timeout_s: float, until=lambda: False) -> str:
+        """The job's final status, or None once `until()` holds first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            if until():
+                return None
+            time.sleep(1.0)
+        raise TimeoutError(f"job {self.id} still {status} after {timeout_s}s:\n{self.logs()[-3000:]}")
+
+    def actors(self) -> list[dict]:
+        """This job's actors (alive or dead) with the role label of the node each ran on."""
+        job_id = next(j["job_id"] for j in self.cluster.get("/api/jobs/") if j["submission_id"] == self.id)
+        roles = {n["node_id"]: n["labels"].get("role") for n in self.cluster.nodes()}
+        actors = self.cluster.get(f"/api/v0/actors?limit=10000&detail=true&filter_keys=job_id&filter_predicates=%3D"
+                                  f"&filter_values={job_id}")["data"]["result"]["result"]
+        return [{**a, "role": roles.get(a["node_id"])} for a in actors]
+
+
+@pytest.fixture(scope="module")
+def training_run(cluster, tmp_path_factory):
+    """configs/tiny.yaml submitted to the cluster at 0 workers, every file its processes open recorded by node
+    (tests/file_audit): (the job, its run folder, the audit folder, seconds since the submission)."""
+    assert cluster.alive_workers() == []
+    started, root = time.monotonic(), tmp_path_factory.mktemp("training-run")
+    run_dir, audit = root / "run", root / "opened"
+    audit.mkdir()
+    train = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS,
+                env_vars={"PYTHONPATH": f"{REPO / 'tests' / 'file_audit'}:{REPO}", "SAMI_FILE_AUDIT": str(audit)})
+    assert train.wait(300) == "SUCCEEDED", train.logs()[-3000:]
+    return train, run_dir, audit, time.monotonic() - started
+
+
+@pytest.mark.timeout(600)
+def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(cluster, training_run, tmp_path):
+    train, run_dir, _, seconds = training_run
+    started = time.monotonic() - seconds
+    # Exactly the node types the job asked for: one learner node (2 learners, a GPU each), one rollout node.
+    assert sorted(train.workers_seen.values()) == ["learner", "rollout"], train.workers_seen
+    placed = {(a["class_name"], a["role"]) for a in train.actors()}
+    assert {role for name, role in placed if name == "RayTrainWorker"} == {"learner"}, placed
+    assert {role for name, role in placed if name in ENGINE_CLASSES} == {"rollout"}, placed
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["iteration"] for r in rows] == [1, 2]
+    # The weights crossed from the learner node to the rollout node and the engine scored the probe as they did.
+    assert all(r["sync_bytes"] > 0 and r["probe_abs_diff"] <= 1e-4 for r in rows), rows
+
+    eval_dir = tmp_path / "eval"
+    models = (f"models=[{{name: base, path: 'builtin:world-small'}}, "
+              f"{{name: sami-iter2, path: '{run_dir}/iteration-2/hf'}}]")
+    evaluate = Job(cluster, "evals.run", "--config", str(REPO / "configs" / "eval_world.yaml"), models,
+                   f"run.output_dir={eval_dir}", "baseline=base", "data.max_queries=256", "data.heldout_queries=32",
+                   "num_queries=16", "adherence.heldout_principle_queries=8", "generation.gpus_per_model=1")
+    assert evaluate.wait(300) == "SUCCEEDED", evaluate.logs()[-3000:]
+    assert {a["role"] for a in evaluate.actors() if a["class_name"] in ENGINE_CLASSES} == {"rollout"}
+    assert json.loads((eval_dir / "results.json").read_text())["meta"]["queries"] == 16
+
+    idle = cluster.wait_for_workers(0, 180)
+    print(f"jobs done, all workers gone {idle:.0f}s later; {time.monotonic() - started:.0f}s in all")
+
+
+def opened_by_node(audit: Path) -> dict[str, dict[str, set]]:
+    """node id -> {"r": paths read, "w": paths written} from tests/file_audit's records."""
+    nodes: dict[str, dict[str, set]] = {}
+    for record in audit.glob("*.tsv"):
+        opened = nodes.setdefault(record.name.split(".")[0], {"r": set(), "w": set()})
+        for line in record.read_text().splitlines():
+            kind, path = line.split("\t", 1)
+            opened[kind].add(path)
+    return nodes
+
+
+def test_what_one_node_reads_from_another_lives_in_the_run_folder(cluster, training_run):
+    """On a real cluster the nodes share only the run folder (a shared mount or cloud storage): a file a learner
+    or engine node reads must be in it, or be the node's own (software, Ray's session folder, what the node itself
+    wrote). All fake nodes share this machine's disk, so the test reads what each process opened (Python `open`)."""
+    train, run_dir, audit, _ = training_run
+    roles = {n["node_id"]: n["labels"].get("role") for n in cluster.nodes()}
+    opened = opened_by_node(audit)
+    assert {roles[node] for node in opened} >= {"head", "learner", "rollout"}, opened.keys()
+    software = (Path(sys.prefix), Path(sys.base_prefix), REPO, cluster.ray_dir, cluster.root, Path("/proc"),
+                Path("/sys"), Path("/dev"), Path("/etc"), Path("/usr"), Path("/lib"))
+    strays = {}
+    for node, files in opened.items():
+        written_elsewhere = set().union(*(f["w"] for other, f in opened.items() if other != node))
+        for path in files["r"] - files["w"]:
+            p = Path(path)
+            if p.is_relative_to(run_dir) or any(p.is_relative_to(s) for s in software):
+                continue
+            # The head (the driver's node) may read what was there before the job; a worker node may not.
+            if path in written_elsewhere or roles[node] != "head":
+                strays.setdefault(roles[node], set()).add(path)
+    assert strays == {}, strays
+
+
+def kill_raylet(node_id: str) -> int:
+    """SIGKILL the raylet of one worker node (its workers end with it): the node is lost, as a spot node is."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].endswith("/raylet") and f"--node_id={node_id}" in cmdline:
+            os.kill(proc.pid, signal.SIGKILL)
+            return proc.pid
+    raise AssertionError(f"no raylet for node {node_id}")
+
+
+def node_lost_in_iteration_two(cluster: AutoscalingCluster, run_dir: Path, actor_class: str) -> tuple[Job, str, list]:
+    """A 3-iteration training job whose node holding a `actor_class` actor is lost once iteration 1 is complete:
+    (the job, the lost node's id, the metrics rows). The job must succeed, each iteration once, every query's
+    group generated exactly once."""
+    job = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS,
+              *SMALL)
+    assert job.wait(240, until=(run_dir / "iteration-1" / "COMPLETE").is_file) is None, job.logs()[-3000:]
+    lost = next(a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["state"] == "ALIVE")
+    kill_raylet(lost)
+    assert job.wait(300) == "SUCCEEDED", job.logs()[-3000:]
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["iteration"] for r in rows] == [1, 2, 3], job.logs()[-3000:]
+    for row in rows:  # no group lost or generated twice
+        ids = [g["query_id"] for g in pyarrow.parquet.read_table(RunDir(run_dir).groups(row["iteration"])).to_pylist()]
+        filtered = sum(v for k, v in row.items() if k.startswith("filtered_"))
+        assert len(ids) == len(set(ids)) == row["groups"] and row["groups"] + filtered == 32, row
+    assert all(r["probe_abs_diff"] <= 1e-4 for r in rows), rows  # every sync verified, the last ones on new nodes
+    # The autoscaler replaced the node: the lost one is dead, the actor's last home another node of its type.
+    assert {n["node_id"]: n["state"] for n in cluster.nodes()}[lost] == "DEAD"
+    role = job.workers_seen[lost]
+    homes = {a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["node_id"] != lost}
+    assert homes and all(job.workers_seen[h] == role for h in homes), (homes, job.workers_seen)
+    return job, lost, rows
+
+
+@pytest.mark.timeout(600)
+def test_a_lost_rollout_node_is_replaced_and_its_engine_resynced(cluster, tmp_path):
+    started = time.monotonic()
+    job, lost, rows = node_lost_in_iteration_two(cluster, tmp_path / "run", "RolloutWorker")
+    assert job.workers_seen[lost] == "rollout"
+    assert [r["engine_restarts"] for r in rows] == [0, 1, 0], rows
+    assert rows[1]["restart_probe_abs_diff"] <= 1e-4  # the restarted engine got the weights back and was checked
+    assert "rollout engine 0 restarted: current weights loaded, probe check passed" in job.logs()
+    assert [r["learner_restarts"] for r in rows] == [0, 0, 0]
+    print(f"rollout node lost and replaced: {time.monotonic() - started:.0f}s")
+
+
+@pytest.mark.timeout(600)
+def test_a_lost_learner_node_is_replaced_and_the_group_continues_from_iteration_one(cluster, tmp_path):
+    started = time.monotonic()
+    job, lost, rows = node_lost_in_iteration_two(cluster, tmp_path / "run", "RayTrainWorker")
+    assert job.workers_seen[lost] == "learner"
+    assert [r["learner_restarts"] for r in rows] == [0, 1, 1], rows
+    assert "learner group restarted after a failure (restart 1): continuing from iteration 1" in job.logs()
+    print(f"learner node lost and replaced: {time.monotonic() - started:.0f}s")
