@@ -2,34 +2,35 @@
 (engines -> completions -> filter) and stream into the learner ranks, which train on their first micro-batch
 while the engines still generate.
 
-Per iteration, learner rank 0 builds `generation_dataset`: one row, and one block, per generation batch
-(`ray.data.from_items`), then ONE `map_batches` stage whose callable class, `GenerationStage`, runs in one
-proxy actor (0 CPUs: a proxy reserving a share of a CPU never schedules on 2 CPUs) with one thread per engine,
-each sending its batch to the first free long-lived `RolloutActor` (`EnginePool`: nothing loads a model per
-iteration), attaching the completions and filtering, in the same stage (a filter stage of its own waits on a
-CPU the learners hold). `split_for_learners` streams the kept groups to the ranks (`streaming_split(equal=True)`,
-in order: `preserve_order`, so the same seed sends the same groups to the same rank); each rank tokenises the
-groups it trains on. The stage writes one ledger file per batch (every group, kept or not; the engines it
-restarted) into the iteration folder; rank 0 reads them once the stream ended, for groups.parquet, the filter
-counts and the restart figures (`read_ledger`).
+Per iteration, learner rank 0 plans the generation batches and hands rank r every W-th one (r, r + W, ...);
+each rank runs its own Ray Data execution of them (`generation_dataset`: one row, and one block, per batch,
+`ray.data.from_items`, then ONE `map_batches` stage, `generate_batch`, as 0-CPU tasks: a task reserving a share
+of a CPU never schedules on 2 CPUs, and the learners hold them) and reads the kept groups as they come
+(`stream_groups`), in order (`preserve_order`: the same seed gives a rank the same groups). A task sends its
+batch to engine `batch % num_engines` (the long-lived `RolloutActor`s: nothing loads a model per iteration),
+attaches the completions and filters them in the same stage (a filter stage of its own waits on a CPU the
+learners hold); the rank tokenises the groups it trains on. Tasks, not an actor pool, and no streaming_split:
+the task workers stay up from one iteration to the next, where an actor pool and a split coordinator are two
+new processes every iteration (2 to 3 s each on 2 cores: benchmarks/README.md, "Data plane").
 
-The proxy imports neither torch nor transformers (1.4 s and 250 MiB per process, per iteration): a restarted
-engine is recovered through `WeightSync.for_recovery`, imported only then.
+Each task writes one ledger file per batch (every group, kept or not; the engine restarts it handled) into the
+iteration folder; rank 0 reads them once every rank's stream ended, for groups.parquet, the filter counts and
+the restart figures (`read_ledger`). The tasks import neither torch nor transformers (1.4 s and 250 MiB a
+process): a restarted engine is recovered through `WeightSync.for_recovery`, imported only then; the first task
+to meet an engine's new incarnation recovers it (a claim file in the ledger), the others wait for that.
 """
 from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import pyarrow as pa
-import ray
 
-from actors.rollout import EnginePool
+from actors.rollout import EnginePool, RolloutEngineError
 from sami.config import FilterConfig, SamplingConfig
 from sami.console import open_channel, report_progress
 from sami.groups import (QueryGroup, attach_completions, filter_groups, generation_seeds, group_from_json,
@@ -37,24 +38,20 @@ from sami.groups import (QueryGroup, attach_completions, filter_groups, generati
 from sami.jsonl import read_jsonl
 from sami.stops import StopRun
 
-# How long an operator waits for its proxy actor before the execution fails with an error (a silent wait otherwise).
-MIN_ACTORS_WAIT_S = 600
-
 
 def configure_ray_data() -> None:
-    """This process's Ray Data settings for the loop: outputs in input order (which groups reach which rank is then
-    the same for the same seed), no progress bars (the job log holds Ray Data's lines), a bounded wait for actors."""
+    """This process's Ray Data settings for the loop: outputs in input order (the same seed gives a rank the same
+    groups in the same order), no progress bars (the job log holds Ray Data's lines)."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What the generation stage's proxy needs; pickled once per execution."""
+    """What the generation stage's tasks need (one per iteration)."""
 
     actors: tuple
     sampling: SamplingConfig
@@ -64,53 +61,68 @@ class StageSpec:
     policy_iteration: int  # whose weights the engines hold (0: the base model)
     ledger: str  # the folder of the per-batch ledger files
     batches: int
-    console: Optional[Path]  # console.jsonl: the proxy's restart lines and progress reach the console
+    console: Optional[Path]  # console.jsonl: the tasks' restart lines and progress reach the console
     recovery: dict  # WeightSync.recovery_state()
     max_failures: int
+
+    def engine(self, batch: int) -> int:
+        return batch % len(self.actors)
 
 
 def ledger_file(folder: Path, batch: int) -> Path:
     return folder / f"batch-{batch:05d}.json"
 
 
-class GenerationStage:
-    """The one Ray Data stage: a batch of planned groups -> completions from the first free engine -> the kept
-    groups (JSON rows). Runs in one threaded proxy actor, a thread per engine."""
+def generate_batch(rows: dict, spec: StageSpec) -> pa.Table:
+    """The one Ray Data stage: a batch of planned groups -> completions from its engine -> the kept groups (one JSON
+    row each); the batch's ledger file."""
+    if spec.console:
+        open_channel(spec.console)
+    batch = int(rows["batch"][0])
+    groups = [group_from_json(text) for text in json.loads(rows["groups"][0])]
+    engine, restarts = spec.engine(batch), []
+    incarnations = list(spec.recovery["incarnations"])
+    pool = EnginePool(list(spec.actors), incarnations, lambda _: restarts.extend(recover(spec, engine, incarnations)),
+                      spec.max_failures, engines=[engine])
+    completions = pool.generate([p for g in groups for p in g.generation_prompts], spec.sampling,
+                                [s for g in groups for s in generation_seeds(g, spec.seed, spec.iteration)])
+    attach_completions(groups, completions)
+    filter_groups(groups, spec.filters)
+    for group in groups:
+        group.policy_iteration, group.staleness = spec.policy_iteration, spec.iteration - 1 - spec.policy_iteration
+    folder = Path(spec.ledger)
+    write_ledger(ledger_file(folder, batch), {"batch": batch, "groups": [g.record() for g in groups],
+                                              "restarts": restarts, "finished": time.time()})
+    report_progress(f"iteration {spec.iteration} generate", len(list(folder.glob("batch-*.json"))), spec.batches, "batch")
+    return pa.table({"group": pa.array([group_to_json(g) for g in groups if not g.reject_reason], pa.string())})
 
-    def __init__(self, spec: StageSpec):
-        self.spec = spec
-        if spec.console:
-            open_channel(spec.console)
-        self.pool = EnginePool(list(spec.actors), spec.recovery["incarnations"], self._recover, spec.max_failures)
-        self.lock, self.done, self.sync = threading.Lock(), 0, None
-        self.local = threading.local()  # each thread's engine restarts, for its batch's ledger
 
-    def _recover(self, engine: int) -> None:
-        from actors.weight_sync import WeightSync  # torch, only once an engine has restarted (the module's note)
+def recover(spec: StageSpec, engine: int, incarnations: list[str]) -> list[dict]:
+    """Bring restarted `engine` back to the learner's weights, probe-checked, once per new incarnation: the first
+    task to claim it does; the others wait for its note. Updates `incarnations`; returns the restart it handled."""
+    from actors.weight_sync import RESTART_TIMEOUT_S, WeightSync  # torch, only now (the module's note)
 
-        with self.lock:  # one recovery at a time: they share the incarnations and the restarts list
-            if self.sync is None:
-                self.sync = WeightSync.for_recovery(list(self.spec.actors), self.spec.recovery)
-            self.sync.recover(engine)
-            self.local.restarts.append(self.sync.restarts[-1])
-
-    def __call__(self, rows: dict) -> pa.Table:
-        spec, batch = self.spec, int(rows["batch"][0])
-        groups = [group_from_json(text) for text in json.loads(rows["groups"][0])]
-        self.local.restarts = []
-        completions = self.pool.generate([p for g in groups for p in g.generation_prompts], spec.sampling,
-                                         [s for g in groups for s in generation_seeds(g, spec.seed, spec.iteration)])
-        attach_completions(groups, completions)
-        filter_groups(groups, spec.filters)
-        for group in groups:
-            group.policy_iteration, group.staleness = spec.policy_iteration, spec.iteration - 1 - spec.policy_iteration
-        write_ledger(ledger_file(Path(spec.ledger), batch),
-                     {"batch": batch, "groups": [g.record() for g in groups], "restarts": self.local.restarts,
-                      "finished": time.time()})
-        with self.lock:
-            self.done += 1
-            report_progress(f"iteration {spec.iteration} generate", self.done, spec.batches, "batch")
-        return pa.table({"group": pa.array([group_to_json(g) for g in groups if not g.reject_reason], pa.string())})
+    sync = WeightSync.for_recovery(list(spec.actors), {**spec.recovery, "incarnations": incarnations})
+    incarnation = sync._wait_for_restart(engine)
+    claim = Path(spec.ledger) / f"restart-{engine}-{incarnation}"
+    done = claim.with_suffix(".done")
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:  # another task is recovering this incarnation
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while not done.is_file():
+            if time.monotonic() > deadline:
+                raise StopRun(f"rollout engine {engine} was not recovered within {RESTART_TIMEOUT_S} s") from None
+            time.sleep(0.2)
+        incarnations[engine] = json.loads(done.read_text())["incarnation"]
+        return []
+    lost = len(list(Path(spec.ledger).glob(f"restart-{engine}-*"))) - 1  # claims: this one, and those before it
+    if lost > spec.max_failures:
+        raise RolloutEngineError(f"rollout engine {engine} failed {lost} time(s) in one iteration "
+                                 f"(rollout.max_engine_failures={spec.max_failures})")
+    sync.recover(engine)  # sets incarnations[engine]
+    done.write_text(json.dumps({"incarnation": incarnations[engine]}))
+    return [sync.restarts[-1]]
 
 
 def write_ledger(path: Path, entry: dict) -> None:
@@ -133,36 +145,30 @@ def read_ledger(folder: Path, batches: int) -> tuple[list[QueryGroup], list[dict
     return groups, [r for entry in entries for r in entry["restarts"]], max(e["finished"] for e in entries)
 
 
-def generation_dataset(spec: StageSpec, batches: list[list[QueryGroup]]):
-    """The iteration's planned batches through the generation stage: a lazy `ray.data.Dataset` of kept groups."""
+def batch_rows(batches: list[list[QueryGroup]]) -> list[dict]:
+    """The planned batches as Ray Data rows: the batch's index and its groups (generation prompts too) as JSON."""
+    return [{"batch": i, "groups": json.dumps([group_to_json(g) for g in batch])} for i, batch in enumerate(batches)]
+
+
+def generation_dataset(spec: StageSpec, rows: list[dict], concurrency: int):
+    """`rows` (some of the iteration's batches) through the generation stage: a lazy dataset of kept groups, at
+    most `concurrency` batches in flight."""
     import ray.data
 
-    rows = [{"batch": i, "groups": json.dumps([group_to_json(g) for g in batch])} for i, batch in enumerate(batches)]
-    return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        GenerationStage, fn_constructor_args=(spec,), batch_size=1, num_cpus=0,
-        compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=len(spec.actors),
-                                           max_concurrent_calls_per_actor=len(spec.actors)))
+    configure_ray_data()
+    return ray.data.from_items(rows, override_num_blocks=max(len(rows), 1)).map_batches(
+        generate_batch, fn_args=(spec,), batch_size=1, num_cpus=0, concurrency=concurrency)
 
 
-def replay_dataset(groups: list[QueryGroup]):
-    """Groups another run recorded (filtered and tokenised there), as the same one-column dataset."""
-    import ray.data
-
-    return ray.data.from_items([{"group": group_to_json(g)} for g in groups])
-
-
-def split_for_learners(dataset, world: int) -> list:
-    """One streaming iterator per learner rank, of equal length (the remainder is dropped), in order."""
-    return dataset.streaming_split(world, equal=True)
-
-
-def stream_groups(split) -> Iterator[QueryGroup]:
-    """A rank's groups as its split delivers them; a failed generation stage is a `StopRun` with its reason."""
+def stream_groups(dataset) -> Iterator[QueryGroup]:
+    """A rank's groups as its execution delivers them; a failed generation stage is a `StopRun` with its reason."""
     try:
-        for row in split.iter_rows():
+        for row in dataset.iter_rows():
             yield group_from_json(row["group"])
     except Exception as e:  # Ray Data wraps the stage's error: find the stop the stage raised
         cause = e
         while cause is not None and not isinstance(cause, StopRun):
             cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, StopRun):
+            raise type(cause)(str(cause)) from None
         raise StopRun(f"the data plane stopped: {cause if cause is not None else str(e).splitlines()[0]}") from None

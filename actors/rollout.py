@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # Test-only fault (tests/test_faults.py): the first `update_weights` call that finds no file at this env var's path
 # writes it and ends its process, as an engine lost mid-sync would.
 EXIT_IN_UPDATE_WEIGHTS = "SAMI_TEST_EXIT_IN_UPDATE_WEIGHTS"
+# Benchmark-only stand-in for an engine of realistic speed (benchmarks/data_plane.py): seconds added to each
+# `generate` call.
+GENERATE_DELAY_S = "SAMI_BENCH_GENERATE_DELAY_S"
 
 
 def dtype_name(dtype) -> str:
@@ -50,6 +53,7 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: list[int]) -> dict:
         """{"incarnation", "completions"}: completions as plain dicts (`text`, `token_ids`, `finish_reason`)."""
+        time.sleep(float(os.environ.get(GENERATE_DELAY_S, 0)))
         return {"incarnation": self.incarnation,
                 "completions": [c.__dict__ for c in self.engine.generate(prompts, sampling, seeds)]}
 
@@ -175,10 +179,11 @@ class EnginePool:
     """
 
     def __init__(self, actors: list, incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
-                 max_failures: int = 0):
+                 max_failures: int = 0, engines: Optional[list[int]] = None):
+        """`engines`: the indexes of `actors` this pool calls (default: all)."""
         self.actors, self.incarnations, self.recover, self.max_failures = actors, incarnations, recover, max_failures
         self.free: queue.Queue[int] = queue.Queue()
-        for engine in range(len(actors)):
+        for engine in range(len(actors)) if engines is None else engines:
             self.free.put(engine)
         self.failures: Counter = Counter()
         self.lock = threading.Lock()

@@ -22,8 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from actors.data_plane import (StageSpec, configure_ray_data, generation_dataset, read_ledger, replay_dataset,
-                               split_for_learners, stream_groups)
+from actors.data_plane import StageSpec, batch_rows, generation_dataset, read_ledger, stream_groups
 from actors.rollout import generate_on_engines
 from actors.weight_sync import WeightSync
 from pipelines.run_spec import LearnerJob, RunSpec
@@ -183,18 +182,19 @@ class Generation:
     policy_iteration: int  # whose weights generate them (0: the base model)
     started: float  # time.time() when the iteration's planning began
     figures: dict  # what is known so far (time_write_principles; everything once `groups` is set)
-    dataset: object = None  # ray_data: the kept groups as a Ray Data dataset (lazy, or materialized)
-    ledger: Optional[Path] = None  # ray_data: the stage's per-batch ledger folder
-    batches: int = 0
+    spec: Optional[StageSpec] = None  # ray_data: the generation stage's settings
+    rows: list[dict] = field(default_factory=list, repr=False)  # ray_data: the planned batches (`batch_rows`)
     restarts_before: int = 0  # len(WeightSync.restarts) when it started
     planned: int = 0  # the queries planned (kept or not)
     groups: Optional[list[QueryGroup]] = field(default=None, repr=False)  # every kept group, once known
+    streamed: bool = False  # ray_data: the ranks ran the batches (else rank 0 runs them when it completes)
     saved: bool = False  # groups.parquet written, the figures complete
 
 
 def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tuple[GroupStream, Optional[Generation], dict]:
-    """Rank 0 starts the iteration's groups (or takes `upcoming`, generated while the previous iteration trained);
-    every rank receives its own shard only: a Ray Data stream (ray_data) or a list (direct)."""
+    """Rank 0 plans the iteration's groups (or takes `upcoming`, generated while the previous iteration trained);
+    every rank receives its own share only: its batches, which it streams through Ray Data (ray_data, `sync`), or
+    its equal shard of groups generated whole (direct; `one_step_off`; a replay)."""
     cfg, record = loop.cfg, {"iteration": iteration, "objective": objective_for(loop.cfg, iteration)}
     payload, problem, generation = None, None, None
     if loop.rank == 0:
@@ -205,7 +205,7 @@ def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tu
         try:
             generation = upcoming.result() if upcoming is not None else start_generation(loop, iteration,
                                                                                          loop.engine_weights)
-            if cfg.schedule.rollout == "one_step_off" and upcoming is None:
+            if cfg.schedule.rollout == "one_step_off":
                 complete_generation(loop, generation)  # k+1's generation must not share the engines with k's
             payload = shard_sources(loop, generation)
         except StopRun as e:
@@ -213,10 +213,16 @@ def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tu
     stop_together(problem)
     received = [None]
     dist.scatter_object_list(received, payload, src=0, group=control_group())
-    if cfg.rollout.data_plane == "direct":
+    if isinstance(received[0], list):
         return GroupStream(received[0]), generation, record
-    return GroupStream(stream_groups(received[0]), prepare=lambda g: g if g.prompt_ids else tokenise(loop, g)), \
-        generation, record
+    spec, rows = received[0]
+    return GroupStream(stream_groups(generation_dataset(spec, rows, stage_concurrency(spec, loop.world))),
+                       prepare=lambda g: tokenise(loop, g)), generation, record
+
+
+def stage_concurrency(spec: StageSpec, ranks: int) -> int:
+    """Batches in flight per rank: every engine busy once every rank has its share in flight."""
+    return max(1, -(-len(spec.actors) // ranks))
 
 
 def tokenise(loop: Loop, group: QueryGroup) -> QueryGroup:
@@ -226,9 +232,11 @@ def tokenise(loop: Loop, group: QueryGroup) -> QueryGroup:
 
 
 def shard_sources(loop: Loop, generation: Generation) -> list:
-    """Each rank's source of groups: its streaming split of the dataset, or (direct) its equal shard of the list."""
-    if loop.cfg.rollout.data_plane == "ray_data":
-        return split_for_learners(generation.dataset, loop.world)
+    """Each rank's share: (the stage's settings, its batches: r, r + W, ...) to stream, or, where the groups are
+    already whole, its equal shard of them."""
+    if generation.groups is None:
+        generation.streamed = True
+        return [(generation.spec, generation.rows[rank::loop.world]) for rank in range(loop.world)]
     if len(generation.groups) < loop.world:
         raise StopRun(f"iteration {generation.iteration}: only {len(generation.groups)} query groups survived "
                       f"filtering ({generation.figures}); need at least one per learner")
@@ -240,6 +248,7 @@ def collect_phase(loop: Loop, shard: GroupStream, generation: Optional[Generatio
     """After training: every rank reads the rest of its shard (its stream ends); rank 0 completes the iteration's
     groups (the ledger: filter counts, engine restarts), writes groups.parquet and hands every rank the probe."""
     shard.drain()
+    dist.barrier(group=control_group())  # every rank's stream ended: every batch's ledger is written
     payload, problem = [None], None
     if loop.rank == 0:
         try:
@@ -292,9 +301,6 @@ def start_generation(loop: Loop, iteration: int, policy_iteration: int) -> Gener
         generation.groups = replay_groups(RunDir(cfg.data.replay_groups_from), iteration)
         generation.figures = {"time_write_principles": 0.0, "time_generate": time.time() - started,
                               **{f"filtered_{r}": 0 for r in REASONS}}
-        if cfg.rollout.data_plane == "ray_data":
-            configure_ray_data()
-            generation.dataset = replay_dataset(generation.groups)
         return generation
     count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
     queries = iteration_queries(loop.run.train_queries, iteration, count, cfg.schedule.alternate_splits)
@@ -312,17 +318,16 @@ def start_generation(loop: Loop, iteration: int, policy_iteration: int) -> Gener
         for group in generation.groups:
             group.policy_iteration, group.staleness = policy_iteration, iteration - 1 - policy_iteration
         return generation
-    batches, generation.figures = plan_iteration(cfg, iteration, queries, loop.constitutions)
-    generation.ledger, generation.batches = loop.run_dir.batch_ledger(iteration), len(batches)
-    shutil.rmtree(generation.ledger, ignore_errors=True)  # a ledger left by an attempt that died mid-iteration
-    generation.ledger.mkdir(parents=True)
-    spec = StageSpec(tuple(loop.run.actors), cfg.sampling, cfg.filters, cfg.run.seed, iteration, policy_iteration,
-                     str(generation.ledger), len(batches), channel_path(), loop.sync.recovery_state(),
-                     cfg.rollout.max_engine_failures)
-    configure_ray_data()
-    generation.dataset = generation_dataset(spec, batches)
-    if cfg.schedule.rollout == "one_step_off":
-        generation.dataset = generation.dataset.materialize()
+    # one_step_off: rank 0 runs every batch in its thread and hands out equal shards, as the direct path
+    streams = loop.world if cfg.schedule.rollout == "sync" else 1
+    batches, generation.figures = plan_iteration(cfg, iteration, queries, loop.constitutions, streams)
+    ledger = loop.run_dir.batch_ledger(iteration)
+    shutil.rmtree(ledger, ignore_errors=True)  # a ledger left by an attempt that died mid-iteration
+    ledger.mkdir(parents=True)
+    generation.spec = StageSpec(tuple(loop.run.actors), cfg.sampling, cfg.filters, cfg.run.seed, iteration,
+                                policy_iteration, str(ledger), len(batches), channel_path(), loop.sync.recovery_state(),
+                                cfg.rollout.max_engine_failures)
+    generation.rows = batch_rows(batches)
     return generation
 
 
@@ -331,14 +336,18 @@ def complete_generation(loop: Loop, generation: Generation) -> list[QueryGroup]:
     groups.parquet (ray_data: read from the stage's ledger once its execution ended). Idempotent."""
     cfg = loop.cfg
     if generation.groups is None:
-        every, restarts, finished = read_ledger(generation.ledger, generation.batches)
+        spec = generation.spec
+        if not generation.streamed:  # one_step_off: rank 0 runs every batch here, in its generation thread
+            for _ in stream_groups(generation_dataset(spec, generation.rows, len(spec.actors))):
+                pass
+        every, restarts, finished = read_ledger(Path(spec.ledger), spec.batches)
         for restart in restarts:  # the proxy recovered these: rank 0 learns their new incarnations
             loop.sync.restarts.append(restart)
             loop.sync.incarnations[restart["engine"]] = ray.get(loop.run.actors[restart["engine"]].whoami.remote())
         generation.groups = [tokenise(loop, g) for g in every if not g.reject_reason]
         generation.figures.update(reject_counts(every),
                                   time_generate=finished - generation.started - generation.figures["time_write_principles"])
-        shutil.rmtree(generation.ledger)
+        shutil.rmtree(spec.ledger)
     groups, figures = generation.groups, generation.figures
     if generation.saved:
         return groups
@@ -363,15 +372,15 @@ def complete_generation(loop: Loop, generation: Generation) -> list[QueryGroup]:
     return groups
 
 
-def plan_iteration(cfg: TrainConfig, iteration: int, queries: list[dict],
-                   constitutions: Callable) -> tuple[list[list[QueryGroup]], dict]:
-    """(the iteration's generation batches of planned groups, {"time_write_principles"}): queries -> constitutions
-    (`constitutions(query_ids, seed)`: the principle library and each query's C, in one call) -> groups."""
+def plan_iteration(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable,
+                   ranks: int = 1) -> tuple[list[list[QueryGroup]], dict]:
+    """(the iteration's generation batches of planned groups, for `ranks` streams; {"time_write_principles"}): queries
+    -> constitutions (`constitutions(query_ids, seed)`: the principle library and each query's C, in one call) -> groups."""
     started = time.perf_counter()
     library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
     figures = {"time_write_principles": time.perf_counter() - started}
     groups = plan_groups(queries, library, stances, cfg.data.task, TrainingSeeds(cfg.run.seed, iteration))
-    return generation_batches(groups, cfg.sampling.batch_size, cfg.principles.num_constitutions), figures
+    return generation_batches(groups, cfg.sampling.batch_size, cfg.principles.num_constitutions, ranks), figures
 
 
 def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable, generate: Callable,

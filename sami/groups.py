@@ -186,10 +186,12 @@ def filter_and_tokenise(groups: list[QueryGroup], tokenizer, filters: FilterConf
             for g in groups if not g.reject_reason], counts
 
 
-def generation_batches(groups: list[QueryGroup], batch_size: int, c: int) -> list[list[QueryGroup]]:
-    """The fixed generation batches of an iteration: `batch_size // C` groups each (at least one), in query order.
-    The same cut on both data paths, so an engine sees the same batches whichever path carries them."""
-    per_batch = max(1, batch_size // c)
+def generation_batches(groups: list[QueryGroup], batch_size: int, c: int, ranks: int = 1) -> list[list[QueryGroup]]:
+    """The fixed generation batches of an iteration, in query order: `batch_size // C` groups each (at least one),
+    fewer where that leaves any of `ranks` learner ranks streaming fewer than two batches (it trains on its first
+    while its second generates). One rank, or batches much smaller than the iteration (any real run's), keep
+    `batch_size // C`: the direct path's cut, and an engine's batch decides its samples' numerics."""
+    per_batch = max(1, min(batch_size // c, -(-len(groups) // (2 * ranks)) if ranks > 1 else batch_size // c))
     return [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
 
 
