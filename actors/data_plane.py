@@ -13,20 +13,21 @@ learners hold); the rank tokenises the groups it trains on. Tasks, not an actor 
 the task workers stay up from one iteration to the next, where an actor pool and a split coordinator are two
 new processes every iteration (2 to 3 s each on 2 cores: benchmarks/README.md, "Data plane").
 
-Each task writes one ledger file per batch (every group, kept or not; the engine restarts it handled) into the
-iteration folder; rank 0 reads them once every rank's stream ended, for groups.parquet, the filter counts and
-the restart figures (`read_ledger`). The tasks import neither torch nor transformers (1.4 s and 250 MiB a
-process): a restarted engine is recovered through `WeightSync.for_recovery`, imported only then; the first task
-to meet an engine's new incarnation recovers it (a claim file in the ledger), the others wait for that.
+Each task writes one ledger file per batch (every group, kept or not) into the iteration folder; rank 0 reads
+them once every rank's stream ended, for groups.parquet and the filter counts (`read_ledger`). A task that
+meets a restarted engine leaves a request there (once per lost incarnation, whichever tasks met it) and waits:
+rank 0's `RecoveryDesk` thread recovers the engine as the direct path does (`WeightSync.recover`: rank 0 owns
+the last pushed weights) and answers. The tasks import neither torch nor transformers (1.4 s and 250 MiB a process).
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -61,8 +62,8 @@ class StageSpec:
     policy_iteration: int  # whose weights the engines hold (0: the base model)
     ledger: str  # the folder of the per-batch ledger files
     batches: int
-    console: Optional[Path]  # console.jsonl: the tasks' restart lines and progress reach the console
-    recovery: dict  # WeightSync.recovery_state()
+    console: Optional[Path]  # console.jsonl: the tasks' progress reaches the console
+    incarnations: tuple  # each engine's incarnation when the stage starts (WeightSync.incarnations)
     max_failures: int
 
     def engine(self, batch: int) -> int:
@@ -80,9 +81,8 @@ def generate_batch(rows: dict, spec: StageSpec) -> pa.Table:
         open_channel(spec.console)
     batch = int(rows["batch"][0])
     groups = [group_from_json(text) for text in json.loads(rows["groups"][0])]
-    engine, restarts = spec.engine(batch), []
-    incarnations = list(spec.recovery["incarnations"])
-    pool = EnginePool(list(spec.actors), incarnations, lambda _: restarts.extend(recover(spec, engine, incarnations)),
+    engine, incarnations = spec.engine(batch), list(spec.incarnations)
+    pool = EnginePool(list(spec.actors), incarnations, lambda _: request_recovery(spec, engine, incarnations),
                       spec.max_failures, engines=[engine])
     completions = pool.generate([p for g in groups for p in g.generation_prompts], spec.sampling,
                                 [s for g in groups for s in generation_seeds(g, spec.seed, spec.iteration)])
@@ -92,37 +92,61 @@ def generate_batch(rows: dict, spec: StageSpec) -> pa.Table:
         group.policy_iteration, group.staleness = spec.policy_iteration, spec.iteration - 1 - spec.policy_iteration
     folder = Path(spec.ledger)
     write_ledger(ledger_file(folder, batch), {"batch": batch, "groups": [g.record() for g in groups],
-                                              "restarts": restarts, "finished": time.time()})
+                                              "finished": time.time()})
     report_progress(f"iteration {spec.iteration} generate", len(list(folder.glob("batch-*.json"))), spec.batches, "batch")
     return pa.table({"group": pa.array([group_to_json(g) for g in groups if not g.reject_reason], pa.string())})
 
 
-def recover(spec: StageSpec, engine: int, incarnations: list[str]) -> list[dict]:
-    """Bring restarted `engine` back to the learner's weights, probe-checked, once per new incarnation: the first
-    task to claim it does; the others wait for its note. Updates `incarnations`; returns the restart it handled."""
-    from actors.weight_sync import RESTART_TIMEOUT_S, WeightSync  # torch, only now (the module's note)
-
-    sync = WeightSync.for_recovery(list(spec.actors), {**spec.recovery, "incarnations": incarnations})
-    incarnation = sync._wait_for_restart(engine)
-    claim = Path(spec.ledger) / f"restart-{engine}-{incarnation}"
-    done = claim.with_suffix(".done")
+def request_recovery(spec: StageSpec, engine: int, incarnations: list[str]) -> None:
+    """`engine` failed (or answered as a new incarnation): ask learner rank 0's `RecoveryDesk` to bring it back to
+    the current weights (rank 0 holds them), once per lost incarnation whichever tasks met it; wait for it and
+    take the engine's new incarnation. More than `max_failures` requests for one engine stop the iteration."""
+    folder, lost = Path(spec.ledger), incarnations[engine]
+    request = folder / f"restart-{engine}-{lost}"
     try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:  # another task is recovering this incarnation
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while not done.is_file():
-            if time.monotonic() > deadline:
-                raise StopRun(f"rollout engine {engine} was not recovered within {RESTART_TIMEOUT_S} s") from None
-            time.sleep(0.2)
-        incarnations[engine] = json.loads(done.read_text())["incarnation"]
-        return []
-    lost = len(list(Path(spec.ledger).glob(f"restart-{engine}-*"))) - 1  # claims: this one, and those before it
-    if lost > spec.max_failures:
-        raise RolloutEngineError(f"rollout engine {engine} failed {lost} time(s) in one iteration "
-                                 f"(rollout.max_engine_failures={spec.max_failures})")
-    sync.recover(engine)  # sets incarnations[engine]
-    done.write_text(json.dumps({"incarnation": incarnations[engine]}))
-    return [sync.restarts[-1]]
+        os.close(os.open(request, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        if len([f for f in folder.glob(f"restart-{engine}-*") if not f.suffix]) > spec.max_failures:  # requests
+            write_ledger(request.with_suffix(".done"), {"error": f"rollout engine {engine} failed more than "
+                         f"rollout.max_engine_failures={spec.max_failures} time(s) in one iteration"})
+    except FileExistsError:  # another task met the same loss
+        pass
+    done = request.with_suffix(".done")
+    while not done.is_file():
+        time.sleep(0.2)
+    answer = json.loads(done.read_text())
+    if "error" in answer:
+        raise RolloutEngineError(answer["error"])
+    incarnations[engine] = answer["incarnation"]
+
+
+class RecoveryDesk:
+    """Learner rank 0, while an iteration's stage runs: a thread that answers the tasks' recovery requests with
+    `recover(engine)` (WeightSync.recover: wait for Ray's restart, the last pushed weights, the probe check) and
+    `incarnation(engine)`. The weights stay with their owner; no task process imports torch."""
+
+    def __init__(self, ledger: Path, recover: Callable[[int], None], incarnation: Callable[[int], str]):
+        self.ledger, self.recover, self.incarnation = ledger, recover, incarnation
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="sami-recovery", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.wait(0.2):
+            for request in sorted(self.ledger.glob("restart-*")):
+                done = request.with_suffix(".done")
+                if request.suffix or done.exists():
+                    continue
+                engine = int(request.name.split("-")[1])
+                try:
+                    self.recover(engine)
+                    answer = {"incarnation": self.incarnation(engine)}
+                except StopRun as e:
+                    answer = {"error": str(e)}
+                write_ledger(done, answer)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def write_ledger(path: Path, entry: dict) -> None:
@@ -132,9 +156,9 @@ def write_ledger(path: Path, entry: dict) -> None:
     os.replace(partial, path)
 
 
-def read_ledger(folder: Path, batches: int) -> tuple[list[QueryGroup], list[dict], float]:
-    """(every group of the iteration in query order, kept or not; the engines restarted; when the last batch was
-    generated, as time.time()). Every batch must be there: the stream ends only after the stage's last call."""
+def read_ledger(folder: Path, batches: int) -> tuple[list[QueryGroup], float]:
+    """(every group of the iteration in query order, kept or not; when the last batch was generated, as
+    time.time()). Every batch must be there: the stream ends only after the stage's last call."""
     entries = []
     for batch in range(batches):
         path = ledger_file(folder, batch)
@@ -142,7 +166,7 @@ def read_ledger(folder: Path, batches: int) -> tuple[list[QueryGroup], list[dict
             raise StopRun(f"the data plane ended without batch {batch} of {batches} ({path} is missing)")
         entries.extend(read_jsonl(path))
     groups = [QueryGroup.from_record(row) for entry in entries for row in entry["groups"]]
-    return groups, [r for entry in entries for r in entry["restarts"]], max(e["finished"] for e in entries)
+    return groups, max(e["finished"] for e in entries)
 
 
 def batch_rows(batches: list[list[QueryGroup]]) -> list[dict]:

@@ -1,5 +1,5 @@
 """`RolloutActor`: a Ray actor holding one rollout engine for the whole run (weights synced, never reloaded);
-`EnginePool`, the actor group's one generation call per batch (from any thread), and `generate_on_engines`,
+`EnginePool`, the actor group's one generation call per batch (from any thread or task), and `generate_on_engines`,
 an iteration's batches on the pool from learner rank 0 (the `direct` data plane).
 
 No torch at import: the data plane's proxy process (actors/data_plane.py) imports this module to call the

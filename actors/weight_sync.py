@@ -281,23 +281,6 @@ class WeightSync:
         self.incarnations[index] = incarnation
         self._restarted(index, diff)
 
-    def recovery_state(self) -> dict:
-        """Rank 0: what `for_recovery` needs to bring a restarted engine back in another process (the data plane's
-        proxy, which calls the engines while the learners train): the last buckets' ref, probe, precisions."""
-        return {"rollout": self.rollout, "zero_stage": self.zero_stage, "nccl": self.nccl_group is not None,
-                "incarnations": list(self.incarnations), "last_buckets": self.last_buckets,
-                "last_probe": self.last_probe, "dtypes": [dtype_name(d) for d in self.dtypes]}
-
-    @classmethod
-    def for_recovery(cls, actors: list, state: dict) -> "WeightSync":
-        """A `WeightSync` whose `recover` does what rank 0's would, from `recovery_state()`; it pushes nothing."""
-        if state["nccl"]:
-            raise StopRun(no_nccl_rejoin("a rollout engine restarted during generation"))
-        sync = cls(actors, state["rollout"], state["zero_stage"], rank=1, use_nccl=False)  # rank 1: asks nothing
-        sync.incarnations, sync.last_buckets, sync.last_probe = state["incarnations"], state["last_buckets"], state["last_probe"]
-        sync.dtypes = {getattr(torch, name) for name in state["dtypes"]}
-        return sync
-
     def _restarted(self, index: int, diff: float | None) -> None:
         self.restarts.append({"engine": index, "probe_abs_diff": diff})
         log(f"rollout engine {index} restarted: current weights loaded"

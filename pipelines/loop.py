@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from actors.data_plane import StageSpec, batch_rows, generation_dataset, read_ledger, stream_groups
+from actors.data_plane import RecoveryDesk, StageSpec, batch_rows, generation_dataset, read_ledger, stream_groups
 from actors.rollout import generate_on_engines
 from actors.weight_sync import WeightSync
 from pipelines.run_spec import LearnerJob, RunSpec
@@ -184,6 +184,7 @@ class Generation:
     figures: dict  # what is known so far (time_write_principles; everything once `groups` is set)
     spec: Optional[StageSpec] = None  # ray_data: the generation stage's settings
     rows: list[dict] = field(default_factory=list, repr=False)  # ray_data: the planned batches (`batch_rows`)
+    desk: Optional[RecoveryDesk] = None  # ray_data: rank 0's answer to the stage's engine restarts
     restarts_before: int = 0  # len(WeightSync.restarts) when it started
     planned: int = 0  # the queries planned (kept or not)
     groups: Optional[list[QueryGroup]] = field(default=None, repr=False)  # every kept group, once known
@@ -325,8 +326,9 @@ def start_generation(loop: Loop, iteration: int, policy_iteration: int) -> Gener
     shutil.rmtree(ledger, ignore_errors=True)  # a ledger left by an attempt that died mid-iteration
     ledger.mkdir(parents=True)
     generation.spec = StageSpec(tuple(loop.run.actors), cfg.sampling, cfg.filters, cfg.run.seed, iteration,
-                                policy_iteration, str(ledger), len(batches), channel_path(), loop.sync.recovery_state(),
-                                cfg.rollout.max_engine_failures)
+                                policy_iteration, str(ledger), len(batches), channel_path(),
+                                tuple(loop.sync.incarnations), cfg.rollout.max_engine_failures)
+    generation.desk = RecoveryDesk(ledger, loop.sync.recover, lambda engine: loop.sync.incarnations[engine])
     generation.rows = batch_rows(batches)
     return generation
 
@@ -340,10 +342,8 @@ def complete_generation(loop: Loop, generation: Generation) -> list[QueryGroup]:
         if not generation.streamed:  # one_step_off: rank 0 runs every batch here, in its generation thread
             for _ in stream_groups(generation_dataset(spec, generation.rows, len(spec.actors))):
                 pass
-        every, restarts, finished = read_ledger(Path(spec.ledger), spec.batches)
-        for restart in restarts:  # the proxy recovered these: rank 0 learns their new incarnations
-            loop.sync.restarts.append(restart)
-            loop.sync.incarnations[restart["engine"]] = ray.get(loop.run.actors[restart["engine"]].whoami.remote())
+        generation.desk.close()
+        every, finished = read_ledger(Path(spec.ledger), spec.batches)
         generation.groups = [tokenise(loop, g) for g in every if not g.reject_reason]
         generation.figures.update(reject_counts(every),
                                   time_generate=finished - generation.started - generation.figures["time_write_principles"])

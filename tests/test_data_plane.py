@@ -63,15 +63,13 @@ def test_generation_batches_keep_the_engine_batch_and_give_every_rank_two():
 def test_the_ledger_gives_every_group_back_in_batch_order(tmp_path):
     first, second = groups(2), groups(3)[2:]
     first[1].reject_reason = "identical"
-    write_ledger(ledger_file(tmp_path, 1), {"batch": 1, "groups": [g.record() for g in second], "restarts": [],
-                                            "finished": 20.0})
+    write_ledger(ledger_file(tmp_path, 1), {"batch": 1, "groups": [g.record() for g in second], "finished": 20.0})
     with pytest.raises(StopRun, match="without batch 0 of 2"):
         read_ledger(tmp_path, 2)
-    write_ledger(ledger_file(tmp_path, 0), {"batch": 0, "groups": [g.record() for g in first],
-                                            "restarts": [{"engine": 0, "probe_abs_diff": 0.0}], "finished": 30.0})
-    every, restarts, finished = read_ledger(tmp_path, 2)
+    write_ledger(ledger_file(tmp_path, 0), {"batch": 0, "groups": [g.record() for g in first], "finished": 30.0})
+    every, finished = read_ledger(tmp_path, 2)
     assert [(g.query_id, g.reject_reason) for g in every] == [("q0", ""), ("q1", "identical"), ("q2", "")]
-    assert restarts == [{"engine": 0, "probe_abs_diff": 0.0}] and finished == 30.0
+    assert finished == 30.0
     assert group_from_json(group_to_json(every[1])) == every[1]
 
 
