@@ -27,7 +27,10 @@ FIELDS = {
 def ray_session():
     import ray
 
-    env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    from actors.rollout import GENERATE_DELAY_S
+
+    # 0.2 s more per engine call: generation slow enough next to the tiny model that streaming shows (4 calls an iteration)
+    env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", GENERATE_DELAY_S: "0.2"}
     os.environ.update(env)
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     yield
