@@ -1,12 +1,20 @@
-"""`RolloutActor`: a Ray actor holding one rollout engine for the whole run (weights synced, never reloaded),
-and the actor group's one generation call, `generate_on_engines`."""
+"""`RolloutActor`: a Ray actor holding one rollout engine for the whole run (weights synced, never reloaded);
+`EnginePool`, the actor group's one generation call per batch (from any thread or task), and `generate_on_engines`,
+an iteration's batches on the pool from learner rank 0 (the `direct` data plane).
+
+No torch at import: the data plane's proxy process (actors/data_plane.py) imports this module to call the
+engines, and torch would cost it 1.4 s and 250 MiB per iteration; the engine's own module is imported by the actor.
+"""
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 import uuid
-from collections import Counter, deque
-from typing import Callable, Optional
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import ray
@@ -14,12 +22,17 @@ from ray.exceptions import RayActorError
 
 from actors.placement import GroupRequest, request_group
 from sami.config import ModelConfig, RolloutConfig, SamplingConfig
-from sami.learner import StopRun
-from sami.rollout_engines import Seeds, make_engine
+from sami.stops import StopRun
+
+if TYPE_CHECKING:
+    from sami.rollout_engines import Seeds
 
 # Test-only fault (tests/test_faults.py): the first `update_weights` call that finds no file at this env var's path
 # writes it and ends its process, as an engine lost mid-sync would.
 EXIT_IN_UPDATE_WEIGHTS = "SAMI_TEST_EXIT_IN_UPDATE_WEIGHTS"
+# Benchmark-only stand-in for an engine of realistic speed (benchmarks/data_plane.py): seconds added to each
+# `generate` call.
+GENERATE_DELAY_S = "SAMI_BENCH_GENERATE_DELAY_S"
 
 
 def dtype_name(dtype) -> str:
@@ -30,6 +43,8 @@ class RolloutWorker:
     """The actor's body; a plain class so tests can run it without Ray."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig):
+        from sami.rollout_engines import make_engine  # torch: the engine's process only (see the module's note)
+
         self.engine = make_engine(model_path, rollout_cfg, model_cfg)
         # A restarted actor is a new incarnation holding the weights on disk, not the learner's: callers compare.
         self.incarnation = uuid.uuid4().hex
@@ -39,6 +54,7 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: list[int]) -> dict:
         """{"incarnation", "completions"}: completions as plain dicts (`text`, `token_ids`, `finish_reason`)."""
+        time.sleep(float(os.environ.get(GENERATE_DELAY_S, 0)))
         return {"incarnation": self.incarnation,
                 "completions": [c.__dict__ for c in self.engine.generate(prompts, sampling, seeds)]}
 
@@ -167,41 +183,60 @@ def engine_failure(error: RayActorError) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0]}"
 
 
+class EnginePool:
+    """The rollout engines as one pool that any number of threads generate on: each batch goes to the first free
+    engine (load, not a hash, decides; one call in flight per engine, no proxy per engine).
+
+    A batch answered by an engine that died, or by a new incarnation of it (restarted, so holding the weights on
+    disk), is thrown away and generated again on it after `recover(engine index)` has given that engine the current
+    weights and updated `incarnations` (the list is shared with the caller: `WeightSync.incarnations`); more than
+    `max_failures` failures of one engine stop the iteration.
+    """
+
+    def __init__(self, actors: list, incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
+                 max_failures: int = 0, engines: Optional[list[int]] = None):
+        """`engines`: the indexes of `actors` this pool calls (default: all)."""
+        self.actors, self.incarnations, self.recover, self.max_failures = actors, incarnations, recover, max_failures
+        self.free: queue.Queue[int] = queue.Queue()
+        for engine in range(len(actors)) if engines is None else engines:
+            self.free.put(engine)
+        self.failures: Counter = Counter()
+        self.lock = threading.Lock()
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[dict]:
+        """The batch's completions (`seeds`: one per prompt), from the first engine that is free."""
+        engine = self.free.get()
+        try:
+            while True:
+                try:
+                    answer = ray.get(self.actors[engine].generate.remote(prompts, sampling, seeds))
+                    problem = None if answer["incarnation"] == self.incarnations[engine] else \
+                        "it restarted with the weights on disk"
+                except RayActorError as e:
+                    problem = engine_failure(e)
+                if problem is None:
+                    return answer["completions"]
+                with self.lock:
+                    self.failures[engine] += 1
+                    failures = self.failures[engine]
+                if self.recover is None or failures > self.max_failures:
+                    raise RolloutEngineError(f"rollout engine {engine} failed {failures} time(s) in one iteration "
+                                             f"(rollout.max_engine_failures={self.max_failures}); last: {problem}")
+                self.recover(engine)  # the current weights and a probe check before it serves again
+        finally:
+            self.free.put(engine)
+
+
 def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[Seeds],
                         incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
                         max_failures: int = 0, on_batch: Optional[Callable[[int, int], None]] = None) -> list[dict]:
-    """Every batch's completions, in batch order (`seeds`: each batch's, one per prompt). Each batch goes to the first engine that is free (load, not a
-    hash, decides), so the engines are the bounded pool: one call in flight per engine, no proxy processes.
-
-    A batch answered by an engine that died, or by a new incarnation of it (restarted, so holding the weights on
-    disk), is thrown away and generated again after `recover(engine index)` has given that engine the current
-    weights and updated `incarnations`; more than `max_failures` failures of one engine stop the iteration.
-    `on_batch(batches done, batches)` is called as each batch is answered (the console's progress).
-    """
-    results: list[Optional[list[dict]]] = [None] * len(prompt_batches)
-    todo, free, running, failures = deque(range(len(prompt_batches))), deque(range(len(actors))), {}, Counter()
-    while todo or running:
-        while todo and free:
-            engine, batch = free.popleft(), todo.popleft()
-            running[actors[engine].generate.remote(prompt_batches[batch], sampling, seeds[batch])] = (engine, batch)
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        engine, batch = running.pop(ref)
-        try:
-            answer = ray.get(ref)
-            problem = None if answer["incarnation"] == incarnations[engine] else "it restarted with the weights on disk"
-        except RayActorError as e:
-            problem = engine_failure(e)
-        if problem is None:
-            results[batch] = answer["completions"]
-            free.append(engine)
+    """Every batch's completions, in batch order (`seeds`: each batch's, one per prompt), from an `EnginePool`
+    with one thread per engine. `on_batch(batches done, batches)` is called as each batch is answered."""
+    pool = EnginePool(actors, incarnations, recover, max_failures)
+    with ThreadPoolExecutor(max_workers=len(actors), thread_name_prefix="sami-engine") as threads:
+        answered = [threads.submit(pool.generate, batch, sampling, s) for batch, s in zip(prompt_batches, seeds)]
+        for done, batch in enumerate(as_completed(answered), 1):
+            batch.result()  # an engine past its failures stops the iteration now
             if on_batch is not None:
-                on_batch(sum(r is not None for r in results), len(results))
-            continue
-        failures[engine] += 1
-        if recover is None or failures[engine] > max_failures:
-            raise RolloutEngineError(f"rollout engine {engine} failed {failures[engine]} time(s) in one iteration "
-                                     f"(rollout.max_engine_failures={max_failures}); last: {problem}")
-        recover(engine)  # the current weights and a probe check before it serves again
-        todo.appendleft(batch)
-        free.append(engine)
-    return [completion for batch in results for completion in batch]
+                on_batch(done, len(answered))
+    return [completion for batch in answered for completion in batch.result()]

@@ -8,9 +8,11 @@ them; every rank checkpoints. The model is loaded once.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import pyarrow as pa
@@ -21,16 +23,17 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from actors.data_plane import RecoveryDesk, StageSpec, batch_rows, generation_dataset, read_ledger, stream_groups
 from actors.rollout import generate_on_engines
 from actors.weight_sync import WeightSync
 from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
-from sami.groups import (QueryGroup, TrainingSeeds, attach_completions, filter_and_tokenise, generation_seeds,
-                         plan_groups)
-from sami.console import log, open_channel, report_progress
-from sami.learner import Learner, StopRun, control_group, skip_cpu_shm_comm_op, stop_together
+from sami.groups import (QueryGroup, TrainingSeeds, attach_completions, filter_and_tokenise, generation_batches,
+                         generation_seeds, plan_groups, reject_counts, tokenise_group)
+from sami.console import channel_path, log, open_channel, report_progress
+from sami.learner import GroupStream, Learner, StopRun, control_group, skip_cpu_shm_comm_op, stop_together
 from sami.objectives import objective_for
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
@@ -53,19 +56,24 @@ def train_loop_per_worker(config: dict) -> None:
 def train_run(run: RunSpec) -> bool:
     """The recipe: setup, then per iteration generate -> train -> sync -> checkpoint. False if it stopped.
 
-    With `schedule.rollout: one_step_off`, rank 0 starts generating iteration k+1 (on the engines' weights of
-    k-1) before iteration k trains, and waits for it before the sync: engines never take weights mid-generation.
+    Under `rollout.data_plane: ray_data` (the default) the groups stream into the ranks, which train while the
+    engines still generate (`schedule.rollout: sync`). With `schedule.rollout: one_step_off`, rank 0 starts
+    generating iteration k+1 (on the engines' weights of k-1) before iteration k trains, and waits for it before
+    the sync: engines never take weights mid-generation.
     """
     upcoming: Optional[Future] = None  # rank 0: iteration k+1's generation, running while k trains
     try:
         loop = setup(run)
         for iteration in range(loop.start, loop.cfg.run.iterations + 1):
             started = time.perf_counter()
-            groups, probe, record = generate_phase(loop, iteration, upcoming)
+            shard, generation, record = generate_phase(loop, iteration, upcoming)
             upcoming = start_next_generation(loop, iteration)
             loop.phase("train")
-            record.update(loop.learner.train(iteration, groups, on_step=lambda step, steps: report_progress(
-                f"iteration {iteration} train", step, steps, "step")))
+            trained = loop.learner.train(iteration, shard, on_step=lambda step, steps: report_progress(
+                f"iteration {iteration} train", step, steps, "step"))
+            first_micro_batch_at = trained.pop("first_micro_batch_at")
+            record.update(trained)
+            probe = collect_phase(loop, shard, generation, record, first_micro_batch_at)
             record["time_wait_generation"] = finish_generation(upcoming)
             record.update(with_sync_restarts(record, sync_phase(loop, probe)))
             loop.engine_weights = iteration
@@ -171,32 +179,93 @@ def count_learner_starts(run_dir: RunDir, attempt: str, rank: int) -> int:
     return run_dir.learner_start_count(attempt)
 
 
-def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tuple[list[QueryGroup], Probe, dict]:
-    """Rank 0 generates the iteration's groups (or takes them from `upcoming`, generated while the previous
-    iteration trained); every rank receives its own shard (and the probe) only."""
+@dataclass
+class Generation:
+    """Rank 0's handle on one iteration's groups while they are generated (or replayed)."""
+
+    iteration: int
+    policy_iteration: int  # whose weights generate them (0: the base model)
+    started: float  # time.time() when the iteration's planning began
+    figures: dict  # what is known so far (time_write_principles; everything once `groups` is set)
+    spec: Optional[StageSpec] = None  # ray_data: the generation stage's settings
+    rows: list[dict] = field(default_factory=list, repr=False)  # ray_data: the planned batches (`batch_rows`)
+    desk: Optional[RecoveryDesk] = None  # ray_data: rank 0's answer to the stage's engine restarts
+    restarts_before: int = 0  # len(WeightSync.restarts) when it started
+    planned: int = 0  # the queries planned (kept or not)
+    groups: Optional[list[QueryGroup]] = field(default=None, repr=False)  # every kept group, once known
+    streamed: bool = False  # ray_data: the ranks ran the batches (else rank 0 runs them when it completes)
+    saved: bool = False  # groups.parquet written, the figures complete
+
+
+def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tuple[GroupStream, Optional[Generation], dict]:
+    """Rank 0 plans the iteration's groups (or takes `upcoming`, generated while the previous iteration trained);
+    every rank receives its own share only: its batches, which it streams through Ray Data (ray_data, `sync`), or
+    its equal shard of groups generated whole (direct; `one_step_off`; a replay)."""
     cfg, record = loop.cfg, {"iteration": iteration, "objective": objective_for(loop.cfg, iteration)}
-    payload, problem = None, None
+    payload, problem, generation = None, None, None
     if loop.rank == 0:
         loop.phase("generate")
         if upcoming is None:
             log(f"{cfg.run.name}: iteration {iteration}/{cfg.run.iterations} [{record['objective']}]: "
                 + ("replaying groups" if cfg.data.replay_groups_from else "generating"))
         try:
-            groups, figures = upcoming.result() if upcoming is not None else rank0_groups(loop, iteration,
-                                                                                            loop.engine_weights)
-            record.update(figures)
-            if len(groups) < loop.world:
-                raise StopRun(f"iteration {iteration}: only {len(groups)} query groups survived filtering "
-                              f"({figures}); need at least one per learner")
-            probe = (groups[0].prompt_ids[0], groups[0].response_ids[0])
-            payload = [(shard, probe) for shard in equal_shards(groups, loop.world)]
+            generation = upcoming.result() if upcoming is not None else start_generation(loop, iteration,
+                                                                                         loop.engine_weights)
+            if cfg.schedule.rollout == "one_step_off":
+                complete_generation(loop, generation)  # k+1's generation must not share the engines with k's
+            payload = shard_sources(loop, generation)
         except StopRun as e:
             problem = e
     stop_together(problem)
     received = [None]
     dist.scatter_object_list(received, payload, src=0, group=control_group())
-    shard, probe = received[0]
-    return shard, probe, record
+    if isinstance(received[0], list):
+        return GroupStream(received[0]), generation, record
+    spec, rows = received[0]
+    return GroupStream(stream_groups(generation_dataset(spec, rows, stage_concurrency(spec, loop.world))),
+                       prepare=lambda g: tokenise(loop, g)), generation, record
+
+
+def stage_concurrency(spec: StageSpec, ranks: int) -> int:
+    """Batches in flight per rank: every engine busy once every rank has its share in flight."""
+    return max(1, -(-len(spec.actors) // ranks))
+
+
+def tokenise(loop: Loop, group: QueryGroup) -> QueryGroup:
+    cfg = loop.cfg
+    return tokenise_group(group, loop.learner.tokenizer, cfg.data.task, cfg.model.max_prompt_tokens,
+                          cfg.model.max_response_tokens)
+
+
+def shard_sources(loop: Loop, generation: Generation) -> list:
+    """Each rank's share: (the stage's settings, its batches: r, r + W, ...) to stream, or, where the groups are
+    already whole, its equal shard of them."""
+    if generation.groups is None:
+        generation.streamed = True
+        return [(generation.spec, generation.rows[rank::loop.world]) for rank in range(loop.world)]
+    if len(generation.groups) < loop.world:
+        raise StopRun(f"iteration {generation.iteration}: only {len(generation.groups)} query groups survived "
+                      f"filtering ({generation.figures}); need at least one per learner")
+    return equal_shards(generation.groups, loop.world)
+
+
+def collect_phase(loop: Loop, shard: GroupStream, generation: Optional[Generation], record: dict,
+                  first_micro_batch_at: float) -> Probe:
+    """After training: every rank reads the rest of its shard (its stream ends); rank 0 completes the iteration's
+    groups (the ledger: filter counts, engine restarts), writes groups.parquet and hands every rank the probe."""
+    shard.drain()
+    dist.barrier(group=control_group())  # every rank's stream ended: every batch's ledger is written
+    payload, problem = [None], None
+    if loop.rank == 0:
+        try:
+            groups = complete_generation(loop, generation)
+            record.update(generation.figures, time_to_first_micro_batch=first_micro_batch_at - generation.started)
+            payload = [(groups[0].prompt_ids[0], groups[0].response_ids[0])]
+        except StopRun as e:
+            problem = e
+    stop_together(problem)
+    dist.broadcast_object_list(payload, src=0, group=control_group())
+    return payload[0]
 
 
 def start_next_generation(loop: Loop, iteration: int) -> Optional[Future]:
@@ -209,7 +278,13 @@ def start_next_generation(loop: Loop, iteration: int) -> Optional[Future]:
     log(f"{cfg.run.name}: iteration {iteration + 1}/{cfg.run.iterations} [{objective_for(cfg, iteration + 1)}]: generating "
         f"on the weights of iteration {loop.engine_weights} while iteration {iteration} trains")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sami-generate")
-    upcoming = executor.submit(rank0_groups, loop, iteration + 1, loop.engine_weights)
+
+    def generate(policy_iteration: int) -> Generation:
+        generation = start_generation(loop, iteration + 1, policy_iteration)
+        complete_generation(loop, generation)
+        return generation
+
+    upcoming = executor.submit(generate, loop.engine_weights)
     executor.shutdown(wait=False)  # the thread ends with its one task
     return upcoming
 
@@ -222,60 +297,107 @@ def finish_generation(upcoming: Optional[Future]) -> float:
     return time.perf_counter() - started
 
 
-def rank0_groups(loop: Loop, iteration: int, policy_iteration: int) -> tuple[list[QueryGroup], dict]:
-    """The iteration's kept groups (generated on the engines' weights of `policy_iteration`, or replayed from
-    another run, as it recorded them), saved to groups.parquet."""
+def start_generation(loop: Loop, iteration: int, policy_iteration: int) -> Generation:
+    """Rank 0: the iteration's groups under way, generated on the engines' weights of `policy_iteration` (ray_data:
+    a lazy dataset the ranks' streams run; direct: generated here, whole), or replayed from another run."""
     cfg = loop.cfg
-    started = time.perf_counter()
-    if cfg.data.replay_groups_from:
-        # filtered where they were generated
-        groups = replay_groups(RunDir(cfg.data.replay_groups_from), iteration)
-        figures = {"time_write_principles": 0.0, **{f"filtered_{r}": 0 for r in REASONS}}
-    else:
-        count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
-        queries = iteration_queries(loop.run.train_queries, iteration, count, cfg.schedule.alternate_splits)
-        actors, sync = loop.run.actors, loop.sync
-        restarts_before = len(sync.restarts)
-        groups, figures = build_groups(
+    started, restarts_before = time.time(), len(loop.sync.restarts)
+    generation = Generation(iteration, policy_iteration, started, {}, restarts_before=restarts_before)
+    if cfg.data.replay_groups_from:  # filtered and tokenised where they were generated
+        generation.groups = replay_groups(RunDir(cfg.data.replay_groups_from), iteration)
+        generation.figures = {"time_write_principles": 0.0, "time_generate": time.time() - started,
+                              **{f"filtered_{r}": 0 for r in REASONS}}
+        return generation
+    count = cfg.data.queries_per_iteration or cfg.steps_for_iteration(iteration) * cfg.optim.groups_per_step
+    queries = iteration_queries(loop.run.train_queries, iteration, count, cfg.schedule.alternate_splits)
+    generation.planned = len(queries)
+    if cfg.rollout.data_plane == "direct":
+        sync = loop.sync
+        generation.groups, generation.figures = build_groups(
             cfg, iteration, queries, constitutions=loop.constitutions,
-            generate=lambda batches, seeds: generate_on_engines(actors, batches, cfg.sampling, seeds, sync.incarnations,
-                                                                sync.recover, cfg.rollout.max_engine_failures,
-                                                                on_batch=lambda done, batches: report_progress(
-                                                                    f"iteration {iteration} generate", done, batches,
-                                                                    "batch")),
+            generate=lambda batches, seeds: generate_on_engines(
+                loop.run.actors, batches, cfg.sampling, seeds, sync.incarnations, sync.recover,
+                cfg.rollout.max_engine_failures, on_batch=lambda done, batches: report_progress(
+                    f"iteration {iteration} generate", done, batches, "batch")),
             tokenizer=loop.learner.tokenizer)
-        figures.update(restart_figures(sync.restarts[restarts_before:]))
-        for group in groups:
+        generation.figures["time_generate"] = time.time() - started - generation.figures["time_write_principles"]
+        for group in generation.groups:
             group.policy_iteration, group.staleness = policy_iteration, iteration - 1 - policy_iteration
-        log(f"iteration {iteration}: {len(groups)} groups kept of {len(queries)} "
+        return generation
+    # one_step_off: rank 0 runs every batch in its thread and hands out equal shards, as the direct path
+    streams = loop.world if cfg.schedule.rollout == "sync" else 1
+    batches, generation.figures = plan_iteration(cfg, iteration, queries, loop.constitutions, streams)
+    ledger = loop.run_dir.batch_ledger(iteration)
+    shutil.rmtree(ledger, ignore_errors=True)  # a ledger left by an attempt that died mid-iteration
+    ledger.mkdir(parents=True)
+    generation.spec = StageSpec(tuple(loop.run.actors), cfg.sampling, cfg.filters, cfg.run.seed, iteration,
+                                policy_iteration, str(ledger), len(batches), channel_path(),
+                                tuple(loop.sync.incarnations), cfg.rollout.max_engine_failures)
+    generation.desk = RecoveryDesk(ledger, loop.sync.recover, lambda engine: loop.sync.incarnations[engine])
+    generation.rows = batch_rows(batches)
+    return generation
+
+
+def complete_generation(loop: Loop, generation: Generation) -> list[QueryGroup]:
+    """Rank 0: every kept group of the iteration, in query order, with the generation's figures, saved to
+    groups.parquet (ray_data: read from the stage's ledger once its execution ended). Idempotent."""
+    cfg = loop.cfg
+    if generation.groups is None:
+        spec = generation.spec
+        if not generation.streamed:  # one_step_off: rank 0 runs every batch here, in its generation thread
+            for _ in stream_groups(generation_dataset(spec, generation.rows, len(spec.actors))):
+                pass
+        generation.desk.close()
+        every, finished = read_ledger(Path(spec.ledger), spec.batches)
+        generation.groups = [tokenise(loop, g) for g in every if not g.reject_reason]
+        generation.figures.update(reject_counts(every),
+                                  time_generate=finished - generation.started - generation.figures["time_write_principles"])
+        shutil.rmtree(spec.ledger)
+    groups, figures = generation.groups, generation.figures
+    if generation.saved:
+        return groups
+    if not cfg.data.replay_groups_from:
+        figures.update(restart_figures(loop.sync.restarts[generation.restarts_before:]))
+        log(f"iteration {generation.iteration}: {len(groups)} groups kept of {generation.planned} "
             f"({ {k: v for k, v in figures.items() if k.startswith('filtered_')} })")
-    loop.run_dir.iteration(iteration).mkdir(parents=True, exist_ok=True)
-    pyarrow.parquet.write_table(pa.Table.from_pylist([g.record() for g in groups]), loop.run_dir.groups(iteration))
-    seconds = time.perf_counter() - started - figures["time_write_principles"]
+    loop.run_dir.iteration(generation.iteration).mkdir(parents=True, exist_ok=True)
+    pyarrow.parquet.write_table(pa.Table.from_pylist([g.record() for g in groups]), loop.run_dir.groups(generation.iteration))
+    seconds = figures.get("time_generate", 0.0)
     response_tokens = sum(g.response_tokens for g in groups)
-    return groups, {**figures, "time_generate": seconds, "groups": len(groups),
-                    "response_tokens": response_tokens / max(len(groups), 1),
+    figures.update({"groups": len(groups), "response_tokens": response_tokens / max(len(groups), 1),
                     "truncated": sum(g.truncated for g in groups),
                     "policy_iteration": groups[0].policy_iteration if groups else None,
                     "staleness": groups[0].staleness if groups else None,
-                    "generation_tokens_per_second": response_tokens * cfg.principles.num_constitutions / seconds}
+                    "generation_tokens_per_second": response_tokens * cfg.principles.num_constitutions / seconds
+                    if seconds else 0.0})
+    generation.saved = True
+    if len(groups) < loop.world:
+        raise StopRun(f"iteration {generation.iteration}: only {len(groups)} query groups survived filtering "
+                      f"({figures}); need at least one per learner")
+    return groups
 
 
-def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable, generate: Callable,
-                 tokenizer) -> tuple[list[QueryGroup], dict]:
-    """queries -> constitutions -> responses -> filter -> tokenised groups (the kept ones, in query order: the
-    same whichever engine answered which batch, and when).
-
-    `constitutions(query_ids, seed)` returns (principle library, each query's C constitutions) in one call;
-    `generate(prompt batches, seeds)` returns every batch's completions in order; a prompt's seed is keyed by
-    (run seed, iteration, query, constitution), so its sample does not depend on the batch it travels in.
-    """
+def plan_iteration(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable,
+                   ranks: int = 1) -> tuple[list[list[QueryGroup]], dict]:
+    """(the iteration's generation batches of planned groups, for `ranks` streams; {"time_write_principles"}): queries
+    -> constitutions (`constitutions(query_ids, seed)`: the principle library and each query's C, in one call) -> groups."""
     started = time.perf_counter()
     library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
     figures = {"time_write_principles": time.perf_counter() - started}
     groups = plan_groups(queries, library, stances, cfg.data.task, TrainingSeeds(cfg.run.seed, iteration))
-    per_batch = max(1, cfg.sampling.batch_size // cfg.principles.num_constitutions)
-    batches = [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
+    return generation_batches(groups, cfg.sampling.batch_size, cfg.principles.num_constitutions, ranks), figures
+
+
+def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable, generate: Callable,
+                 tokenizer) -> tuple[list[QueryGroup], dict]:
+    """The direct data plane: queries -> constitutions -> responses -> filter -> tokenised groups (the kept ones,
+    in query order: the same whichever engine answered which batch, and when).
+
+    `generate(prompt batches, seeds)` returns every batch's completions in order; a prompt's seed is keyed by
+    (run seed, iteration, query, constitution), so its sample does not depend on the batch it travels in.
+    """
+    batches, figures = plan_iteration(cfg, iteration, queries, constitutions)
+    groups = [g for b in batches for g in b]
     completions = generate([[p for g in b for p in g.generation_prompts] for b in batches],
                            [[s for g in b for s in generation_seeds(g, cfg.run.seed, iteration)] for b in batches])
     attach_completions(groups, completions)

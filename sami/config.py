@@ -169,6 +169,11 @@ class RolloutConfig(EngineConfig):
     # A dead engine is restarted, given the current weights and probe-checked; this many failures of one
     # engine in one iteration stop the run.
     max_engine_failures: int = Field(3, ge=0)
+    # How an iteration's groups reach the learners. ray_data: a Ray Data stream from the engines into every rank,
+    # which trains while the engines still generate (actors/data_plane.py). direct: learner rank 0 generates every
+    # group, then hands each rank its shard; about a second less per iteration where the engines are fast (CPU,
+    # small models: benchmarks/README.md, "Data plane"), which the CPU tests pay many times over.
+    data_plane: Literal["ray_data", "direct"] = "ray_data"
 
     @property
     def engine_gpus(self) -> float:

@@ -228,6 +228,11 @@ def open_channel(path: Path) -> None:
     _channel = Channel(path)
 
 
+def channel_path() -> Optional[Path]:
+    """The console channel's file in this process (learner rank 0), for another process to report through."""
+    return _channel._path if _channel is not None else None
+
+
 def log(message: str) -> None:
     """A learner's line: its stdout (the log file, through Ray), and the console when this is rank 0."""
     line = f"[sami {time.strftime('%H:%M:%S')}] {message}"

@@ -7,8 +7,10 @@ them:
     draw_constitutions   queries -> C constitutions each (seeded per query)
     plan_groups          queries + constitutions -> groups with generation prompts and training renderings
                          (training's and the evaluation's planning stage; `RenderSeeds` keys the shuffles)
+    generation_batches   groups -> the fixed generation batches (one Ray Data block each)
     attach_completions   the rollout engines' completions -> responses
-    filter_and_tokenise  drop malformed groups (counts per reason), tokenise prompts and responses
+    filter_groups        mark malformed groups (counts per reason)
+    tokenise_group       tokenise a kept group's prompts and responses (on the learner rank that trains it)
 
 `tokenise_pairs` is the one tokenisation of (training prompt, response) pairs; the evaluation's MI bound
 calls it too. `groups.parquet` in each iteration folder holds one `QueryGroup.record()` per kept group.
@@ -157,18 +159,46 @@ def tokenise_pairs(tokenizer, prompts: list[str], responses: list[str], max_prom
     return prompt_ids, response_ids
 
 
-def filter_and_tokenise(groups: list[QueryGroup], tokenizer, filters: FilterConfig, task: str, max_prompt_tokens: int,
-                        max_response_tokens: int) -> tuple[list[QueryGroup], dict[str, int]]:
-    """(the kept groups, tokenised, in the order given; `filtered_<reason>` counts). A group is kept only if all
-    C responses pass the filters."""
-    counts = {f"filtered_{r}": 0 for r in REASONS}
-    kept = []
+def filter_groups(groups: list[QueryGroup], filters: FilterConfig) -> dict[str, int]:
+    """Set each group's `reject_reason` ('' = kept: all C responses pass the filters); `filtered_<reason>` counts."""
     for g in groups:
         g.reject_reason = reject_reason(g.responses, filters)
-        if g.reject_reason:
-            counts[f"filtered_{g.reject_reason}"] += 1
-            continue
-        g.prompt_ids, g.response_ids = tokenise_pairs(tokenizer, g.training_prompts(task), g.responses, max_prompt_tokens,
-                                                      max_response_tokens)
-        kept.append(g)
-    return kept, counts
+    return reject_counts(groups)
+
+
+def reject_counts(groups: list[QueryGroup]) -> dict[str, int]:
+    """`filtered_<reason>`: how many of `groups` the filters dropped, per reason."""
+    return {f"filtered_{r}": sum(g.reject_reason == r for g in groups) for r in REASONS}
+
+
+def tokenise_group(group: QueryGroup, tokenizer, task: str, max_prompt_tokens: int, max_response_tokens: int) -> QueryGroup:
+    """`group` with its training prompts and responses tokenised (`tokenise_pairs`)."""
+    group.prompt_ids, group.response_ids = tokenise_pairs(tokenizer, group.training_prompts(task), group.responses,
+                                                          max_prompt_tokens, max_response_tokens)
+    return group
+
+
+def filter_and_tokenise(groups: list[QueryGroup], tokenizer, filters: FilterConfig, task: str, max_prompt_tokens: int,
+                        max_response_tokens: int) -> tuple[list[QueryGroup], dict[str, int]]:
+    """(the kept groups, tokenised, in the order given; `filtered_<reason>` counts)."""
+    counts = filter_groups(groups, filters)
+    return [tokenise_group(g, tokenizer, task, max_prompt_tokens, max_response_tokens)
+            for g in groups if not g.reject_reason], counts
+
+
+def generation_batches(groups: list[QueryGroup], batch_size: int, c: int, ranks: int = 1) -> list[list[QueryGroup]]:
+    """The fixed generation batches of an iteration, in query order: `batch_size // C` groups each (at least one),
+    fewer where that leaves any of `ranks` learner ranks streaming fewer than two batches (it trains on its first
+    while its second generates). One rank, or batches much smaller than the iteration (any real run's), keep
+    `batch_size // C`: the direct path's cut, and an engine's batch decides its samples' numerics."""
+    per_batch = max(1, min(batch_size // c, -(-len(groups) // (2 * ranks)) if ranks > 1 else batch_size // c))
+    return [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
+
+
+def group_to_json(group: QueryGroup) -> str:
+    """The whole group (generation prompts too) as one JSON string: a one-column row for Ray Data."""
+    return json.dumps(asdict(group))
+
+
+def group_from_json(text: str) -> QueryGroup:
+    return QueryGroup(**json.loads(text))

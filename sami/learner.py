@@ -10,7 +10,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_l
 from sami.objectives import OBJECTIVES, ScoredPairs, Scoring, pair_sequences, run_needs_reference, scoring_for
 from sami.precision import deepspeed_bf16, learner_dtype
 from sami.run_dir import DEEPSPEED_PICKLED_CLASSES, CheckpointError, RunDir, verify_checkpoint, verify_model_folder
+from sami.stops import StopRun
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
 
 
@@ -148,11 +149,6 @@ def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConf
     return loss, {**stats, "loss": loss.item()}
 
 
-class StopRun(RuntimeError):
-    """A stop that running the same iteration again cannot fix (unlike a dead worker): every rank stops in order
-    and the driver reports the message, instead of Ray Train restarting the learner group into the same error."""
-
-
 _control = (None, None)  # (a default process group, its gloo companion)
 
 
@@ -209,6 +205,43 @@ def summarise_steps(step_stats: list[dict], accumulation: int) -> dict:
     return {**mean, "loss_first_step": per_step[0], "loss_last_step": per_step[-1], "loss_per_step": per_step}
 
 
+class GroupStream:
+    """A rank's shard of query groups as it arrives (from the data plane), read as the list it will be once whole:
+    `take(cursor, n)` is `[shard[(cursor + i) % len(shard)] for i in range(n)]`, waiting only for what it has not
+    received yet; the length is known (and the cycling starts) once the source is exhausted. `prepare` readies each
+    group as it arrives (tokenising it)."""
+
+    def __init__(self, source: Iterable[QueryGroup], prepare: Callable[[QueryGroup], QueryGroup] = lambda g: g):
+        self._source, self._prepare = iter(source), prepare
+        self.received: list[QueryGroup] = []
+        self.exhausted = False
+
+    def _pull(self) -> bool:
+        """One more group; False once the source is exhausted."""
+        if not self.exhausted:
+            group = next(self._source, None)
+            if group is not None:
+                self.received.append(self._prepare(group))
+                return True
+            self.exhausted = True
+        return False
+
+    def take(self, cursor: int, count: int) -> list[QueryGroup]:
+        while len(self.received) < cursor + count and self._pull():
+            pass
+        if not self.received:
+            raise StopRun("no query group reached this learner: fewer groups survived filtering than there are learners")
+        if cursor + count <= len(self.received):
+            return self.received[cursor : cursor + count]
+        return [self.received[(cursor + i) % len(self.received)] for i in range(count)]
+
+    def drain(self) -> list[QueryGroup]:
+        """The whole shard (the rest of the stream is read, so its execution ends)."""
+        while self._pull():
+            pass
+        return self.received
+
+
 class Learner:
     """One rank's policy (a DeepSpeed engine), its frozen reference and its tokenizer."""
 
@@ -262,10 +295,12 @@ class Learner:
             raise CheckpointError(f"{run_dir.path}: iteration {iteration} has neither a DeepSpeed checkpoint nor an HF export")
         return source
 
-    def train(self, iteration: int, groups: list[QueryGroup],
+    def train(self, iteration: int, groups: list[QueryGroup] | GroupStream,
               on_step: Optional[Callable[[int, int], None]] = None) -> dict:
-        """The iteration's optimiser steps on this rank's groups (cycled); returns the step figures.
-        `on_step(step, steps)` is called after each optimiser step (the console's progress)."""
+        """The iteration's optimiser steps on this rank's groups (cycled), a list or a `GroupStream` still arriving
+        (each micro-batch waits only for its own groups); returns the step figures, with `first_micro_batch_at`
+        (time.time() once the first micro-batch's groups were here). `on_step(step, steps)` is called after each
+        optimiser step (the console's progress). Every rank stops together if one's stream failed."""
         cfg, s = self.cfg, self.settings
         scoring = scoring_for(cfg, iteration)
         if cfg.schedule.init == "base" and iteration > 1:
@@ -273,10 +308,17 @@ class Learner:
             self.engine = self._deepspeed_engine()  # fresh optimiser state, weights from memory
         started = time.perf_counter()
         self.engine.train()
-        step_stats, cursor, real_tokens, padded_tokens = [], 0, 0, 0
+        stream = groups if isinstance(groups, GroupStream) else GroupStream(groups)
+        step_stats, cursor, real_tokens, padded_tokens, first_batch_at = [], 0, 0, 0, None
         for micro in range(cfg.steps_for_iteration(iteration) * s.accumulation):
             step = micro // s.accumulation + 1
-            batch = [groups[(cursor + i) % len(groups)] for i in range(s.micro_groups)]
+            batch, problem = [], None
+            try:
+                batch = stream.take(cursor, s.micro_groups)
+            except StopRun as e:
+                problem = e
+            stop_together(problem)
+            first_batch_at = first_batch_at or time.time()
             cursor += s.micro_groups
             real, padded = forward_tokens(batch, scoring)
             real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
@@ -297,7 +339,7 @@ class Learner:
         flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if scoring.reference else 0)
         # the learner group's rates: every rank's tokens and peak
         real_tokens, padded_tokens, flops, peak = sum_over_ranks([real_tokens, padded_tokens, flops, self.peak_flops])
-        return {**summarise_steps(step_stats, s.accumulation), "time_train": seconds,
+        return {**summarise_steps(step_stats, s.accumulation), "time_train": seconds, "first_micro_batch_at": first_batch_at,
                 **throughput_figures(int(real_tokens), int(padded_tokens), flops, peak, seconds)}
 
     @torch.no_grad()

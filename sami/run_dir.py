@@ -4,6 +4,7 @@
     <run>/principles.yaml                  the principle library, written once, reused on resume
     <run>/heldout_queries.jsonl            the queries training never draws
     <run>/iteration-<k>/groups.parquet     the iteration's kept query groups (QueryGroup.record())
+    <run>/iteration-<k>/batches/           the data plane's per-batch ledger while the iteration generates
     <run>/iteration-<k>/hf/                the HF export (safetensors and tokenizer) and its MANIFEST.sha256
     <run>/iteration-<k>/probe.json         the probe (prompt ids, response ids) a resume re-syncs with
     <run>/iteration-<k>/COMPLETE           written last: the iteration is whole
@@ -105,6 +106,9 @@ class RunDir:
 
     def groups(self, iteration: int) -> Path:
         return self.iteration(iteration) / "groups.parquet"
+
+    def batch_ledger(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "batches"
 
     def hf(self, iteration: int) -> Path:
         return self.iteration(iteration) / "hf"

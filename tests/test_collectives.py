@@ -3,8 +3,8 @@
 On GPU the learners' default group is NCCL, whose device map holds `cuda` only: a CPU tensor raises "No backend
 type associated with device type cpu". A CPU machine builds the same map with `init_process_group("cuda:gloo")`
 (gloo registered for `cuda` only), so these tests run the real code in a world of 2 processes: the stop flag,
-the finiteness check, the summed figures of `Learner.train`, the shards' `scatter_object_list` and the barrier of
-pipelines/loop.py. Nothing is mocked; the loop's `Loop` is a stand-in holding the four fields `generate_phase`
+the finiteness check, the summed figures of `Learner.train`, the shards' `scatter_object_list`, the probe's broadcast and the
+barriers of pipelines/loop.py. Nothing is mocked; the loop's `Loop` is a stand-in holding the four fields `generate_phase`
 reads.
 """
 import os
@@ -64,7 +64,7 @@ def learner_collectives(rank: int, tmp_path) -> dict:
 
 
 def loop_collectives(rank: int, tmp_path) -> dict:
-    from pipelines.loop import count_learner_starts, generate_phase
+    from pipelines.loop import Generation, collect_phase, count_learner_starts, generate_phase
     from sami.config import TrainConfig
     from sami.groups import QueryGroup
     from sami.run_dir import RunDir
@@ -72,11 +72,12 @@ def loop_collectives(rank: int, tmp_path) -> dict:
     starts = count_learner_starts(RunDir(tmp_path), "attempt-1", rank)  # rank 0 writes, a barrier, every rank reads
     groups = [QueryGroup(query_id=f"q{i}", query=f"query {i}", prompt_ids=[[i, 1]], response_ids=[[i, 2]])
               for i in range(5)]
-    upcoming = Future()
-    upcoming.set_result((groups, {}))  # rank 0's groups, as a generation overlapped with training hands them over
+    upcoming = Future()  # rank 0's groups, whole, as a generation overlapped with training hands them over
+    upcoming.set_result(Generation(1, 0, 0.0, {}, groups=groups, saved=True))
     loop = SimpleNamespace(cfg=TrainConfig(), rank=rank, world=WORLD, phase=lambda name: None)
-    shard, probe, record = generate_phase(loop, 1, upcoming if rank == 0 else None)
-    return {"starts": starts, "shard": [g.query_id for g in shard], "probe": probe}
+    shard, generation, record = generate_phase(loop, 1, upcoming if rank == 0 else None)
+    probe = collect_phase(loop, shard, generation, record, first_micro_batch_at=0.0)  # a barrier, the probe's broadcast
+    return {"starts": starts, "shard": [g.query_id for g in shard.drain()], "probe": probe}
 
 
 @pytest.mark.timeout(180)

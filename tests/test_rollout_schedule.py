@@ -19,14 +19,15 @@ def fake_loop(rank=0, *overrides):
 @pytest.fixture
 def generated(monkeypatch):
     calls = []
-    monkeypatch.setattr(loop_module, "rank0_groups", lambda loop, it, policy: calls.append((it, policy)) or ([], {}))
+    monkeypatch.setattr(loop_module, "start_generation", lambda loop, it, policy: calls.append((it, policy)) or "k+1")
+    monkeypatch.setattr(loop_module, "complete_generation", lambda loop, generation: calls.append(generation) or [])
     return calls
 
 
 def test_one_step_off_generates_the_next_iteration_on_the_weights_the_engines_hold(generated):
     upcoming = loop_module.start_next_generation(fake_loop(0, "schedule.rollout=one_step_off"), 2)
-    assert loop_module.finish_generation(upcoming) >= 0 and upcoming.result() == ([], {})
-    assert generated == [(3, 4)]
+    assert loop_module.finish_generation(upcoming) >= 0 and upcoming.result() == "k+1"
+    assert generated == [(3, 4), "k+1"]  # generated whole in the thread, before iteration 3 starts
 
 
 @pytest.mark.parametrize("rank, iteration, overrides", [

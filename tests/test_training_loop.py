@@ -4,6 +4,7 @@ One Ray session for the module (each `fit()` still costs ~40 s of Ray Train star
 are grouped into a few runs).
 """
 import json
+from pathlib import Path
 import math
 import os
 
@@ -17,7 +18,7 @@ FIELDS = {
     "loss", "mi_lower_bound", "row_accuracy", "col_accuracy", "response_tokens", "groups", "filtered_empty",
     "filtered_format_leak", "filtered_malformed", "filtered_identical", "time_sync", "sync_bytes",
     "probe_abs_diff", "time_write_principles", "time_generate", "time_train", "time_checkpoint",
-    "time_iteration", "time_wait_generation", "policy_iteration", "staleness", "generation_tokens_per_second",
+    "time_iteration", "time_wait_generation", "time_to_first_micro_batch", "policy_iteration", "staleness", "generation_tokens_per_second",
     "learner_tokens_per_second", "learner_padded_tokens_per_second", "mfu",
 }
 
@@ -26,7 +27,10 @@ FIELDS = {
 def ray_session():
     import ray
 
-    env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    from actors.rollout import GENERATE_DELAY_S
+
+    # 0.2 s more per engine call: generation slow enough next to the tiny model that streaming shows (4 calls an iteration)
+    env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", GENERATE_DELAY_S: "0.2"}
     os.environ.update(env)
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     yield
@@ -69,7 +73,16 @@ def test_two_iterations_train_sync_and_export(sami_run):
     first, last = epoch_means(rows[0]["loss_per_step"])
     assert last < first - 0.02, rows[0]["loss_per_step"]  # the loss falls within iteration 1
     for k in (1, 2):
-        assert RunDir(sami_run).groups(k).is_file()
+        assert RunDir(sami_run).groups(k).is_file() and not RunDir(sami_run).batch_ledger(k).exists()
+    # The data plane: each rank trained on its first micro-batch while the engines still generated the iteration
+    # (4 batches: rank 0 streams 0 and 2, rank 1 streams 1 and 3), through one Ray Data execution per rank and iteration.
+    assert all(r["time_to_first_micro_batch"] < r["time_generate"] for r in rows), \
+        [(r["time_to_first_micro_batch"], r["time_generate"]) for r in rows]
+    import ray
+
+    data_log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data" / "ray-data.log"
+    plans = [line for line in data_log.read_text().splitlines() if "Execution plan of Dataset" in line]
+    assert len(plans) == 2 * 2 and all("TaskPoolMapOperator[MapBatches(generate_batch)]" in p for p in plans), plans
     exported = AutoModelForCausalLM.from_pretrained(sami_run / "iteration-2" / "hf")
     from sami.world.base_model import resolve_model
 

@@ -1,0 +1,80 @@
+"""The data plane's pure parts, without Ray: a rank's shard read while it streams in (`GroupStream`), the
+generation batches, the stage's ledger, and that the stage's process needs no torch."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actors.data_plane import ledger_file, read_ledger, write_ledger
+from sami.groups import QueryGroup, generation_batches, group_from_json, group_to_json
+from sami.learner import GroupStream, StopRun
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def groups(n: int) -> list[QueryGroup]:
+    return [QueryGroup(query_id=f"q{i}", query=f"query {i}?") for i in range(n)]
+
+
+class Arrivals:
+    """A stand-in for a rank's Ray Data stream: records how many groups were pulled."""
+
+    def __init__(self, items):
+        self.items, self.pulled = list(items), 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.pulled += 1
+            yield item
+
+
+@pytest.mark.parametrize("n, micro, steps", [(7, 3, 6), (8, 4, 4), (2, 3, 3), (5, 5, 2)])
+def test_a_stream_reads_as_the_list_it_becomes(n, micro, steps):
+    """What `Learner.train` takes from a stream is what it took from the whole list (cycled past its end)."""
+    whole, stream = groups(n), GroupStream(iter(groups(n)))
+    for cursor in range(0, micro * steps, micro):
+        assert [g.query_id for g in stream.take(cursor, micro)] == \
+            [whole[(cursor + i) % n].query_id for i in range(micro)]
+
+
+def test_a_micro_batch_waits_only_for_its_own_groups():
+    source = Arrivals(groups(10))
+    stream = GroupStream(source, prepare=lambda g: QueryGroup(query_id=g.query_id.upper(), query=g.query))
+    assert [g.query_id for g in stream.take(0, 3)] == ["Q0", "Q1", "Q2"] and source.pulled == 3  # the rest not yet
+    stream.take(3, 3)
+    assert source.pulled == 6 and not stream.exhausted
+    assert len(stream.drain()) == 10 and stream.exhausted  # the rest read, so the execution ends
+
+
+def test_an_empty_shard_stops_the_run():
+    with pytest.raises(StopRun, match="fewer groups survived filtering than there are learners"):
+        GroupStream(iter([])).take(0, 2)
+
+
+def test_generation_batches_keep_the_engine_batch_and_give_every_rank_two():
+    planned = groups(64)
+    assert [len(b) for b in generation_batches(planned, 64, 2)] == [32, 32]  # batch_size // C groups
+    assert [len(b) for b in generation_batches(planned, 64, 2, ranks=2)] == [16] * 4  # two per rank to stream
+    assert [len(b) for b in generation_batches(groups(256), 64, 2, ranks=1)] == [32] * 8  # the demo's: unchanged
+    assert [g.query_id for b in generation_batches(planned, 64, 2, ranks=2) for g in b] == [g.query_id for g in planned]
+
+
+def test_the_ledger_gives_every_group_back_in_batch_order(tmp_path):
+    first, second = groups(2), groups(3)[2:]
+    first[1].reject_reason = "identical"
+    write_ledger(ledger_file(tmp_path, 1), {"batch": 1, "groups": [g.record() for g in second], "finished": 20.0})
+    with pytest.raises(StopRun, match="without batch 0 of 2"):
+        read_ledger(tmp_path, 2)
+    write_ledger(ledger_file(tmp_path, 0), {"batch": 0, "groups": [g.record() for g in first], "finished": 30.0})
+    every, finished = read_ledger(tmp_path, 2)
+    assert [(g.query_id, g.reject_reason) for g in every] == [("q0", ""), ("q1", "identical"), ("q2", "")]
+    assert finished == 30.0
+    assert group_from_json(group_to_json(every[1])) == every[1]
+
+
+def test_the_stage_process_imports_no_torch():
+    """A Ray Data task worker imports the stage's module: torch there costs 1.4 s and 250 MiB a process."""
+    code = "import sys, actors.data_plane; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
