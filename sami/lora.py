@@ -54,7 +54,7 @@ def with_adapter(model: torch.nn.Module, settings: LoraSettings):
 def check_targets(name_or_path: str, settings: LoraSettings, trust_remote_code: bool = False) -> None:
     """Before Ray starts: every target module exists in the model, built from its config on the meta device (no
     weights read). A built-in world model is a Llama; a hub name whose config cannot be read here is left to the
-    learner, which refuses the same way."""
+    learner, which refuses the same way (nothing is downloaded here: `--dry-run` stays offline)."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     if not settings.enabled:
@@ -63,7 +63,7 @@ def check_targets(name_or_path: str, settings: LoraSettings, trust_remote_code: 
         config = LlamaConfig(num_hidden_layers=1)
     else:
         try:
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, local_files_only=True)
         except OSError:
             return
     with torch.device("meta"):
