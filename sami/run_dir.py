@@ -108,6 +108,10 @@ class RunDir:
     def hf(self, iteration: int) -> Path:
         return self.iteration(iteration) / "hf"
 
+    def exported(self, iteration: int) -> bool:
+        """Whether iteration `iteration` has an HF export: a model, or under LoRA an adapter (PEFT format)."""
+        return any((self.hf(iteration) / name).is_file() for name in ("config.json", "adapter_config.json"))
+
     def merged(self, iteration: int) -> Path:
         return self.iteration(iteration) / "merged"
 
@@ -209,7 +213,7 @@ class RunDir:
         """What a resume after `iteration` loads: "deepspeed" (weights and optimiser), "hf" (weights only) or None."""
         if self.deepspeed(iteration).is_dir():
             return "deepspeed"
-        if (self.hf(iteration) / "config.json").is_file() or (self.hf(iteration) / "adapter_config.json").is_file():
+        if self.exported(iteration):
             return "hf"
         return None
 

@@ -123,6 +123,12 @@ def test_checkpoints_hold_the_adapter_and_a_resume_continues_with_it(trained, ti
         expected = token_logprobs(one.module, ids, torch.ones_like(ids))
         for model in (served, merged):
             assert (token_logprobs(model, ids, torch.ones_like(ids)) - expected).abs().max().item() < 1e-5
+    # the evaluation's and Serve's engine (make_engine) serves the export on its base
+    from sami.rollout_engines import HFEngine
+
+    probe = (one.tokenizer("Query: the mountain\nResponse:").input_ids, one.tokenizer(" It is tall.").input_ids)
+    evaluated = HFEngine(str(run_dir.hf(1)), ModelConfig(name_or_path=str(run_dir.hf(1))))
+    assert abs(evaluated.sequence_logprob(*probe) - one.probe_logprob(probe)) <= 1e-5
     for source, overrides in (("deepspeed", []), ("hf", ["checkpoint.deepspeed=false"])):
         if source == "hf":
             import shutil
