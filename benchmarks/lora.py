@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -50,25 +49,18 @@ def peak_rss_mib() -> float:
 
 def arm(model: str, overrides: list[str]) -> dict:
     """One arm, in this process: the learner's peak memory, then 3 syncs into an HF engine."""
-    import deepspeed
     import numpy as np
     import torch
 
     from actors.weight_sync import state_dict_buckets
     from sami.config import load_config
     from sami.groups import QueryGroup
-    from sami.learner import Learner, skip_cpu_shm_comm_op
+    from sami.learner import Learner, single_rank_group
     from sami.lora import sync_tensors
     from sami.rollout_engines import HFEngine
 
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
-    skip_cpu_shm_comm_op()
-    deepspeed.init_distributed(dist_backend="gloo")
+    single_rank_group()
     before = peak_rss_mib()
     cfg = load_config(None, [f"model.name_or_path={model}", "scaling.num_learners=1", "optim.groups_per_step=2",
                              "optim.micro_batch_groups=2", "schedule.steps_per_iteration=2", "optim.lr=1e-4",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,22 @@ def skip_cpu_shm_comm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def single_rank_group() -> None:
+    """A process group of one CPU learner rank outside Ray (gloo, world size 1): what tests and benchmarks build a
+    `Learner` in (under Ray Train the loop joins Train's group instead)."""
+    import socket
+
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    skip_cpu_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 @contextmanager
