@@ -51,7 +51,7 @@ def test_an_exported_adapter_is_served_on_its_base_then_each_sync_swaps_in_the_l
         buckets = state_dict_buckets(sync_tensors(learner), bucket_mb=1)
         result = worker.update_weights(buckets)
         assert result["bytes"] == sum(t.numel() * 4 for _, t in sync_tensors(learner))  # the adapter only
-        assert worker.engine.llm.llm_engine.list_loras() == {lora_id}  # the old adapter removed
+        assert list(worker.engine.llm.llm_engine.list_loras()) == [lora_id]  # the old adapter removed
         expected = learner_logprob(learner, p, r, hf.tokenizer.pad_token_id)
         assert abs(expected - base) > 1e-2
         assert worker.sequence_logprob(p, r) == pytest.approx(expected, abs=1e-4)  # the fp32 probe tolerance
