@@ -7,8 +7,9 @@ off).
 A Llama-shaped model of a CPU's realistic size (hidden 512, 8 layers, 8 heads, MLP 1376, 32k vocabulary: 58M
 parameters), random weights. Each arm runs in a process of its own (its peak RSS is the learner's alone): one
 DeepSpeed ZeRO-2 learner (CPU, gloo, world size 1) trains 2 optimiser steps of 2 query groups (C = 2, 64-token
-prompts, 32-token responses), then syncs into an HF engine in the same process (`state_dict_buckets` of what
-`WeightSync.push` sends + `HFEngine.update_weights`, the object-store path without the object store), 3 times.
+prompts, 32-token responses), then syncs into an HF engine in the same process 3 times: the object-store path
+(`state_dict_buckets` of what `WeightSync.push` sends, `ray.put`, `ray.get` and `HFEngine.update_weights`) within one
+node of a local Ray, without the actor call.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def peak_rss_mib() -> float:
 def arm(model: str, overrides: list[str]) -> dict:
     """One arm, in this process: the learner's peak memory, then 3 syncs into an HF engine."""
     import numpy as np
+    import ray
     import torch
 
     from actors.weight_sync import state_dict_buckets
@@ -79,13 +81,15 @@ def arm(model: str, overrides: list[str]) -> dict:
     engine = HFEngine(model, cfg.model, device="cpu")
     probe = (tokens(64), tokens(32))
     seconds, nbytes = [], 0
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     for _ in range(3):
         started = time.perf_counter()
         buckets = state_dict_buckets(sync_tensors(learner.module), cfg.rollout.sync_bucket_mb)
-        engine.update_weights(buckets)
+        engine.update_weights(ray.get(ray.put(buckets)))
         seconds.append(time.perf_counter() - started)
         nbytes = sum(a.nbytes for b in buckets for a in b.values())
     diff = abs(engine.sequence_logprob(*probe) - learner.probe_logprob(probe))
+    ray.shutdown()
     return {"trained_parameters": trained, "parameters": sum(p.numel() for p in learner.module.parameters()),
             "rss_before_learner_mib": round(before), "learner_peak_rss_mib": round(learner_peak),
             "train_seconds_2_steps": round(train_seconds, 2), "sync_bytes": nbytes,
