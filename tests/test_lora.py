@@ -24,6 +24,19 @@ def test_a_target_module_the_model_lacks_is_one_clear_error(tiny_model_dir):
         check_targets("builtin:world-small", LoraSettings(enabled=True, target_modules=["c_attn"]))
 
 
+def test_lora_settings_are_validated_like_every_section():
+    assert not load_config(None).model.lora.enabled  # off by default
+    with pytest.raises(ConfigError, match=r"model.lora.rank: Input should be less than or equal to 512 \(got 1000\)"):
+        load_config(None, ["model.lora.rank=1000"])
+    with pytest.raises(ConfigError, match="model.lora.export_merged is true but deepspeed.zero_stage is 3"):
+        load_config(None, ["model.lora.enabled=true", "model.lora.export_merged=true", "deepspeed.zero_stage=3"])
+    # the adapter goes through the object store, so a shared GPU with vLLM engines needs no weight_sync override
+    shared = ["rollout.engine=vllm", "scaling.gpus_per_learner=0.5", "rollout.gpus_per_engine=0.5"]
+    with pytest.raises(ConfigError, match="NCCL"):
+        load_config(None, shared)
+    assert not load_config(None, [*shared, "model.lora.enabled=true"]).nccl_sync
+
+
 def test_the_pipeline_refuses_an_unknown_target_before_ray(tmp_path):
     from pipelines.preflight import check_inputs
 
