@@ -8,7 +8,7 @@ from sami.config import ConfigError, LoraSettings, ModelConfig, load_config
 from sami.lora import BaseView, check_targets, is_adapter_folder, sync_tensors
 from sami.logprobs import token_logprobs
 from sami.run_dir import RunDir
-from test_resume import learner, process_group  # noqa: F401 (the module's process group fixture)
+from test_resume import learner
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,7 +53,7 @@ def groups_of(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def trained(process_group, tiny_model_dir):  # noqa: F811
+def trained(process_group, tiny_model_dir):
     """A LoRA learner with the exact KL on, before and after one optimiser step on two groups; how many models
     its construction loaded."""
     from unittest import mock

@@ -11,15 +11,6 @@ from sami.run_dir import CheckpointError, RunDir, write_manifest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    from sami.learner import single_rank_group
-
-    single_rank_group()
-    yield
-    torch.distributed.destroy_process_group()
-
-
 def learner(tiny_model_dir, *overrides):
     from sami.learner import Learner
 
