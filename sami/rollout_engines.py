@@ -338,7 +338,8 @@ class VLLMEngine(RolloutEngine):
         old, self.lora_request = self.lora_request, request
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
-            shutil.rmtree(old.lora_path, ignore_errors=True)
+            if Path(old.lora_path).parent == Path(self.adapter_dir):  # one this engine wrote, never a served export
+                shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
         if self.adapter_dir is not None:

@@ -35,11 +35,11 @@ def served(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export") / "hf"
     learner.save_pretrained(folder)  # what a LoRA run exports: base_model_name_or_path names the base
     cfg = CFG.model_copy(update={"tokenizer": str(tiny_model_dir)})
-    return RolloutWorker(str(folder), RolloutConfig(engine="vllm", gpu_memory_utilization=0.2), cfg), learner
+    return RolloutWorker(str(folder), RolloutConfig(engine="vllm", gpu_memory_utilization=0.2), cfg), learner, folder
 
 
 def test_an_exported_adapter_is_served_on_its_base_then_each_sync_swaps_in_the_learners(served, tiny_model_dir):
-    worker, exported = served
+    worker, exported, folder = served
     hf = HFEngine(str(tiny_model_dir), CFG)
     p = hf.tokenizer(PROMPTS[0], add_special_tokens=False).input_ids
     r = hf.tokenizer(" the river is long", add_special_tokens=False).input_ids + [hf.tokenizer.eos_token_id]
@@ -55,6 +55,7 @@ def test_an_exported_adapter_is_served_on_its_base_then_each_sync_swaps_in_the_l
         expected = learner_logprob(learner, p, r, hf.tokenizer.pad_token_id)
         assert abs(expected - base) > 1e-2
         assert worker.sequence_logprob(p, r) == pytest.approx(expected, abs=1e-4)  # the fp32 probe tolerance
+    assert (folder / "adapter_model.safetensors").is_file()  # the served export is the user's: never removed
     hf.update_weights(buckets)
     assert [c.token_ids for c in worker.engine.generate(PROMPTS, GREEDY, 0)] == \
         [c.token_ids for c in hf.generate(PROMPTS, GREEDY, 0)]
