@@ -33,6 +33,7 @@ from actors.rollout import RolloutEngineError, dtype_name, engine_failure
 from sami.config import RolloutConfig
 from sami.console import log
 from sami.learner import StopRun, full_parameters
+from sami.lora import sync_tensors
 
 RESTART_TIMEOUT_S = 600  # a vLLM engine can take minutes to start on a busy node
 # How long learner rank 0's rendezvous store waits for every engine worker to join (vLLM's own default). The engines
@@ -180,11 +181,12 @@ class WeightSync:
         self.dtypes: set[torch.dtype] = set()  # the learner's and the engines' precision, for the probe check
 
     def push(self, module) -> dict:
-        """Every parameter of `module` to every engine; returns the bytes moved and the bucket count."""
+        """Every parameter of `module` (under LoRA its adapter only: `sync_tensors`) to every engine; returns the
+        bytes moved and the bucket count."""
         with full_parameters(module, self.zero_stage):
             if self.rank != 0:
                 return {}
-            named = list(module.named_parameters())
+            named = sync_tensors(module)
             broken = next((name for name, t in named if not torch.isfinite(t).all()), None)
             if broken is not None:  # never hand an engine weights it would sample garbage from
                 raise StopRun(f"weight sync refused: parameter {broken} holds non-finite values")

@@ -37,7 +37,7 @@ def settings_from_run(run: RunDir) -> dict:
     if not run.config.is_file():
         raise ConfigError(f"--run {run.path}: no config.yaml there, so not a pipelines.train run folder")
     train = load_config(run.config, model_cls=TrainConfig)
-    exported = [k for k in run.complete_iterations() if (run.hf(k) / "config.json").is_file()]
+    exported = [k for k in run.complete_iterations() if run.exported(k)]
     if not exported:
         raise ConfigError(f"--run {run.path}: no complete iteration with an HF export yet "
                           f"(iterations complete: {run.complete_iterations() or 'none'}; checkpoint.export_hf)")

@@ -152,7 +152,7 @@ def setup(run: RunSpec) -> Loop:
     torch.manual_seed(cfg.run.seed + rank)
     learner = Learner(cfg, run.model_path, world, device, use_gpu)
     sync = WeightSync(run.actors, cfg.rollout, cfg.deepspeed.zero_stage, rank,
-                      use_nccl=use_gpu and cfg.rollout.nccl_sync)
+                      use_nccl=use_gpu and cfg.nccl_sync)
     # The driver refuses a folder holding a run unless --resume, so complete iterations here are this run's:
     # after --resume, or after Ray Train restarted the learner group (scaling.max_learner_failures).
     start = run.run_dir.last_complete_iteration() + 1

@@ -15,12 +15,32 @@ from sami.precision import deepspeed_bf16
 
 WRITER_CPUS = 0.1  # the principle writer calls an endpoint or serves a saved library: a small CPU share
 
-# Parameter counts of the published runs' models (from their HF configs; see `count_parameters`).
-KNOWN_PARAMETERS = {
-    "mixtral-8x7b": 46_702_792_704,
-    "mistral-7b": 7_241_732_096,
-    "llama-2-7b": 6_738_415_616,
+# The shapes of the published runs' models (from their HF config.json files): `count_parameters` gives their
+# parameter counts exactly (46,702,792,704; 7,241,732,096; 6,738,415,616), `lora_parameters` their adapters'.
+_MISTRAL_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "intermediate_size": 14336}
+KNOWN_CONFIGS = {
+    "mixtral-8x7b": {**_MISTRAL_7B, "num_local_experts": 8},
+    "mistral-7b": _MISTRAL_7B,
+    "llama-2-7b": {**_MISTRAL_7B, "num_key_value_heads": 32, "intermediate_size": 11008},
 }
+
+
+def linear_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of one decoder layer of a Llama/Mistral-style model, by name."""
+    h, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    head_dim = hf_config.get("head_dim") or h // heads
+    inter = hf_config.get("intermediate_size", 4 * h)
+    return {"q_proj": (h, heads * head_dim), "k_proj": (h, kv_heads * head_dim), "v_proj": (h, kv_heads * head_dim),
+            "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def lora_parameters(hf_config: dict, rank: int, targets: list[str]) -> int:
+    """An adapter's parameters: rank x (in + out) per targeted linear layer (A and B), in every layer (a Mixtral
+    expert's MLP layers are not counted: only attention targets are meant there)."""
+    shapes = linear_shapes(hf_config)
+    return hf_config["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
 
 
 def count_parameters(hf_config: dict) -> int:
@@ -49,34 +69,50 @@ def model_folder(name_or_path: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def parameter_count(name_or_path: str) -> tuple[int | None, str]:
-    """(parameters or None, where the number came from)."""
+def model_config(name_or_path: str) -> tuple[dict | None, str]:
+    """(the model's config.json as a dict, or a known family's shape, or None; where it came from)."""
     folder = model_folder(name_or_path)
     if folder is not None:
         try:
-            return count_parameters(json.loads((folder / "config.json").read_text())), f"{folder}/config.json"
-        except (KeyError, TypeError, ValueError):
-            return None, f"{folder}/config.json is not a Llama-style config"
+            return json.loads((folder / "config.json").read_text()), f"{folder}/config.json"
+        except ValueError:
+            return {}, f"{folder}/config.json"  # counted as not a Llama-style config
     lowered = name_or_path.lower()
-    for key, count in KNOWN_PARAMETERS.items():
+    for key, config in KNOWN_CONFIGS.items():
         if key in lowered:
-            return count, f"known model family {key!r}"
+            return config, f"known model family {key!r}"
+    return None, ""
+
+
+def parameter_count(name_or_path: str) -> tuple[int | None, str]:
+    """(parameters or None, where the number came from)."""
+    config, source = model_config(name_or_path)
+    if config is not None:
+        try:
+            return count_parameters(config), source
+        except (KeyError, TypeError, ValueError):
+            return None, f"{source} is not a Llama-style config"
     if name_or_path.startswith("builtin:"):
         return None, "unknown until the built-in base model is built (well under 1M parameters)"
     return None, "unknown (not a local folder nor a known model name)"
 
 
-def checkpoint_bytes(params: int, cfg: TrainConfig) -> dict[str, int]:
-    """Bytes one iteration writes. DeepSpeed: 16-bit module weights + fp32 master weights + optimiser state."""
+def checkpoint_bytes(params: int, cfg: TrainConfig, trained: int | None = None) -> dict[str, int]:
+    """Bytes one iteration writes. DeepSpeed: 16-bit module weights + fp32 master weights + optimiser state.
+    Under LoRA (`trained`: the adapter's parameters) both hold the adapter only, and the merged model is the base's
+    size."""
     half = deepspeed_bf16(cfg, use_gpu=cfg.scaling.gpus_per_learner > 0)
     weight_bytes = 2 if half else 4
     optimizer_states = 2 if cfg.optim.name == "adamw" else 1  # Adam: m and v; RMSprop: the square average
+    saved = params if trained is None else trained
     out = {}
     if cfg.checkpoint.deepspeed:
         master = 4 if half else 0  # mixed precision keeps an fp32 copy next to the 16-bit weights
-        out["deepspeed"] = params * (weight_bytes + master + 4 * optimizer_states)
+        out["deepspeed"] = saved * (weight_bytes + master + 4 * optimizer_states)
     if cfg.checkpoint.export_hf:
-        out["hf_export"] = params * weight_bytes
+        out["hf_export" if trained is None else "adapter"] = saved * weight_bytes
+        if trained is not None and cfg.model.lora.export_merged:
+            out["merged"] = params * weight_bytes
     return out
 
 
@@ -111,7 +147,10 @@ def resource_plan(cfg: TrainConfig) -> dict:
     total_cpus = sum(g["count"] * g["cpus_each"] for g in groups.values())
 
     params, params_source = parameter_count(cfg.model.name_or_path)
-    per_iteration = checkpoint_bytes(params, cfg) if params is not None else None
+    lora, trained = cfg.model.lora, None
+    if lora.enabled and params is not None:
+        trained = lora_parameters(model_config(cfg.model.name_or_path)[0], lora.rank, lora.target_modules)
+    per_iteration = checkpoint_bytes(params, cfg, trained) if params is not None else None
     steps = [cfg.steps_for_iteration(i) for i in range(1, cfg.run.iterations + 1)]
     return {
         "run": cfg.run.name, "objective": cfg.objective.name, "model": cfg.model.name_or_path,
@@ -121,6 +160,7 @@ def resource_plan(cfg: TrainConfig) -> dict:
         "groups": groups,
         "total": {"gpus": total_gpus, "cpus": total_cpus},
         "parameters": params, "parameters_source": params_source,
+        "trained_parameters": trained if lora.enabled else params,
         "checkpoints": {
             "per_iteration": per_iteration,
             "iteration_bytes": sum(per_iteration.values()) if per_iteration is not None else None,
@@ -159,6 +199,9 @@ def format_plan(cfg: TrainConfig) -> str:
         f" queries sampled per iteration: {plan['queries_per_iteration']}",
         f"  parameters: {_count(params)} ({plan['parameters_source']})" if params else
         f"  parameters: {plan['parameters_source']}",
+        *([f"  trained: a LoRA adapter of rank {cfg.model.lora.rank} on {', '.join(cfg.model.lora.target_modules)}: "
+           + (f"{_count(plan['trained_parameters'])} parameters ({plan['trained_parameters'] / params:.2%})"
+              if params else "size unknown")] if cfg.model.lora.enabled else []),
         "resources:",
         f"  learners:         {g['learners']['count']} x ({g['learners']['gpus_each']:g} GPU, "
         f"{g['learners']['cpus_each']:g} CPU), DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, torch backend "

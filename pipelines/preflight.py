@@ -45,6 +45,10 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
         raise ConfigError(f"principles: {e}") from None
     check_model_folder("model.name_or_path", cfg.model.name_or_path, "config.json")
     check_model_folder("model.tokenizer", cfg.model.tokenizer, "tokenizer_config.json")
+    if cfg.model.lora.enabled:  # torch and transformers: only for a LoRA run
+        from sami.lora import check_targets
+
+        check_targets(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
     if cfg.data.source == "jsonl":
         from sami.data import load_queries
 

@@ -32,6 +32,25 @@ class RunConfig(Section):
     iterations: int = Field(2, ge=1)
 
 
+# The ranks vLLM 0.33 accepts as `max_lora_rank` (vllm/config/lora.py MaxLoRARanks): a vLLM engine serves an adapter
+# under the smallest of these at or above its rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraSettings(Section):
+    """LoRA (peft `LoraConfig`): the learner trains an adapter on the frozen base, the engines take the adapter
+    alone, and the base with the adapter switched off is the reference (sami/lora.py)."""
+
+    enabled: bool = False
+    rank: int = Field(8, ge=1, le=VLLM_LORA_RANKS[-1])
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # module names (the last part of a dotted name) that get an adapter; checked against the model before Ray starts
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    # also export the merged model (base + adapter, a plain HF folder) beside each iteration's adapter
+    export_merged: bool = False
+
+
 class ModelConfig(Section):
     # A hub name ("mistralai/Mistral-7B-v0.1") or a local folder written by `save_pretrained`.
     name_or_path: str = "builtin:world"
@@ -40,6 +59,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_prompt_tokens: int = Field(512, ge=8)
     max_response_tokens: int = Field(350, ge=1)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
 
 class DataConfig(Section):
@@ -311,7 +331,7 @@ class TrainConfig(Section):
         if r.engine == "vllm" and r.engine_gpus < 1 and r.tensor_parallel_size > 1:
             raise ValueError(f"rollout.gpus_per_engine ({r.engine_gpus}) below 1 needs rollout.tensor_parallel_size "
                              f"1, not {r.tensor_parallel_size} (a tensor-parallel engine takes whole GPUs)")
-        if r.engine_gpus < 1 and r.nccl_sync:
+        if r.engine_gpus < 1 and self.nccl_sync:
             raise ValueError(f"rollout.gpus_per_engine ({r.engine_gpus}) shares a GPU, and the NCCL weight sync "
                              f"(rollout.weight_sync=auto) refuses two ranks on one device: set rollout.weight_sync="
                              f"object_store")
@@ -327,11 +347,21 @@ class TrainConfig(Section):
         if o.kl_beta > 0 and o.name == "sft_then_sami" and o.sft_iterations >= self.run.iterations:
             raise ValueError(f"objective.kl_beta is {o.kl_beta} but every iteration is SFT (objective.sft_iterations "
                              f"{o.sft_iterations}, run.iterations {self.run.iterations}), which has no KL term")
-        if self.rollout.nccl_sync and gpus != int(gpus):
+        if self.nccl_sync and gpus != int(gpus):
             raise ValueError(f"scaling.gpus_per_learner is {gpus}, a share of a GPU, but rollout.weight_sync 'auto' "
                              f"syncs vLLM engines over NCCL, which refuses two ranks on one GPU: set "
                              f"rollout.weight_sync=object_store or a whole number of GPUs per learner")
+        if self.model.lora.enabled and self.model.lora.export_merged and self.deepspeed.zero_stage == 3:
+            raise ValueError("model.lora.export_merged is true but deepspeed.zero_stage is 3, whose partitioned base "
+                             "rank 0 cannot merge alone: export the adapter only (merge it later with peft's "
+                             "merge_and_unload) or use zero_stage 2")
         return self
+
+    @property
+    def nccl_sync(self) -> bool:
+        """Whether weights reach the engines over NCCL: `rollout.nccl_sync`, except under LoRA, whose adapter (MiB,
+        not GiB) goes through the object store and a folder (vLLM loads an adapter from a folder only)."""
+        return self.rollout.nccl_sync and not self.model.lora.enabled
 
     def with_absolute_paths(self) -> "TrainConfig":
         """A copy whose paths are absolute, read against the driver's working directory: Ray Train moves each learner

@@ -6,7 +6,9 @@ fresh optimiser from memory, never from disk.
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 
 from sami.config import OptimConfig, TrainConfig
 from sami.groups import QueryGroup, padding_id
+from sami.lora import BaseView, load_adapter_folder, sync_tensors, with_adapter
 from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_logprobs,
                            shared_prefix_logprobs_and_kl, token_logprobs)
 from sami.objectives import OBJECTIVES, ScoredPairs, Scoring, pair_sequences, run_needs_reference, scoring_for
@@ -66,6 +69,22 @@ def skip_cpu_shm_comm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def single_rank_group() -> None:
+    """A process group of one CPU learner rank outside Ray (gloo, world size 1): what tests and benchmarks build a
+    `Learner` in (under Ray Train the loop joins Train's group instead)."""
+    import socket
+
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    skip_cpu_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 @contextmanager
@@ -258,16 +277,23 @@ class Learner:
         self.matmul_parameters = matmul_parameters(self.model)  # before ZeRO-3 partitions them
         # once per learner start: the denominator of the MFU figure
         self.peak_flops = measure_peak_flops(device, self.settings.dtype)
-        # The frozen base model: the KL / DPO reference, and the weights `init: base` restarts from.
+        self.lora = cfg.model.lora.enabled
+        # The frozen base model: the KL / DPO reference, and the weights `init: base` restarts from. Under LoRA
+        # it is the policy itself with the adapter switched off, and `init: base` restarts from the fresh adapter.
         self.base = None
-        if run_needs_reference(cfg) or cfg.schedule.init == "base":
+        if self.lora:
+            self.model = with_adapter(self.model, cfg.model.lora)
+            self.base = BaseView(self.model)
+            self.fresh_adapter = {name: t.detach().clone() for name, t in sync_tensors(self.model)}
+        elif run_needs_reference(cfg) or cfg.schedule.init == "base":
             self.base = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device).eval().requires_grad_(False)
         self.engine = self._deepspeed_engine()
 
     def _deepspeed_engine(self):
         import deepspeed
 
-        engine, *_ = deepspeed.initialize(model=self.model, optimizer=make_optimizer(self.model.parameters(), self.cfg.optim),
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # under LoRA the adapter's only
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=make_optimizer(trained, self.cfg.optim),
                                           config=self.settings.config)
         return engine
 
@@ -281,8 +307,13 @@ class Learner:
         source = run_dir.resume_source(iteration)
         if source == "deepspeed":
             verify_checkpoint(run_dir.deepspeed(iteration))
-            with weights_only_loads(self.engine):
-                self.engine.load_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration))
+            with weights_only_loads(self.engine):  # under LoRA the checkpoint holds the adapter only (`save`)
+                self.engine.load_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration),
+                                            load_module_strict=not self.lora)
+        elif source == "hf" and self.lora:
+            verify_model_folder(run_dir.hf(iteration))
+            load_adapter_folder(self.model, run_dir.hf(iteration))
+            self.engine = self._deepspeed_engine()
         elif source == "hf":
             from transformers import AutoModelForCausalLM
 
@@ -304,7 +335,12 @@ class Learner:
         cfg, s = self.cfg, self.settings
         scoring = scoring_for(cfg, iteration)
         if cfg.schedule.init == "base" and iteration > 1:
-            self.model.load_state_dict(self.base.state_dict())
+            if self.lora:
+                with torch.no_grad():
+                    for name, tensor in sync_tensors(self.model):
+                        tensor.copy_(self.fresh_adapter[name])
+            else:
+                self.model.load_state_dict(self.base.state_dict())
             self.engine = self._deepspeed_engine()  # fresh optimiser state, weights from memory
         started = time.perf_counter()
         self.engine.train()
@@ -350,10 +386,13 @@ class Learner:
             return sequence_logprobs(token_lp.float(), mask).item()
 
     def save(self, run_dir: RunDir, iteration: int, rank: int) -> float:
-        """DeepSpeed checkpoint and HF export of this iteration (every rank takes part); returns seconds."""
+        """DeepSpeed checkpoint and HF export of this iteration (every rank takes part); returns seconds. Under LoRA
+        both hold the adapter only (the export in PEFT format: `PeftModel.from_pretrained` loads it on its base),
+        and `model.lora.export_merged` adds the merged model."""
         started = time.perf_counter()
         if self.cfg.checkpoint.deepspeed:
-            self.engine.save_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration))
+            self.engine.save_checkpoint(str(run_dir.deepspeed_root), tag=run_dir.tag(iteration),
+                                        exclude_frozen_parameters=self.lora)
         if self.cfg.checkpoint.export_hf:
             zero3 = self.cfg.deepspeed.zero_stage == 3
             state = self.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
@@ -361,4 +400,8 @@ class Learner:
                 out = run_dir.hf(iteration)
                 self.module.save_pretrained(out, state_dict=state)
                 self.tokenizer.save_pretrained(out)
+                if self.lora and self.cfg.model.lora.export_merged:  # the config refuses it under ZeRO-3
+                    merged = copy.deepcopy(self.module).merge_and_unload()
+                    merged.save_pretrained(run_dir.merged(iteration))
+                    self.tokenizer.save_pretrained(run_dir.merged(iteration))
         return time.perf_counter() - started

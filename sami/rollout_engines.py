@@ -9,8 +9,11 @@ tokenises responses for training) and finish_reason "stop" when EOS ended it, "l
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -20,6 +23,8 @@ from sami.config import EngineConfig, ModelConfig, SamplingConfig
 from sami.groups import QueryGroup, padding_id
 from sami.learner import score_groups
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
+from sami.lora import (adapter_base, adapter_rank, is_adapter_folder, sync_tensors, vllm_max_lora_rank, with_adapter,
+                       write_adapter_folder)
 from sami.objectives import Scoring, pair_sequences
 from sami.precision import model_dtype
 
@@ -44,7 +49,8 @@ class RolloutEngine:
         raise NotImplementedError
 
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
-        """The CPU / object-store path: load every parameter from numpy buckets, in place."""
+        """The CPU / object-store path: load every parameter from numpy buckets, in place (under LoRA, every
+        tensor of the adapter, by its PEFT name)."""
         raise NotImplementedError
 
     def sequence_logprob(self, prompt_ids: list[int], response_ids: list[int]) -> float:
@@ -72,7 +78,9 @@ def _stop_ids(tokenizer, generation_config) -> set[int]:
 
 
 class HFEngine(RolloutEngine):
-    """transformers `generate`, batched with left padding; weights updated in place, never reloaded."""
+    """transformers `generate`, batched with left padding; weights updated in place, never reloaded. An adapter
+    folder (PEFT format) is served on its base; under `model.lora` the engine holds an adapter of its own, which
+    each sync loads."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,9 +95,17 @@ class HFEngine(RolloutEngine):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = getattr(torch, model_dtype(model_cfg.dtype, use_gpu=self.device.startswith("cuda")))
+        adapter = model_path if is_adapter_folder(model_path) else None
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
-        ).to(self.device).eval()
+            adapter_base(adapter) if adapter else model_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+        )
+        if adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter)
+        elif model_cfg.lora.enabled:
+            self.model = with_adapter(self.model, model_cfg.lora)
+        self.model = self.model.to(self.device).eval()
         self.max_prompt_tokens = model_cfg.max_prompt_tokens
         self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config)
         self.dtype = self.model.dtype
@@ -128,7 +144,7 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
-        params = dict(self.model.named_parameters())
+        params = dict(sync_tensors(self.model))
         loaded = set()
         for bucket in buckets:
             for name, array in bucket.items():
@@ -242,8 +258,17 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_cfg.tokenizer or model_path, trust_remote_code=model_cfg.trust_remote_code
         )
+        # LoRA: an adapter folder is served on its base under one `LoRARequest`; under `model.lora` each sync adds
+        # the learner's adapter under a new id (`_swap_adapter`). None: the base alone (before the first sync).
+        served = model_path if is_adapter_folder(model_path) else None
+        base = adapter_base(served) if served else model_path
+        rank = adapter_rank(served) if served else model_cfg.lora.rank if model_cfg.lora.enabled else None
+        self.lora_settings, self.base_model = model_cfg.lora, base
+        self.lora_request = self._lora_request(1, served) if served else None
+        self.adapter_dir = tempfile.mkdtemp(prefix="sami-adapters-") if model_cfg.lora.enabled else None
+        lora = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(rank), "max_loras": 1} if rank else {}
         try:
-            generation_config = GenerationConfig.from_pretrained(model_path)
+            generation_config = GenerationConfig.from_pretrained(base)
         except OSError:  # a checkpoint without generation_config.json
             generation_config = None
         self.stop_ids = _stop_ids(self.tokenizer, generation_config)
@@ -251,7 +276,7 @@ class VLLMEngine(RolloutEngine):
         self.dtype = getattr(torch, dtype)
         self.tensor_parallel_size = rollout_cfg.tensor_parallel_size
         self.llm = LLM(
-            model=model_path,
+            model=base,
             tokenizer=model_cfg.tokenizer or model_path,
             dtype=dtype,
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
@@ -263,6 +288,7 @@ class VLLMEngine(RolloutEngine):
             max_model_len=max_model_len(model_cfg),
             weight_transfer_config=WeightTransferConfig(backend="nccl"),
             worker_extension_cls="sami.rollout_engines.WorkerExtension",
+            **lora,
         )
         self.max_prompt_tokens = model_cfg.max_prompt_tokens
         self.transfer_joined = False
@@ -282,7 +308,7 @@ class VLLMEngine(RolloutEngine):
                            max_tokens=sampling.max_new_tokens, seed=s, stop_token_ids=sorted(self.stop_ids))
             for s in prompt_seeds(seeds, len(prompts))
         ]
-        outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(token_prompts, params, use_tqdm=False, lora_request=self.lora_request)
         return [self._completion(list(output.outputs[0].token_ids), output.outputs[0].finish_reason) for output in outputs]
 
     def _completion(self, ids: list[int], finish_reason: str) -> Completion:
@@ -293,7 +319,33 @@ class VLLMEngine(RolloutEngine):
         reason = "length" if finish_reason == "length" else "stop"
         return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, reason)
 
+    @staticmethod
+    def _lora_request(lora_id: int, folder: str):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"sami-adapter-{lora_id}", lora_id, str(folder))
+
+    def _swap_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        """The learner's adapter, written in PEFT format to a folder of this engine's (vLLM loads adapters from a
+        folder only), added under a new id that every later request uses; the old one is removed. Not through
+        `start/finish_weight_update`: `finish_weight_update` clears every loaded adapter."""
+        new_id = self.lora_request.lora_int_id + 1 if self.lora_request else 1
+        folder = write_adapter_folder(Path(self.adapter_dir) / f"adapter-{new_id}", tensors, self.lora_settings,
+                                      self.base_model)
+        request = self._lora_request(new_id, folder)
+        if not self.llm.llm_engine.add_lora(request):  # loads it now: a bad adapter fails here, not in a request
+            raise RuntimeError(f"weight sync: vLLM did not load the adapter in {folder}")
+        old, self.lora_request = self.lora_request, request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            if Path(old.lora_path).parent == Path(self.adapter_dir):  # one this engine wrote, never a served export
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
+        if self.adapter_dir is not None:
+            self._swap_adapter({name: array for bucket in buckets for name, array in bucket.items()})
+            self.reset_prefix_cache()
+            return
         self.llm.start_weight_update()
         try:
             for bucket in buckets:
@@ -344,7 +396,8 @@ class VLLMEngine(RolloutEngine):
 
         # prompt_logprobs=0 returns the log-prob of each given token; the response's are the last ones
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids + response_ids), params, use_tqdm=False)[0]
+        out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids + response_ids), params, use_tqdm=False,
+                                lora_request=self.lora_request)[0]
         scored = out.prompt_logprobs[len(prompt_ids) :]
         return float(np.mean([entry[token].logprob for entry, token in zip(scored, response_ids)]))
 

@@ -5,7 +5,9 @@
     <run>/heldout_queries.jsonl            the queries training never draws
     <run>/iteration-<k>/groups.parquet     the iteration's kept query groups (QueryGroup.record())
     <run>/iteration-<k>/batches/           the data plane's per-batch ledger while the iteration generates
-    <run>/iteration-<k>/hf/                the HF export (safetensors and tokenizer) and its MANIFEST.sha256
+    <run>/iteration-<k>/hf/                the HF export (safetensors and tokenizer) and its MANIFEST.sha256; under
+                                           LoRA the adapter in PEFT format (adapter_config.json names the base)
+    <run>/iteration-<k>/merged/            LoRA with model.lora.export_merged: base + adapter merged, an HF model
     <run>/iteration-<k>/probe.json         the probe (prompt ids, response ids) a resume re-syncs with
     <run>/iteration-<k>/COMPLETE           written last: the iteration is whole
     <run>/deepspeed/iteration-<k>/         the DeepSpeed checkpoint (tag iteration-<k>) and its MANIFEST.sha256
@@ -112,6 +114,13 @@ class RunDir:
 
     def hf(self, iteration: int) -> Path:
         return self.iteration(iteration) / "hf"
+
+    def exported(self, iteration: int) -> bool:
+        """Whether iteration `iteration` has an HF export: a model, or under LoRA an adapter (PEFT format)."""
+        return any((self.hf(iteration) / name).is_file() for name in ("config.json", "adapter_config.json"))
+
+    def merged(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "merged"
 
     def probe(self, iteration: int) -> Path:
         return self.iteration(iteration) / "probe.json"
@@ -220,7 +229,7 @@ class RunDir:
         """What a resume after `iteration` loads: "deepspeed" (weights and optimiser), "hf" (weights only) or None."""
         if self.deepspeed(iteration).is_dir():
             return "deepspeed"
-        if (self.hf(iteration) / "config.json").is_file():
+        if self.exported(iteration):
             return "hf"
         return None
 
@@ -269,7 +278,7 @@ class RunDir:
     def mark_complete(self, iteration: int, record: dict, probe: tuple[list[int], list[int]]) -> None:
         """Rank 0, after every rank saved: the manifests of the checkpoint and the HF export, the probe for a resume's
         re-sync, the metrics row, then the marker."""
-        for saved in (self.deepspeed(iteration), self.hf(iteration)):
+        for saved in (self.deepspeed(iteration), self.hf(iteration), self.merged(iteration)):
             if saved.is_dir():
                 write_manifest(saved)
         self.probe(iteration).write_text(json.dumps(list(probe)))

@@ -30,6 +30,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(out, tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=0)
 
 
+@pytest.fixture(scope="session")
+def process_group():
+    """One CPU learner rank's process group (gloo, world size 1) for the tests that build a `Learner` outside Ray, made
+    once per session: DeepSpeed's comm layer keeps the first group it saw, so a second one after a teardown fails
+    ("Group ... is not registered")."""
+    import torch
+
+    from sami.learner import single_rank_group
+
+    single_rank_group()
+    yield
+    torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """A tiny model on a shared 2-core machine: one thread is 10-40x faster than two fighting for the cores."""

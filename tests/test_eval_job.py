@@ -339,9 +339,9 @@ def test_evaluating_a_run_folder_plans_from_its_config_and_refuses_what_is_not_o
     dump_config(load_config(REPO / "configs" / "tiny.yaml", [f"run.output_dir={run.path}"]), run.config)
     assert eval_main(["--run", str(run.path), "--dry-run"]) == 2
     assert "no complete iteration with an HF export yet (iterations complete: none" in capsys.readouterr().err
-    for k in (1, 3):  # iteration 2 is incomplete: not evaluated
-        run.hf(k).mkdir(parents=True)
-        (run.hf(k) / "config.json").write_text("{}")
+    for k, marker in ((1, "config.json"), (3, "adapter_config.json")):  # iteration 2 is incomplete: not evaluated
+        run.hf(k).mkdir(parents=True)  # iteration 3 as a LoRA run exports it: the adapter (served on its base)
+        (run.hf(k) / marker).write_text("{}")
         run.complete(k).write_text("ok\n")
     run.hf(2).mkdir(parents=True)
     assert eval_main(["--run", str(run.path), "--dry-run", "num_queries=5"]) == 0

@@ -10,7 +10,7 @@ from sami.config import load_config
 from sami.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_PRESETS = ["hh_mistral7b", "tldr_mistral7b", "tldr_mixtral_weak_writer", "mtbench_multitask_sami",
+TRAIN_PRESETS = ["hh_mistral7b", "hh_mistral7b_lora", "tldr_mistral7b", "tldr_mixtral_weak_writer", "mtbench_multitask_sami",
                  "mtbench_multitask_dpo", "mtbench_multitask_sft", "gsm8k_sami", "gsm8k_sft", "gsm8k_sft_then_sami"]
 
 
@@ -36,6 +36,20 @@ def test_hh_preset_is_the_papers_schedule():
     assert plan["parameters"] == 7_241_732_096
     # RMSprop: bf16 weights 2 + fp32 master 4 + square average 4 bytes per parameter; the HF export is bf16
     assert plan["checkpoints"]["per_iteration"] == {"deepspeed": 10 * 7_241_732_096, "hf_export": 2 * 7_241_732_096}
+
+
+def test_hh_lora_preset_needs_two_gpus_and_checkpoints_the_adapter_only():
+    full, lora = (load_config(REPO / "configs" / f"{name}.yaml") for name in ("hh_mistral7b", "hh_mistral7b_lora"))
+    same = {k for k in ("data", "principles", "sampling", "schedule", "objective") if getattr(full, k) != getattr(lora, k)}
+    assert not same  # the paper's run, only the way it trains differs
+    plans = {name: resource_plan(cfg) for name, cfg in (("full", full), ("lora", lora))}
+    assert (plans["full"]["total"]["gpus"], plans["lora"]["total"]["gpus"]) == (10, 2)
+    adapter = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # r (in + out): q o, k v, mlp
+    assert plans["lora"]["trained_parameters"] == adapter == 41_943_040
+    # RMSprop: bf16 adapter 2 + fp32 master 4 + square average 4 bytes per trained parameter; the adapter in bf16
+    assert plans["lora"]["checkpoints"]["per_iteration"] == {"deepspeed": 10 * adapter, "adapter": 2 * adapter}
+    assert plans["full"]["checkpoints"]["iteration_bytes"] > 150 * plans["lora"]["checkpoints"]["iteration_bytes"]
+    assert "trained: a LoRA adapter of rank 16" in format_plan(lora)
 
 
 def test_weak_writer_preset_writes_principles_with_mistral_instruct_for_mixtral():

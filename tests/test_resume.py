@@ -1,7 +1,5 @@
 """What a resume loads, on one real DeepSpeed learner (ZeRO-2, CPU, gloo, world size 1; no Ray): the DeepSpeed
 checkpoint only when its manifest matches, else the HF export's weights with a fresh optimiser."""
-import os
-import socket
 
 import pytest
 import torch
@@ -11,23 +9,6 @@ from sami.config import load_config
 from sami.run_dir import CheckpointError, RunDir, write_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import deepspeed
-
-    from sami.learner import skip_cpu_shm_comm_op
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
-    skip_cpu_shm_comm_op()
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
 
 
 def learner(tiny_model_dir, *overrides):

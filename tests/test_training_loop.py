@@ -109,18 +109,29 @@ def test_resume_continues_at_iteration_three(sami_run):
     assert rows[2]["probe_abs_diff"] <= 1e-4
 
 
-def test_resume_without_a_deepspeed_checkpoint(ray_session, tmp_path):
-    """The demo's setting: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError)."""
-    from pipelines.train import run
+def test_resume_without_a_deepspeed_checkpoint_under_lora(ray_session, tmp_path):
+    """The demo's setting: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError),
+    here a LoRA run's: the export is the adapter (PEFT format), a sync moves the adapter alone, and the resumed run
+    continues with that adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "hf-only"
-    run(tiny(out, "run.iterations=1", "checkpoint.deepspeed=false"))
+    from pipelines.train import run
+    from sami.world.base_model import resolve_model
+
+    out, lora = tmp_path / "hf-only", ["checkpoint.deepspeed=false", "model.lora.enabled=true", "model.lora.rank=4"]
+    run(tiny(out, "run.iterations=1", *lora))
     lines = []
-    run(tiny(out, "run.iterations=2", "checkpoint.deepspeed=false"), resume=True, log=lines.append)
+    run(tiny(out, "run.iterations=2", *lora), resume=True, log=lines.append)
     rows = metrics(out)
-    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["probe_abs_diff"] <= 1e-4
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["probe_abs_diff"] <= 1e-4 for r in rows)
     assert not (out / "deepspeed").exists()
     assert any(f"from iteration 1 (weights from {out}/iteration-1/hf, a fresh optimiser" in line for line in lines)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:world-small", log=lambda m: None))
+    full = sum(p.numel() for p in base.parameters()) * 4
+    adapter = PeftModel.from_pretrained(base, out / "iteration-2" / "hf")
+    adapter_bytes = sum(p.numel() for name, p in adapter.named_parameters() if ".lora_" in name) * 4
+    assert all(r["sync_bytes"] == adapter_bytes < full / 10 for r in rows)  # the adapter's float32 tensors only
 
 
 def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
