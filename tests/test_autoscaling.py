@@ -7,6 +7,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,28 +137,34 @@ def opened_by_node(audit: Path) -> dict[str, dict[str, set]]:
     return nodes
 
 
+def strays(opened: dict, roles: dict, run_dir: Path, software: list[Path]) -> dict[str, set]:
+    """role -> the files a node read that are neither in the run folder, nor software, nor the node's own: written
+    on another node, or (on a worker node) there before the job. Paths compare resolved (the venv is a symlink).
+    A temp file no audited process wrote is a node's own scratch, made outside Python's `open` (e.g. in C)."""
+    found = {}
+    for node, files in opened.items():
+        written_elsewhere = set().union(*(f["w"] for other, f in opened.items() if other != node))
+        for path in files["r"] - files["w"]:
+            p = Path(os.path.realpath(path))
+            if p.is_relative_to(run_dir.resolve()) or any(p.is_relative_to(s.resolve()) for s in software):
+                continue
+            if path in written_elsewhere or (roles[node] != "head" and not p.is_relative_to(tempfile.gettempdir())):
+                found.setdefault(roles[node], set()).add(path)
+    return found
+
+
 def test_what_one_node_reads_from_another_lives_in_the_run_folder(cluster, training_run):
     """On a real cluster the nodes share only the run folder (a shared mount or cloud storage): a file a learner
     or engine node reads must be in it, or be the node's own (software, Ray's session folder, what the node itself
-    wrote). All fake nodes share this machine's disk, so the test reads what each process opened (Python `open`)."""
+    wrote). All fake nodes share this machine's disk, so the test reads what each process opened (Python `open`).
+    The head (the driver's node) may read what was there before the job (the built-in model's cache)."""
     train, run_dir, audit, _ = training_run
     roles = {n["node_id"]: n["labels"].get("role") for n in cluster.nodes()}
     opened = opened_by_node(audit)
     assert {roles[node] for node in opened} >= {"head", "learner", "rollout"}, opened.keys()
-    software = (Path(sys.prefix), Path(sys.base_prefix), REPO, cluster.ray_dir, cluster.root, Path("/proc"),
-                Path("/sys"), Path("/dev"), Path("/etc"), Path("/usr"), Path("/lib"))
-    strays = {}
-    for node, files in opened.items():
-        written_elsewhere = set().union(*(f["w"] for other, f in opened.items() if other != node))
-        for path in files["r"] - files["w"]:
-            p = Path(path)
-            if p.is_relative_to(run_dir) or any(p.is_relative_to(s) for s in software):
-                continue
-            # The head (the driver's node) may read what was there before the job; a worker node may not.
-            if path in written_elsewhere or roles[node] != "head":
-                strays.setdefault(roles[node], set()).add(path)
-    assert strays == {}, strays
-
+    software = [Path(sys.prefix), Path(sys.base_prefix), REPO, cluster.ray_dir, cluster.root, Path("/proc"),
+                Path("/sys"), Path("/dev"), Path("/etc"), Path("/usr"), Path("/lib")]
+    assert strays(opened, roles, run_dir, software) == {}
 
 def kill_raylet(node_id: str) -> int:
     """SIGKILL the raylet of one worker node (its workers end with it): the node is lost, as a spot node is."""
