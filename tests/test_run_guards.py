@@ -114,12 +114,13 @@ def interrupted_twice(tmp_path_factory):
     drivers = [first]
     try:
         wait_for(lambda: RunDir(out).job_log.is_file(), first, "the first run's log")  # once the folder is its own
-        refused = finish(start(out, *overrides), timeout=120)
+        drivers.append(start(out, *overrides, start_new_session=True))
+        refused = finish(drivers[-1], timeout=120)
         refused_mid_run = not RunDir(out).complete(1).exists()
         by_sigint = interrupt(first, out, 1, signal.SIGINT, os.killpg)
         drivers.append(start(out, *overrides, "--resume", start_new_session=True))
         by_sigterm = interrupt(drivers[-1], out, by_sigint.done + 1, signal.SIGTERM, os.kill)
-    finally:  # a failed step leaves no run behind
+    finally:  # a failed step (a second run not refused, a run that never stops) leaves no run behind
         for driver in drivers:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
