@@ -16,7 +16,7 @@ import torch.distributed as dist
 import actors.weight_sync as weight_sync
 from sami.config import RolloutConfig
 
-ENGINE_START_S = 6  # longer than the rendezvous wait below: the engines' join calls queue behind it
+ENGINE_START_S = 3  # longer than the rendezvous wait below: the engines' join calls queue behind it
 RENDEZVOUS_S = 2
 
 

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.train import check_runs
 from sami.config import ConfigError, load_config
@@ -46,21 +48,6 @@ def finish(driver: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     return driver.returncode, log
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_second_run_on_a_folder_is_refused_and_the_first_is_unaffected(tmp_path):
-    out = tmp_path / "run"
-    first = start(out, "run.iterations=1")
-    wait_for(lambda: RunDir(out).job_log.is_file(), first, "the first run's log")  # opened once the folder is its own
-    code, log = finish(start(out, "run.iterations=1"), timeout=120)
-    assert code == 2 and log.strip().splitlines() == [
-        f"error: run.output_dir: {out} is in use by another run (pid {first.pid} on {socket.gethostname()} since "
-        + log.split(" since ", 1)[1].split(")")[0] + "); wait for it to end or choose another run.output_dir"], log
-    code, log = finish(first)
-    assert code == 0 and iterations(out) == [1], log[-3000:]
-    assert "in use by another run" not in RunDir(out).job_log.read_text() + RunDir(out).console.read_text()
-
-
 def test_a_killed_owner_does_not_keep_the_folder(tmp_path):
     """The lock is the kernel's: SIGKILL the process holding it and the next run owns the folder at once."""
     out = tmp_path / "run"
@@ -81,44 +68,105 @@ def test_a_killed_owner_does_not_keep_the_folder(tmp_path):
         assert f"pid {os.getpid()} " in RunDir(out).lock.read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-# Ctrl-C: SIGINT to the driver and every process of its group (Ray's own too); SIGTERM: to the driver alone
-@pytest.mark.parametrize("signum, kill", [(signal.SIGINT, os.killpg), (signal.SIGTERM, os.kill)],
-                         ids=["SIGINT-to-group", "SIGTERM-to-driver"])
-def test_ctrl_c_stops_in_seconds_and_resume_continues_without_a_lost_or_repeated_iteration(tmp_path, signum, kill):
-    out = tmp_path / "run"
-    driver = start(out, "run.iterations=4", start_new_session=True)  # a process group of its own, as a terminal's job
-    wait_for(lambda: RunDir(out).complete(1).is_file(), driver, "iteration 1 complete")
+# The first run's principles: a file named relative to the driver's folder (the relative-path case below).
+RELATIVE_PRINCIPLES = ("principles.source=file", "principles.path=configs/principles/hh.yaml",
+                       "principles.mode=antithesis_all", "principles.principles_per_constitution=null")
+ITERATIONS = 6  # more than the two interrupted runs complete: each signal lands with iterations to go
+
+
+@dataclass
+class Interrupted:
+    """What one signal did to a run: its exit code and console, seconds from the signal to the exit, the last
+    complete iteration and the metrics rows' iterations afterwards."""
+    code: int
+    log: str
+    seconds: float
+    done: int
+    rows: list[int]
+
+
+@dataclass
+class TwoInterrupts:
+    out: Path
+    first_pid: int
+    refused: tuple[int, str]  # the second run's exit code and console
+    refused_mid_run: bool  # refused before the first run had completed iteration 1
+    by: dict[int, Interrupted]  # by signal
+
+
+def interrupt(driver: subprocess.Popen, out: Path, after: int, signum: int, kill) -> Interrupted:
+    wait_for(lambda: RunDir(out).complete(after).is_file(), driver, f"iteration {after} complete")
     kill(driver.pid, signum)  # the driver's pid is its group's id
     sent = time.monotonic()
     code, log = finish(driver, timeout=120)
-    seconds = time.monotonic() - sent
-    done = RunDir(out).last_complete_iteration()
-    assert code == 128 + signum and log.strip().splitlines()[-1] == (
-        f"error: interrupted by {signum.name}: {out} has {done} of 4 iteration(s) complete; continue with: python -m "
-        f"pipelines.train --config {out / 'config.yaml'} --resume"), log[-3000:]
-    assert seconds < 15, seconds
-    assert 1 <= done < 4 and iterations(out) == list(range(1, done + 1))  # an iteration's row only once it is whole
-    if signum == signal.SIGTERM:
-        return  # the folder is left as SIGINT leaves it; resuming it once (below) is enough for the suite's time
-    code, log = finish(start(out, "run.iterations=4", "--resume"))
-    assert code == 0, log[-3000:]
-    assert iterations(out) == [1, 2, 3, 4]
-    assert f"resuming {out} from iteration {done}" in log
+    return Interrupted(code, log, time.monotonic() - sent, RunDir(out).last_complete_iteration(), iterations(out))
+
+
+@pytest.fixture(scope="module")
+def interrupted_twice(tmp_path_factory):
+    """One folder, two real runs, shared by the second-owner, Ctrl-C/SIGTERM and relative-path tests (each real run
+    is ~50 s of start-up for ~1 s per iteration). The first run starts with a relative principle path; a second run
+    tries its folder while it runs; Ctrl-C (SIGINT to the driver and every process of its group, Ray's own too) once
+    iteration 1 is complete. Then --resume, and SIGTERM to its driver alone once it completed one iteration more."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    overrides = (f"run.iterations={ITERATIONS}", *RELATIVE_PRINCIPLES)
+    first = start(out, *overrides, start_new_session=True)  # a process group of its own, as a terminal's job
+    drivers = [first]
+    try:
+        wait_for(lambda: RunDir(out).job_log.is_file(), first, "the first run's log")  # once the folder is its own
+        drivers.append(start(out, *overrides, start_new_session=True))
+        refused = finish(drivers[-1], timeout=120)
+        refused_mid_run = not RunDir(out).complete(1).exists()
+        by_sigint = interrupt(first, out, 1, signal.SIGINT, os.killpg)
+        drivers.append(start(out, *overrides, "--resume", start_new_session=True))
+        by_sigterm = interrupt(drivers[-1], out, by_sigint.done + 1, signal.SIGTERM, os.kill)
+    finally:  # a failed step (a second run not refused, a run that never stops) leaves no run behind
+        for driver in drivers:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+    return TwoInterrupts(out, first.pid, refused, refused_mid_run, {signal.SIGINT: by_sigint, signal.SIGTERM: by_sigterm})
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_relative_principle_path_reaches_the_learners(tmp_path):
+@pytest.mark.timeout(400)
+def test_a_second_run_on_a_folder_is_refused_and_the_first_is_unaffected(interrupted_twice):
+    run, (code, log) = interrupted_twice, interrupted_twice.refused
+    out = run.out
+    assert code == 2 and log.strip().splitlines() == [
+        f"error: run.output_dir: {out} is in use by another run (pid {run.first_pid} on {socket.gethostname()} since "
+        + log.split(" since ", 1)[1].split(")")[0] + "); wait for it to end or choose another run.output_dir"], log
+    assert run.refused_mid_run  # refused while the first run was on its way to iteration 1
+    assert run.by[signal.SIGINT].done >= 1, run.by[signal.SIGINT].log[-3000:]  # and the first went on
+    assert "in use by another run" not in RunDir(out).job_log.read_text() + RunDir(out).console.read_text()
+
+
+# Ctrl-C: SIGINT to the driver and every process of its group; SIGTERM (to the resumed run): to the driver alone
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT-to-group", "SIGTERM-to-driver"])
+def test_ctrl_c_stops_in_seconds_and_resume_continues_without_a_lost_or_repeated_iteration(interrupted_twice, signum):
+    out, stopped = interrupted_twice.out, interrupted_twice.by[signum]
+    assert stopped.code == 128 + signum and stopped.log.strip().splitlines()[-1] == (
+        f"error: interrupted by {signum.name}: {out} has {stopped.done} of {ITERATIONS} iteration(s) complete; continue "
+        f"with: python -m pipelines.train --config {out / 'config.yaml'} --resume"), stopped.log[-3000:]
+    assert stopped.seconds < 15, stopped.seconds
+    assert 1 <= stopped.done < ITERATIONS and stopped.rows == list(range(1, stopped.done + 1))  # a row once it is whole
+    if signum == signal.SIGTERM:  # the run it stopped was the resume of the one Ctrl-C stopped
+        before = interrupted_twice.by[signal.SIGINT].done
+        assert f"resuming {out} from iteration {before}" in stopped.log and stopped.done > before, stopped.log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_relative_principle_path_reaches_the_learners(interrupted_twice):
     """Ray Train v2 moves each learner into a session folder of its own: `configs/principles/hh.yaml`, relative to
     the driver's folder, used to be "principle file not found" on learner rank 0 after Ray had started."""
-    out = tmp_path / "run"
-    code, log = finish(start(out, "run.iterations=1", "principles.source=file", "principles.path=configs/principles/hh.yaml",
-                             "principles.mode=antithesis_all", "principles.principles_per_constitution=null"))
-    assert code == 0, log[-3000:]
-    assert iterations(out) == [1]
-    assert load_config(RunDir(out).config).principles.path == str(REPO / "configs" / "principles" / "hh.yaml")
+    run_dir = RunDir(interrupted_twice.out)
+    assert interrupted_twice.by[signal.SIGINT].done >= 1  # the first run, started with the relative path, trained
+    assert load_config(run_dir.config).principles.path == str(REPO / "configs" / "principles" / "hh.yaml")
+    assert [p["name"] for p in yaml.safe_load((run_dir.path / "principles.yaml").read_text())["principles"]] == [
+        "helpful", "harmless"]  # what learner rank 0 read from it
 
 
 @contextmanager

@@ -135,10 +135,14 @@ def test_resume_without_a_deepspeed_checkpoint_under_lora(ray_session, tmp_path)
 
 
 def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
-    from pipelines.train import run
+    from pipelines.train import run_sequence
 
-    dpo = run(tiny(tmp_path / "dpo", "objective.name=dpo", "objective.kl_beta=0", "run.iterations=1",
-                   f"data.replay_groups_from={sami_run}"))
+    # one worker group for both, as the demo trains its baselines: one Ray Train start-up (~40 s), not two
+    dpo, two_stage = run_sequence([
+        tiny(tmp_path / "dpo", "objective.name=dpo", "objective.kl_beta=0", "run.iterations=1",
+             f"data.replay_groups_from={sami_run}"),
+        tiny(tmp_path / "sft-sami", "objective.name=sft_then_sami", "objective.sft_iterations=1", "optim.lr=3e-4",
+             f"data.replay_groups_from={sami_run}")], [False, False])
     (row,) = metrics(dpo)
     first, last = epoch_means(row["loss_per_step"])
     # DPO's first step is log 2 exactly (policy == reference); epoch means measured 0.683 -> 0.38 (2026-11-23)
@@ -146,8 +150,6 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
     assert last < first - 0.15, row["loss_per_step"]
     assert row["reward_accuracy"] > 0.5
 
-    two_stage = run(tiny(tmp_path / "sft-sami", "objective.name=sft_then_sami", "objective.sft_iterations=1",
-                         "optim.lr=3e-4", f"data.replay_groups_from={sami_run}"))
     rows = metrics(two_stage)
     assert [r["objective"] for r in rows] == ["sft", "sami"]
     first, last = epoch_means(rows[0]["loss_per_step"])
@@ -157,13 +159,18 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
 
 
 def test_one_step_off_overlaps_generation_records_staleness_and_resumes_on_policy(ray_session, tmp_path):
-    """Iteration k+1 is generated on the weights of k-1 while k trains; a resumed run generates afresh."""
+    """Iteration k+1 is generated on the weights of k-1 while k trains; a resumed run generates afresh. The demo's
+    setting too: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError)."""
     import pyarrow.parquet
 
     from pipelines.train import run
 
-    out = run(tiny(tmp_path / "overlap", "run.iterations=3", "schedule.rollout=one_step_off"))
-    run(tiny(out, "run.iterations=4", "schedule.rollout=one_step_off"), resume=True)
+    settings = ("schedule.rollout=one_step_off", "checkpoint.deepspeed=false")
+    out = run(tiny(tmp_path / "overlap", "run.iterations=3", *settings))
+    lines = []
+    run(tiny(out, "run.iterations=4", *settings), resume=True, log=lines.append)
+    assert any(f"from iteration 3 (weights from {out}/iteration-3/hf, a fresh optimiser" in line for line in lines)
+    assert not (out / "deepspeed").exists()
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert [r["policy_iteration"] for r in rows] == [0, 0, 1, 3]  # 4: the resume re-synced the weights of 3
