@@ -128,26 +128,27 @@ def train_sequence(cfgs: list[TrainConfig], run_dirs: list[Path], resume: list[b
         if not todo:
             return run_dirs
         open_job_log(todo[0].run_dir, log)
-        connect(todo, log)
         attempt = uuid.uuid4().hex  # this driver's run: tells its learner restarts and its stop note from older ones
         prepared: list[RunSpec] = []
         engine_groups: list = []  # every run's engines' placement groups (actors.placement.GroupRequest)
-        signum = None
-        try:
-            with stop_on_signals():  # after connect: ray.init puts a SIGTERM handler of its own
+        with stop_on_signals() as signals:  # from Ray's start to the end of the stop
+            try:
+                connect(todo, log)
+                signals.install()  # again: ray.init put its own SIGTERM handler, which exits 1 with no line
                 for pending in todo:
                     prepared.append(prepare_run(pending, attempt, log, engine_groups))
                 job = LearnerJob(tuple(prepared), todo[0].run_dir.console)
                 backend = place(job, engine_groups, log)
                 fit(make_trainer(job, backend), job)
-        except Interrupt as signalled:
-            signum = signalled.signum
-        finally:
-            stop_actors(prepared, engine_groups)
-        if signum is not None:
-            stop_learners()
-            raise interrupted(todo, signum)
-        report_stops(todo, attempt, log)
+            except Interrupt:
+                pass  # `signals.received` names it
+            finally:
+                signals.defer()  # a signal while the actors stop is recorded, not raised: the stop finishes
+                stop_actors(prepared, engine_groups)
+            if signals.received is not None:
+                stop_learners()
+                raise interrupted(todo, signals.received)
+            report_stops(todo, attempt, log)
     return run_dirs
 
 
@@ -181,22 +182,37 @@ class Interrupt(BaseException):
         self.signum = signum
 
 
+class Signals:
+    """SIGINT/SIGTERM for the block `stop_on_signals` guards: the first one raises Interrupt in the main thread,
+    unless `defer()` was called (the run is stopping already); then it is only recorded in `received`."""
+
+    def __init__(self):
+        self.received, self.deferred = None, False
+
+    def install(self) -> dict:
+        """This object as the SIGINT and SIGTERM handler; returns the handlers it replaced. Handlers belong to the
+        main thread: elsewhere nothing is installed and the block just runs."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def handle(self, signum, frame):
+        first = self.received is None
+        self.received = self.received or signum
+        if first and not self.deferred:
+            raise Interrupt(signum)  # a second signal while the run stops is ignored, so the stop finishes
+
+
 @contextmanager
 def stop_on_signals():
-    """While the block runs, SIGINT and SIGTERM raise Interrupt in the main thread; a second signal while the run
-    stops is ignored, so the stop finishes. Outside the main thread (no handlers there) the block just runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
-        raise Interrupt(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """While the block runs, SIGINT and SIGTERM go to a `Signals`; the handlers before it come back after."""
+    signals = Signals()
+    previous = signals.install()
     try:
-        yield
+        yield signals
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

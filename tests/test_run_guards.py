@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.train import check_runs
+from pipelines.train import Interrupt, check_runs, stop_on_signals
 from sami.config import ConfigError, load_config
 from sami.run_dir import RunDir, append_line
 
@@ -66,6 +66,28 @@ def test_a_killed_owner_does_not_keep_the_folder(tmp_path):
     with ExitStack() as owned:
         assert [pending.done for pending in check_runs([cfg], [out], [False], False, print, owned)] == [0]
         assert f"pid {os.getpid()} " in RunDir(out).lock.read_text()
+
+
+def test_a_signal_is_ours_from_rays_start_to_the_end_of_the_stop():
+    """ray.init puts a SIGTERM handler of its own (it exits 1 with no line; a SIGTERM in that window once did):
+    `install` takes the signals back. Once the run is stopping (`defer`), a signal is recorded, never raised, so the
+    stop finishes and the run still reports it was interrupted."""
+    def deliver(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)  # the handler runs in the main thread between bytecodes
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as signals:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # what ray.init does
+        signals.install()
+        with pytest.raises(Interrupt):
+            deliver(signal.SIGTERM)
+        deliver(signal.SIGINT)  # a second signal: ignored
+    assert signals.received == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    with stop_on_signals() as stopping:
+        stopping.defer()
+        deliver(signal.SIGINT)
+    assert stopping.received == signal.SIGINT
 
 
 # The first run's principles: a file named relative to the driver's folder (the relative-path case below).
