@@ -191,8 +191,8 @@ class RolloutConfig(EngineConfig):
     max_engine_failures: int = Field(3, ge=0)
     # How an iteration's groups reach the learners. ray_data: a Ray Data stream from the engines into every rank,
     # which trains while the engines still generate (actors/data_plane.py). direct: learner rank 0 generates every
-    # group, then hands each rank its shard; about a second less per iteration where the engines are fast (CPU,
-    # small models: benchmarks/README.md, "Data plane"), which the CPU tests pay many times over.
+    # group, then hands each rank its shard: 0.3 s an iteration and 4 s a run less where the engines are fast
+    # (CPU, tiny model: benchmarks/README.md, "Data plane").
     data_plane: Literal["ray_data", "direct"] = "ray_data"
 
     @property
