@@ -437,7 +437,9 @@ def smoke_config(model_dir: Path, out: Path, engine: str, gpus: int, overrides: 
         "deepspeed.zero_stage=2", "checkpoint.deepspeed=false",
         # the first failure is the figure: no restarts of the learner into it (each would cost a minute or more)
         "scaling.num_learners=1", "scaling.cpus_per_learner=1", "scaling.max_learner_failures=0",
-        f"scaling.gpus_per_learner={0.5 if halves else min(gpus, 1)}", f"rollout.gpus_per_engine={0.5 if halves else 1}",
+        # 0 GPUs on a CPU dry run: the hf engine takes rollout.gpus_per_engine too (a GPU it asked for never comes)
+        f"scaling.gpus_per_learner={0.5 if halves else min(gpus, 1)}",
+        f"rollout.gpus_per_engine={0.5 if halves else min(gpus, 1)}",
         *overrides,
     ])
 
