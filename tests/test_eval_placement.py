@@ -39,7 +39,7 @@ class LLM:
                        "own_group": own is not None,
                        "gpus_reserved": sum(b.get("GPU", 0) for g in live for b in g["bundles"].values())}, f)
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):  # vLLM 0.33: LLM.generate(..., lora_request)
         return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[], finish_reason="length")]) for _ in prompts]
 
 
