@@ -186,9 +186,10 @@ def generation_dataset(spec: StageSpec, rows: list[dict], concurrency: int):
 
 def stream_groups(dataset) -> Iterator[QueryGroup]:
     """A rank's groups as its execution delivers them; a failed generation stage is a `StopRun` with its reason."""
-    try:
-        for row in dataset.iter_rows():
-            yield group_from_json(row["group"])
+    try:  # no prefetch: `iter_rows` holds each block back until the next one is done (a whole batch late)
+        for block in dataset.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
+            for text in block.column("group").to_pylist():
+                yield group_from_json(text)
     except Exception as e:  # Ray Data wraps the stage's error: find the stop the stage raised
         cause = e
         while cause is not None and not isinstance(cause, StopRun):

@@ -75,8 +75,9 @@ def test_two_iterations_train_sync_and_export(sami_run):
     for k in (1, 2):
         assert RunDir(sami_run).groups(k).is_file() and not RunDir(sami_run).batch_ledger(k).exists()
     # The data plane: each rank trained on its first micro-batch while the engines still generated the iteration
-    # (4 batches: rank 0 streams 0 and 2, rank 1 streams 1 and 3), through one Ray Data execution per rank and iteration.
-    assert all(r["time_to_first_micro_batch"] < r["time_generate"] for r in rows), \
+    # (4 batches, about 0.3 s each on the one engine: rank 0 streams 0 and 2, rank 1 streams 1 and 3; the first
+    # micro-batch needs batches 0 and 1), through one Ray Data execution per rank and iteration.
+    assert all(r["time_to_first_micro_batch"] < r["time_generate"] - 0.15 for r in rows), \
         [(r["time_to_first_micro_batch"], r["time_generate"]) for r in rows]
     import ray
 
