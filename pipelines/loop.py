@@ -23,7 +23,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from actors.data_plane import RecoveryDesk, StageSpec, batch_rows, generation_dataset, read_ledger, stream_groups
+from actors.data_plane import (RecoveryDesk, StageSpec, batch_rows, generation_dataset, read_groups, read_ledger,
+                               stream_groups)
 from actors.rollout import generate_on_engines
 from actors.weight_sync import WeightSync
 from pipelines.run_spec import LearnerJob, RunSpec
@@ -407,11 +408,11 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
 
 
 def replay_groups(source_run: RunDir, iteration: int) -> list[QueryGroup]:
-    """Iteration k's groups as another run generated them (filtering already applied there)."""
+    """Iteration k's groups as another run generated them (filtering already applied there), through Ray Data."""
     path = source_run.groups(iteration)
     if not path.is_file():
         raise FileNotFoundError(f"data.replay_groups_from: {path} does not exist (did that run reach iteration {iteration}?)")
-    return [QueryGroup.from_record(row) for row in pyarrow.parquet.read_table(path).to_pylist()]
+    return read_groups(path)
 
 
 def equal_shards(groups: list[QueryGroup], world: int) -> list[list[QueryGroup]]:

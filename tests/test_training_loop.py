@@ -144,6 +144,15 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
              f"data.replay_groups_from={sami_run}"),
         tiny(tmp_path / "sft-sami", "objective.name=sft_then_sami", "objective.sft_iterations=1", "optim.lr=3e-4",
              f"data.replay_groups_from={sami_run}")], [False, False])
+    # the replay runs read the SAMI run's groups through Ray Data and trained on exactly them
+    import pyarrow.parquet
+    import ray
+
+    for replay in (dpo, two_stage):
+        assert pyarrow.parquet.read_table(RunDir(replay).groups(1)) == pyarrow.parquet.read_table(RunDir(sami_run).groups(1))
+    data_log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data" / "ray-data.log"
+    reads = [line for line in data_log.read_text().splitlines() if "Execution plan of Dataset" in line and "Parquet" in line]
+    assert len(reads) == 1 + 2, reads  # DPO's iteration, then SFT-then-SAMI's two
     (row,) = metrics(dpo)
     first, last = epoch_means(row["loss_per_step"])
     # DPO's first step is log 2 exactly (policy == reference); epoch means measured 0.683 -> 0.38 (2026-11-23)
@@ -197,6 +206,7 @@ def test_a_failure_inside_the_workers_is_one_line_with_the_resume_command(ray_se
                  f"data.replay_groups_from={other}", "scaling.max_learner_failures=0"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err, err
-    assert err.startswith("error: ArrowInvalid: Could not open Parquet input source"), err
+    assert err.startswith(f"error: ArrowInvalid: Error creating dataset. Could not read schema from "
+                          f"'{other}/iteration-1/groups.parquet'. Is this a 'parquet' file?"), err
     assert err.endswith(f"continue with: python -m pipelines.train --config {out}/config.yaml --resume"), err
     assert "Traceback" in (out / "error.log").read_text()
