@@ -1,12 +1,14 @@
 """Faults on a real run of configs/tiny.yaml (local Ray, CPU): a killed rollout actor (mid-generation, or inside
-its weight load), a killed learner worker, a loss that turns NaN. Each run is `python -m pipelines.train` in a subprocess, so processes can be killed by
-pid (found among the driver's descendants by their Ray names) and the exit code read as a user sees it."""
+its weight sync), a killed learner worker, a loss that turns NaN. Each run is `python -m pipelines.train` in a subprocess, so processes can be killed by
+pid (found among the driver's descendants by their Ray names) and the exit code read as a user sees it. A run is
+mostly start-up, so the faults a run survives share runs: one per rollout schedule."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -29,11 +31,11 @@ def start(out: Path, *overrides: str, env: dict | None = None) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_when_iteration_one_completes(driver: subprocess.Popen, out: Path, process_name: str) -> int:
-    """SIGKILL the first descendant of the driver named `process_name` once iteration 1 is complete."""
+def kill_when_iteration_completes(driver: subprocess.Popen, out: Path, iteration: int, process_name: str) -> int:
+    """SIGKILL the first descendant of the driver named `process_name` once `iteration` is complete."""
     deadline = time.time() + 300
-    while not (out / "iteration-1" / "COMPLETE").is_file():
-        assert driver.poll() is None and time.time() < deadline, "the run ended or stalled before iteration 1 completed"
+    while not (out / f"iteration-{iteration}" / "COMPLETE").is_file():
+        assert driver.poll() is None and time.time() < deadline, f"the run ended or stalled before iteration {iteration} completed"
         time.sleep(0.2)
     for proc in psutil.Process(driver.pid).children(recursive=True):
         try:
@@ -49,25 +51,48 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_and_kill(out: Path, process_name: str, *overrides: str) -> tuple[str, list[dict]]:
-    """A 3-iteration run whose `process_name` is killed in iteration 2: (console, metrics rows); it must finish."""
-    driver = start(out, *overrides)
-    kill_when_iteration_one_completes(driver, out, process_name)
+def finished(driver: subprocess.Popen, out: Path) -> tuple[str, list[dict]]:
+    """(console, metrics rows) of a 3-iteration run that must finish."""
     log, _ = driver.communicate(timeout=500)
     assert driver.returncode == 0, log[-3000:]
     rows = metrics(out)
-    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]
+    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]  # none generated or trained twice
     return log, rows
 
 
-# one_step_off: iteration 3 is being generated (on the weights of 1) while iteration 2 trains
-@pytest.mark.parametrize("schedule, generating", [("sync", 2), ("one_step_off", 3)])
-def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path, schedule, generating):
-    out = tmp_path / "run"
-    log, rows = run_and_kill(out, "ray::RolloutWorker", f"schedule.rollout={schedule}")
-    assert sum(r["engine_restarts"] for r in rows) == 1
-    restarted = next(r for r in rows if r["engine_restarts"])
-    assert restarted["iteration"] == generating and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
+@dataclass
+class FaultedRun:
+    out: Path
+    engine_exited: Path  # written by the engine as it ended inside update_weights
+    log: str
+    rows: list[dict]
+
+
+@pytest.fixture(scope="module")
+def three_faults(tmp_path_factory) -> FaultedRun:
+    """One `sync` run of 3 iterations, one fault per iteration (each real run is ~55 s of start-up for a few seconds
+    per iteration): its engine's process ends inside iteration 1's weight sync (the test hook EXIT_IN_UPDATE_WEIGHTS),
+    a learner worker is killed once iteration 1 is complete (iteration 2 trains again), the rollout actor once
+    iteration 2 is complete (iteration 3 is being generated)."""
+    folder = tmp_path_factory.mktemp("three-faults")
+    out, exited = folder / "run", folder / "engine-exited"
+    driver = start(out, env={EXIT_IN_UPDATE_WEIGHTS: str(exited)})
+    try:
+        kill_when_iteration_completes(driver, out, 1, "ray::RayTrainWorker")
+        kill_when_iteration_completes(driver, out, 2, "ray::RolloutWorker")
+        log, rows = finished(driver, out)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    return FaultedRun(out, exited, log, rows)
+
+
+def assert_rollout_actor_came_back(out: Path, rows: list[dict], log: str, generating: int) -> None:
+    """The actor killed while `generating` was generated restarted in that iteration, probe-checked, and every
+    query's group of it was generated exactly once."""
+    restarted = rows[generating - 1]
+    assert restarted["engine_restarts"] == 1 and restarted["restart_probe_abs_diff"] <= 1e-4  # the probe check passed
     groups = pyarrow.parquet.read_table(RunDir(out).groups(generating)).to_pylist()
     ids = [g["query_id"] for g in groups]
     assert len(ids) == len(set(ids)) == restarted["groups"]
@@ -76,30 +101,43 @@ def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(tmp_path, schedul
     assert "rollout engine 0 restarted: current weights loaded, probe check passed" in log
 
 
-@pytest.mark.timeout(300)
-def test_an_engine_lost_inside_the_weight_sync_is_restarted_without_the_learners(tmp_path):
+def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost(three_faults):
+    """`sync`: killed once iteration 2 is complete, so while iteration 3 is generated."""
+    run = three_faults
+    assert [r["engine_restarts"] for r in run.rows] == [1, 0, 1]  # 1: the engine lost in the sync (below)
+    assert_rollout_actor_came_back(run.out, run.rows, run.log, generating=3)
+    assert run.log.count("rollout engine 0 restarted: current weights loaded, probe check passed") == 2, run.log[-3000:]
+
+
+def test_a_killed_rollout_actor_comes_back_and_nothing_is_lost_one_step_off(tmp_path):
+    """`one_step_off`: killed once iteration 1 is complete, while iteration 3 is being generated (on the weights of
+    1) as iteration 2 trains."""
+    out = tmp_path / "run"
+    driver = start(out, "schedule.rollout=one_step_off")
+    kill_when_iteration_completes(driver, out, 1, "ray::RolloutWorker")
+    log, rows = finished(driver, out)
+    assert [r["engine_restarts"] for r in rows] == [0, 0, 1]
+    assert_rollout_actor_came_back(out, rows, log, generating=3)
+
+
+def test_an_engine_lost_inside_the_weight_sync_is_restarted_without_the_learners(three_faults):
     """The engine's process ends inside its first `update_weights` (iteration 1's sync): the sync restarts it, loads
     the learner's weights into it and probe-checks it; the learners and the iteration go on as if nothing happened."""
-    out, exited = tmp_path / "run", tmp_path / "engine-exited"
-    driver = start(out, env={EXIT_IN_UPDATE_WEIGHTS: str(exited)})
-    log, _ = driver.communicate(timeout=280)
-    assert driver.returncode == 0, log[-3000:]
-    assert exited.is_file()  # the engine did end inside update_weights
-    rows = metrics(out)
-    assert [r["iteration"] for r in rows] == [1, 2, 3], log[-3000:]  # none generated or trained twice
-    assert [r["learner_restarts"] for r in rows] == [0, 0, 0]
-    assert [r["engine_restarts"] for r in rows] == [1, 0, 0]
-    assert rows[0]["restart_probe_abs_diff"] <= 1e-4 and all(r["probe_abs_diff"] <= 1e-4 for r in rows)
-    assert log.count(": iteration 1/3 [") == 1, log[-3000:]
-    assert log.count("rollout engine 0 lost during the weight sync (Actor") == 1, log[-3000:]  # ActorUnavailable or -Died
-    assert "rollout engine 0 restarted: current weights loaded, probe check passed" in log
+    run = three_faults
+    assert run.engine_exited.is_file()  # the engine did end inside update_weights
+    assert run.rows[0]["learner_restarts"] == 0 and run.rows[0]["engine_restarts"] == 1
+    assert run.rows[0]["restart_probe_abs_diff"] <= 1e-4 and all(r["probe_abs_diff"] <= 1e-4 for r in run.rows)
+    assert run.log.count(": iteration 1/3 [") == 1, run.log[-3000:]
+    assert run.log.count("rollout engine 0 lost during the weight sync (Actor") == 1, run.log[-3000:]  # -Unavailable or -Died
 
 
-def test_a_killed_learner_worker_restarts_the_group_from_the_last_iteration(tmp_path):
-    log, rows = run_and_kill(tmp_path / "run", "ray::RayTrainWorker")
-    assert [r["learner_restarts"] for r in rows] == [0, 1, 1]
-    assert "learner group restarted after a failure (restart 1): continuing from iteration 1" in log
-    assert all(r["probe_abs_diff"] <= 1e-4 for r in rows)
+def test_a_killed_learner_worker_restarts_the_group_from_the_last_iteration(three_faults):
+    """Killed once iteration 1 is complete: iteration 2 trains again on a new group, and no engine restarts for it."""
+    run = three_faults
+    assert [r["learner_restarts"] for r in run.rows] == [0, 1, 1]
+    assert run.rows[1]["engine_restarts"] == 0
+    assert "learner group restarted after a failure (restart 1): continuing from iteration 1" in run.log
+    assert all(r["probe_abs_diff"] <= 1e-4 for r in run.rows)
 
 
 @pytest.mark.parametrize("schedule", ["sync", "one_step_off"])  # one_step_off: iteration 2 is generating meanwhile

@@ -3,6 +3,7 @@ real runs of configs/tiny.yaml, `python -m pipelines.train` in a subprocess, so 
 ones a user meets."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,9 @@ def test_a_signal_is_ours_from_rays_start_to_the_end_of_the_stop():
 RELATIVE_PRINCIPLES = ("principles.source=file", "principles.path=configs/principles/hh.yaml",
                        "principles.mode=antithesis_all", "principles.principles_per_constitution=null")
 ITERATIONS = 6  # more than the two interrupted runs complete: each signal lands with iterations to go
+# What the disk keeps free for the resume between the two signals: its next iteration (a 2.4 MB DeepSpeed checkpoint,
+# a 0.6 MB HF export) does not fit; its log lines do.
+LEFT_FREE = 800 << 10
 
 
 @dataclass
@@ -108,12 +112,26 @@ class Interrupted:
 
 
 @dataclass
+class DiskFull:
+    """A resume that found the disk full: its exit code and console, and the run folder as it left it."""
+    code: int
+    log: str
+    done: int
+    rows: list[int]
+    console: str
+    metrics: str
+    job_log_grew: int  # bytes its log lines added to job.log
+    error_log: bool
+
+
+@dataclass
 class TwoInterrupts:
     out: Path
     first_pid: int
     refused: tuple[int, str]  # the second run's exit code and console
     refused_mid_run: bool  # refused before the first run had completed iteration 1
     by: dict[int, Interrupted]  # by signal
+    disk_full: DiskFull | None  # None where no tmpfs could be mounted
 
 
 def interrupt(driver: subprocess.Popen, out: Path, after: int, signum: int, kill) -> Interrupted:
@@ -124,14 +142,27 @@ def interrupt(driver: subprocess.Popen, out: Path, after: int, signum: int, kill
     return Interrupted(code, log, time.monotonic() - sent, RunDir(out).last_complete_iteration(), iterations(out))
 
 
-@pytest.fixture(scope="module")
-def interrupted_twice(tmp_path_factory):
-    """One folder, two real runs, shared by the second-owner, Ctrl-C/SIGTERM and relative-path tests (each real run
-    is ~50 s of start-up for ~1 s per iteration). The first run starts with a relative principle path; a second run
-    tries its folder while it runs; Ctrl-C (SIGINT to the driver and every process of its group, Ray's own too) once
-    iteration 1 is complete. Then --resume, and SIGTERM to its driver alone once it completed one iteration more."""
-    out = tmp_path_factory.mktemp("interrupted") / "run"
-    overrides = (f"run.iterations={ITERATIONS}", *RELATIVE_PRINCIPLES)
+def resume_on_a_full_disk(out: Path, disk: Path, *overrides: str) -> DiskFull:
+    """Fill `disk` but LEFT_FREE, resume the run in `out` on it, then free the space."""
+    run_dir = RunDir(out)
+    logged = run_dir.job_log.stat().st_size
+    fill(disk, leave=LEFT_FREE)
+    code, log = finish(start(out, *overrides, "--resume", start_new_session=True))
+    full = DiskFull(code, log, run_dir.last_complete_iteration(), iterations(out), run_dir.console.read_text(),
+                    run_dir.metrics.read_text(), run_dir.job_log.stat().st_size - logged, run_dir.error_log.exists())
+    (disk / "filler").unlink()  # space freed
+    return full
+
+
+def interrupt_twice(disk: Path, on_tmpfs: bool) -> TwoInterrupts:
+    """One folder, three real runs, shared by the second-owner, Ctrl-C/SIGTERM, full-disk and relative-path tests (each
+    real run is ~50 s of start-up for ~1 s per iteration). The first run starts with a relative principle path; a
+    second run tries its folder while it runs; Ctrl-C (SIGINT to the driver and every process of its group, Ray's own
+    too) once iteration 1 is complete. Then --resume on a disk too full for its next iteration (`on_tmpfs`: `disk` is
+    a tmpfs), and once there is space again --resume, SIGTERM to its driver alone once it completed one iteration more."""
+    out = disk / "run"
+    overrides = (f"run.iterations={ITERATIONS}", *RELATIVE_PRINCIPLES,
+                 "scaling.max_learner_failures=0")  # no learner restart into the same full disk
     first = start(out, *overrides, start_new_session=True)  # a process group of its own, as a terminal's job
     drivers = [first]
     try:
@@ -140,6 +171,7 @@ def interrupted_twice(tmp_path_factory):
         refused = finish(drivers[-1], timeout=120)
         refused_mid_run = not RunDir(out).complete(1).exists()
         by_sigint = interrupt(first, out, 1, signal.SIGINT, os.killpg)
+        full = resume_on_a_full_disk(out, disk, *overrides) if on_tmpfs else None
         drivers.append(start(out, *overrides, "--resume", start_new_session=True))
         by_sigterm = interrupt(drivers[-1], out, by_sigint.done + 1, signal.SIGTERM, os.kill)
     finally:  # a failed step (a second run not refused, a run that never stops) leaves no run behind
@@ -147,7 +179,16 @@ def interrupted_twice(tmp_path_factory):
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
                 driver.wait()
-    return TwoInterrupts(out, first.pid, refused, refused_mid_run, {signal.SIGINT: by_sigint, signal.SIGTERM: by_sigterm})
+    return TwoInterrupts(out, first.pid, refused, refused_mid_run, {signal.SIGINT: by_sigint, signal.SIGTERM: by_sigterm},
+                         full)
+
+
+@pytest.fixture(scope="module")
+def interrupted_twice(tmp_path_factory):
+    """The runs of `interrupt_twice`, in a folder on a tmpfs where one can be mounted (root only)."""
+    disk = tmp_path_factory.mktemp("interrupted") / "disk"
+    with tmpfs(disk, "64m") as on_tmpfs:
+        yield interrupt_twice(disk, on_tmpfs)
 
 
 @pytest.mark.slow
@@ -192,32 +233,41 @@ def test_a_relative_principle_path_reaches_the_learners(interrupted_twice):
 
 
 @contextmanager
-def small_disk(folder: Path, size: str):
-    """A tmpfs of `size` mounted on `folder` (root only); skipped where it cannot be mounted."""
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` mounted on `folder` (root only): yields whether it could be mounted."""
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+    mounted = not subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                 capture_output=True).returncode
     try:
-        yield folder
+        yield mounted
     finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-def fill(folder: Path) -> None:
+@contextmanager
+def small_disk(folder: Path, size: str):
+    """A tmpfs of `size` mounted on `folder`; skipped where it cannot be mounted."""
+    with tmpfs(folder, size) as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        yield folder
+
+
+def fill(folder: Path, leave: int = 0) -> None:
+    """Write `folder`/filler until the disk has no more than `leave` bytes free."""
     with open(folder / "filler", "wb") as f:
         try:
-            while True:
-                f.write(b"\0" * (1 << 16))
+            while (room := shutil.disk_usage(folder).free - leave) > 0:
+                f.write(b"\0" * min(room, 1 << 16))
                 f.flush()
         except OSError:
             pass
 
 
-def whole_lines(path: Path) -> None:
-    if path.is_file():
-        text = path.read_text()
-        assert not text or text.endswith("\n")
-        assert all(json.loads(line) is not None for line in text.splitlines())
+def whole_lines(text: str) -> None:
+    assert not text or text.endswith("\n")
+    assert all(json.loads(line) is not None for line in text.splitlines())
 
 
 def test_starting_on_a_full_disk_is_one_line(tmp_path):
@@ -234,23 +284,23 @@ def test_starting_on_a_full_disk_is_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_disk_that_fills_mid_run_is_one_line_and_resume_continues_once_there_is_space(tmp_path):
-    # 4.5 MB: iteration 1 (a 2.4 MB DeepSpeed checkpoint, a 0.6 MB HF export) fits, iteration 2 does not.
-    overrides = ("run.iterations=2", "scaling.max_learner_failures=0")  # no restart into the same full disk
-    with small_disk(tmp_path / "disk", "4500k") as disk:
-        out = disk / "run"
-        code, log = finish(start(out, *overrides))
-        last = log.strip().splitlines()[-1]
-        assert code == 1 and last.startswith("error: no space left on device writing ") and last.endswith(
-            f"free some space, then continue with: python -m pipelines.train --config {out / 'config.yaml'} --resume"), log
-        assert iterations(out) == [1] and RunDir(out).last_complete_iteration() == 1
-        whole_lines(RunDir(out).console)
-        whole_lines(RunDir(out).metrics)
-        assert RunDir(out).job_log.stat().st_size > 0 and not RunDir(out).error_log.exists()
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
-        code, log = finish(start(out, *overrides, "--resume"))
-        assert code == 0, log[-3000:]
-        assert iterations(out) == [1, 2]
+def test_a_disk_that_fills_mid_run_is_one_line_and_resume_continues_once_there_is_space(interrupted_twice):
+    """The resume between the two signals trains an iteration it cannot save (scaling.max_learner_failures=0: no
+    restart into the same full disk); the resume after it, once there is space, continues."""
+    out, full = interrupted_twice.out, interrupted_twice.disk_full
+    if full is None:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    last = full.log.strip().splitlines()[-1]
+    assert full.code == 1 and last.startswith("error: no space left on device writing ") and last.endswith(
+        f"free some space, then continue with: python -m pipelines.train --config {out / 'config.yaml'} --resume"), full.log
+    before = interrupted_twice.by[signal.SIGINT].done
+    assert full.rows == list(range(1, before + 1)) and full.done == before  # nothing of the unsaved iteration kept
+    whole_lines(full.console)
+    whole_lines(full.metrics)
+    assert full.job_log_grew > 0 and not full.error_log
+    resumed = interrupted_twice.by[signal.SIGTERM]
+    assert f"resuming {out} from iteration {before}" in resumed.log, resumed.log[-3000:]
+    assert resumed.done > before and resumed.rows == list(range(1, resumed.done + 1))
 
 
 def test_a_line_the_disk_cannot_hold_is_not_written_at_all(tmp_path):

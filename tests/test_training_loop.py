@@ -110,27 +110,37 @@ def test_resume_continues_at_iteration_three(sami_run):
     assert rows[2]["probe_abs_diff"] <= 1e-4
 
 
-def test_resume_without_a_deepspeed_checkpoint_under_lora(ray_session, tmp_path):
-    """The demo's setting: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError),
-    here a LoRA run's: the export is the adapter (PEFT format), a sync moves the adapter alone, and the resumed run
-    continues with that adapter."""
+@pytest.fixture(scope="module")
+def hf_only_lora_run(ray_session, tmp_path_factory):
+    """The demo's setting, under LoRA and `one_step_off`: 3 iterations with no DeepSpeed checkpoint, then a resume to 4
+    (one pair of `fit()`s, ~40 s each, shared by the LoRA-resume and one_step_off tests): (run folder, resume log)."""
+    from pipelines.train import run
+
+    settings = ("schedule.rollout=one_step_off", "checkpoint.deepspeed=false", "model.lora.enabled=true",
+                "model.lora.rank=4")
+    out = run(tiny(tmp_path_factory.mktemp("hf-only") / "overlap", "run.iterations=3", *settings))
+    lines = []
+    run(tiny(out, "run.iterations=4", *settings), resume=True, log=lines.append)
+    return out, lines
+
+
+def test_resume_without_a_deepspeed_checkpoint_under_lora(hf_only_lora_run):
+    """No DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError), here a LoRA run's: the
+    export is the adapter (PEFT format), a sync moves the adapter alone, and the resumed run continues with that
+    adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipelines.train import run
     from sami.world.base_model import resolve_model
 
-    out, lora = tmp_path / "hf-only", ["checkpoint.deepspeed=false", "model.lora.enabled=true", "model.lora.rank=4"]
-    run(tiny(out, "run.iterations=1", *lora))
-    lines = []
-    run(tiny(out, "run.iterations=2", *lora), resume=True, log=lines.append)
+    out, lines = hf_only_lora_run
     rows = metrics(out)
-    assert [r["iteration"] for r in rows] == [1, 2] and all(r["probe_abs_diff"] <= 1e-4 for r in rows)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and all(r["probe_abs_diff"] <= 1e-4 for r in rows)
     assert not (out / "deepspeed").exists()
-    assert any(f"from iteration 1 (weights from {out}/iteration-1/hf, a fresh optimiser" in line for line in lines)
+    assert any(f"from iteration 3 (weights from {out}/iteration-3/hf, a fresh optimiser" in line for line in lines)
     base = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:world-small", log=lambda m: None))
     full = sum(p.numel() for p in base.parameters()) * 4
-    adapter = PeftModel.from_pretrained(base, out / "iteration-2" / "hf")
+    adapter = PeftModel.from_pretrained(base, out / "iteration-4" / "hf")
     adapter_bytes = sum(p.numel() for name, p in adapter.named_parameters() if ".lora_" in name) * 4
     assert all(r["sync_bytes"] == adapter_bytes < full / 10 for r in rows)  # the adapter's float32 tensors only
 
@@ -168,19 +178,11 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
     assert rows[1]["mi_lower_bound"] == pytest.approx(math.log(2) - (rows[1]["loss"] - 0.3 * rows[1]["kl"]), abs=1e-6)
 
 
-def test_one_step_off_overlaps_generation_records_staleness_and_resumes_on_policy(ray_session, tmp_path):
-    """Iteration k+1 is generated on the weights of k-1 while k trains; a resumed run generates afresh. The demo's
-    setting too: no DeepSpeed checkpoint, so the resume loads the HF export (was a bare AssertionError)."""
+def test_one_step_off_overlaps_generation_records_staleness_and_resumes_on_policy(hf_only_lora_run):
+    """Iteration k+1 is generated on the weights of k-1 while k trains; a resumed run generates afresh."""
     import pyarrow.parquet
 
-    from pipelines.train import run
-
-    settings = ("schedule.rollout=one_step_off", "checkpoint.deepspeed=false")
-    out = run(tiny(tmp_path / "overlap", "run.iterations=3", *settings))
-    lines = []
-    run(tiny(out, "run.iterations=4", *settings), resume=True, log=lines.append)
-    assert any(f"from iteration 3 (weights from {out}/iteration-3/hf, a fresh optimiser" in line for line in lines)
-    assert not (out / "deepspeed").exists()
+    out, _ = hf_only_lora_run
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert [r["policy_iteration"] for r in rows] == [0, 0, 1, 3]  # 4: the resume re-synced the weights of 3
