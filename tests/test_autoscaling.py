@@ -99,9 +99,8 @@ def training_run(cluster, tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(cluster, training_run, tmp_path):
-    train, run_dir, _, seconds = training_run
-    started = time.monotonic() - seconds
+def test_jobs_scale_the_cluster_up_to_the_node_types_they_need(cluster, training_run, tmp_path):
+    train, run_dir, _, _ = training_run
     # Exactly the node types the job asked for: one learner node (2 learners, a GPU each), one rollout node.
     assert sorted(train.workers_seen.values()) == ["learner", "rollout"], train.workers_seen
     placed = {(a["class_name"], a["role"]) for a in train.actors()}
@@ -126,49 +125,6 @@ def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(
     assert {a["role"] for a in evaluate.actors() if a["class_name"] in ENGINE_CLASSES} == {"rollout"}
     assert json.loads((eval_dir / "results.json").read_text())["meta"]["queries"] == 16
 
-    idle = cluster.wait_for_workers(0, 180)
-    print(f"jobs done, all workers gone {idle:.0f}s later; {time.monotonic() - started:.0f}s in all")
-
-
-def opened_by_node(audit: Path) -> dict[str, dict[str, set]]:
-    """node id -> {"r": paths read, "w": paths written} from tests/file_audit's records."""
-    nodes: dict[str, dict[str, set]] = {}
-    for record in audit.glob("*.tsv"):
-        opened = nodes.setdefault(record.name.split(".")[0], {"r": set(), "w": set()})
-        for line in record.read_text().splitlines():
-            kind, path = line.split("\t", 1)
-            opened[kind].add(path)
-    return nodes
-
-
-def strays(opened: dict, roles: dict, run_dir: Path, software: list[Path]) -> dict[str, set]:
-    """role -> the files a node read that are neither in the run folder, nor software, nor the node's own: written
-    on another node, or (on a worker node) there before the job. Paths compare resolved (the venv is a symlink).
-    A temp file no audited process wrote is a node's own scratch, made outside Python's `open` (e.g. in C)."""
-    found = {}
-    for node, files in opened.items():
-        written_elsewhere = set().union(*(f["w"] for other, f in opened.items() if other != node))
-        for path in files["r"] - files["w"]:
-            p = Path(os.path.realpath(path))
-            if p.is_relative_to(run_dir.resolve()) or any(p.is_relative_to(s.resolve()) for s in software):
-                continue
-            if path in written_elsewhere or (roles[node] != "head" and not p.is_relative_to(tempfile.gettempdir())):
-                found.setdefault(roles[node], set()).add(path)
-    return found
-
-
-def test_what_one_node_reads_from_another_lives_in_the_run_folder(cluster, training_run):
-    """On a real cluster the nodes share only the run folder (a shared mount or cloud storage): a file a learner
-    or engine node reads must be in it, or be the node's own (software, Ray's session folder, what the node itself
-    wrote). All fake nodes share this machine's disk, so the test reads what each process opened (Python `open`).
-    The head (the driver's node) may read what was there before the job (the built-in model's cache)."""
-    train, run_dir, audit, _ = training_run
-    roles = {n["node_id"]: n["labels"].get("role") for n in cluster.nodes()}
-    opened = opened_by_node(audit)
-    assert {roles[node] for node in opened} >= {"head", "learner", "rollout"}, opened.keys()
-    software = [Path(sys.prefix), Path(sys.base_prefix), REPO, cluster.ray_dir, cluster.root, Path("/proc"),
-                Path("/sys"), Path("/dev"), Path("/etc"), Path("/usr"), Path("/lib")]
-    assert strays(opened, roles, run_dir, software) == {}
 
 def kill_raylet(node_id: str) -> int:
     """SIGKILL the raylet of one worker node (its workers end with it): the node is lost, as a spot node is."""
@@ -225,3 +181,55 @@ def test_lost_rollout_and_learner_nodes_are_replaced_the_engine_resynced_and_the
     assert [r["learner_restarts"] for r in rows] == [0, 0, 1], rows
     assert "learner group restarted after a failure (restart 1): continuing from iteration 2" in job.logs()
     print(f"rollout node and learner node lost and replaced: {time.monotonic() - started:.0f}s")
+
+
+def opened_by_node(audit: Path) -> dict[str, dict[str, set]]:
+    """node id -> {"r": paths read, "w": paths written} from tests/file_audit's records."""
+    nodes: dict[str, dict[str, set]] = {}
+    for record in audit.glob("*.tsv"):
+        opened = nodes.setdefault(record.name.split(".")[0], {"r": set(), "w": set()})
+        for line in record.read_text().splitlines():
+            kind, path = line.split("\t", 1)
+            opened[kind].add(path)
+    return nodes
+
+
+def strays(opened: dict, roles: dict, run_dir: Path, software: list[Path]) -> dict[str, set]:
+    """role -> the files a node read that are neither in the run folder, nor software, nor the node's own: written
+    on another node, or (on a worker node) there before the job. Paths compare resolved (the venv is a symlink).
+    A temp file no audited process wrote is a node's own scratch, made outside Python's `open` (e.g. in C)."""
+    found = {}
+    for node, files in opened.items():
+        written_elsewhere = set().union(*(f["w"] for other, f in opened.items() if other != node))
+        for path in files["r"] - files["w"]:
+            p = Path(os.path.realpath(path))
+            if p.is_relative_to(run_dir.resolve()) or any(p.is_relative_to(s.resolve()) for s in software):
+                continue
+            if path in written_elsewhere or (roles[node] != "head" and not p.is_relative_to(tempfile.gettempdir())):
+                found.setdefault(roles[node], set()).add(path)
+    return found
+
+
+def test_what_one_node_reads_from_another_lives_in_the_run_folder(cluster, training_run):
+    """On a real cluster the nodes share only the run folder (a shared mount or cloud storage): a file a learner
+    or engine node reads must be in it, or be the node's own (software, Ray's session folder, what the node itself
+    wrote). All fake nodes share this machine's disk, so the test reads what each process opened (Python `open`).
+    The head (the driver's node) may read what was there before the job (the built-in model's cache)."""
+    train, run_dir, audit, _ = training_run
+    roles = {n["node_id"]: n["labels"].get("role") for n in cluster.nodes()}
+    opened = opened_by_node(audit)
+    assert {roles[node] for node in opened} >= {"head", "learner", "rollout"}, opened.keys()
+    software = [Path(sys.prefix), Path(sys.base_prefix), REPO, cluster.ray_dir, cluster.root, Path("/proc"),
+                Path("/sys"), Path("/dev"), Path("/etc"), Path("/usr"), Path("/lib")]
+    assert strays(opened, roles, run_dir, software) == {}
+
+
+@pytest.mark.timeout(300)
+def test_the_cluster_goes_back_to_zero_workers_once_the_jobs_are_done(cluster, training_run):
+    """Last in the module, once every job is done (each job above starts on the nodes the one before left idle):
+    the worker nodes, the replacements of lost ones too, go away after the idle timeout; nothing a job left on
+    one keeps it busy."""
+    train, _, _, seconds = training_run
+    assert sorted(set(train.workers_seen.values())) == ["learner", "rollout"]  # there were workers to scale down
+    idle = cluster.wait_for_workers(0, 180)
+    print(f"all workers gone {idle:.0f}s after the last job; {seconds:.0f}s for the training job")
