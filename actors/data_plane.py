@@ -52,6 +52,27 @@ def configure_ray_data() -> None:
     context.use_datasource_v2 = False
 
 
+def host_ray_data_services() -> None:
+    """Ray Data's per-cluster actors on this process's node: the driver's, called before any learner starts.
+
+    Ray Data creates them, detached, on the node of the first process that runs an execution ("so it fate-shares
+    with the driver", ray/data/_internal/stats.py): here a learner rank on a GPU node, which then never went idle
+    and was never scaled down after the job (test_autoscaling). Created first from the driver, on the head node,
+    the ranks' executions find them by name. Ray 2.60's own get-or-create calls, under Ray Data's own conditions:
+    the stats actor always, the usage collector where usage stats are on, the summary store where enabled."""
+    from ray.data import DataContext
+    from ray.data._internal.stats import get_or_create_stats_actor
+    from ray.data._internal.stats_summary_actor import _get_or_create_stats_summary_actor
+    from ray.data._internal.usage.actor import get_or_create_usage_collection_actor
+    from ray.data._internal.usage.collector import usage_collection_disabled
+
+    get_or_create_stats_actor()
+    if not usage_collection_disabled():
+        get_or_create_usage_collection_actor()
+    if DataContext.get_current().enable_stats_summary_collection:
+        _get_or_create_stats_summary_actor()
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """What the generation stage's tasks need (one per iteration)."""

@@ -284,6 +284,10 @@ def connect(todo: list[PendingRun], log) -> None:
                             uses_gpu=first.scaling.gpus_per_learner > 0)
     if dashboard:
         log(f"[sami] Ray dashboard: {dashboard}")
+    if any(p.cfg.rollout.data_plane == "ray_data" and not p.cfg.data.replay_groups_from for p in todo):
+        from actors.data_plane import host_ray_data_services
+
+        host_ray_data_services()  # on the driver's node, not a GPU node the learners would keep from scaling down
 
 
 def prepare_run(pending: PendingRun, attempt: str, log, engine_groups: list) -> RunSpec:

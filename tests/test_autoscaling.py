@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow]
 # configs/tiny.yaml with a logical GPU per learner and per engine: 1 learner node (2 GPUs) and 1 rollout node.
 # (gloo: the logical GPUs are no CUDA devices.)
 ON_GPUS = ["scaling.gpus_per_learner=1", "rollout.gpus_per_engine=1", "scaling.torch_backend=gloo"]
-# Three short iterations (a node lost in iteration 2 needs a third to show the run goes on): 32 queries, 2 steps.
+# Three short iterations (a rollout node lost in iteration 2, a learner node in iteration 3): 32 queries, 2 steps.
 SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
 TINY = str(TINY)
 ENGINE_CLASSES = {"RolloutWorker", "ModelWorker"}  # training's and the evaluation's engines
@@ -99,14 +99,17 @@ def training_run(cluster, tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(cluster, training_run, tmp_path):
-    train, run_dir, _, seconds = training_run
-    started = time.monotonic() - seconds
+def test_jobs_scale_the_cluster_up_to_the_node_types_they_need(cluster, training_run, tmp_path):
+    train, run_dir, _, _ = training_run
     # Exactly the node types the job asked for: one learner node (2 learners, a GPU each), one rollout node.
     assert sorted(train.workers_seen.values()) == ["learner", "rollout"], train.workers_seen
     placed = {(a["class_name"], a["role"]) for a in train.actors()}
     assert {role for name, role in placed if name == "RayTrainWorker"} == {"learner"}, placed
     assert {role for name, role in placed if name in ENGINE_CLASSES} == {"rollout"}, placed
+    # What outlives the job (Ray Data's per-cluster actors, detached) is on the head node, not on a GPU node it
+    # would keep from scaling down.
+    kept = {(a["class_name"], a["role"]) for a in train.actors() if a["is_detached"] and a["state"] == "ALIVE"}
+    assert ("_StatsActor", "head") in kept and {role for _, role in kept} == {"head"}, kept
     rows = RunDir(run_dir).read_metrics()
     assert [r["iteration"] for r in rows] == [1, 2]
     # The weights crossed from the learner node to the rollout node and the engine scored the probe as they did.
@@ -122,8 +125,62 @@ def test_jobs_scale_the_cluster_up_to_the_node_types_they_need_and_back_to_zero(
     assert {a["role"] for a in evaluate.actors() if a["class_name"] in ENGINE_CLASSES} == {"rollout"}
     assert json.loads((eval_dir / "results.json").read_text())["meta"]["queries"] == 16
 
-    idle = cluster.wait_for_workers(0, 180)
-    print(f"jobs done, all workers gone {idle:.0f}s later; {time.monotonic() - started:.0f}s in all")
+
+def kill_raylet(node_id: str) -> int:
+    """SIGKILL the raylet of one worker node (its workers end with it): the node is lost, as a spot node is."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].endswith("/raylet") and f"--node_id={node_id}" in cmdline:
+            os.kill(proc.pid, signal.SIGKILL)
+            return proc.pid
+    raise AssertionError(f"no raylet for node {node_id}")
+
+
+def lose_node_of(job: Job, actor_class: str) -> str:
+    """Kill the node holding the job's live `actor_class` actor; its id."""
+    lost = next(a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["state"] == "ALIVE")
+    kill_raylet(lost)
+    return lost
+
+
+def replaced(cluster: AutoscalingCluster, job: Job, lost: str, actor_class: str) -> str:
+    """The lost node is dead and the autoscaler replaced it: the actor's last home another node of its type. The
+    lost node's role."""
+    assert {n["node_id"]: n["state"] for n in cluster.nodes()}[lost] == "DEAD"
+    role = job.workers_seen[lost]
+    homes = {a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["node_id"] != lost}
+    assert homes and all(job.workers_seen[h] == role for h in homes), (homes, job.workers_seen)
+    return role
+
+
+@pytest.mark.timeout(600)
+def test_lost_rollout_and_learner_nodes_are_replaced_the_engine_resynced_and_the_group_continues(cluster, tmp_path):
+    """One 3-iteration job: its rollout node is lost once iteration 1 is complete, its learner node once iteration 2
+    is. The job must succeed, each iteration once, every query's group generated exactly once."""
+    started, run_dir = time.monotonic(), tmp_path / "run"
+    job = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS, *SMALL)
+    assert job.wait(240, until=(run_dir / "iteration-1" / "COMPLETE").is_file) is None, job.logs()[-3000:]
+    lost_rollout = lose_node_of(job, "RolloutWorker")
+    assert job.wait(300, until=(run_dir / "iteration-2" / "COMPLETE").is_file) is None, job.logs()[-3000:]
+    lost_learner = lose_node_of(job, "RayTrainWorker")
+    assert job.wait(300) == "SUCCEEDED", job.logs()[-3000:]
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["iteration"] for r in rows] == [1, 2, 3], job.logs()[-3000:]
+    for row in rows:  # no group lost or generated twice
+        ids = [g["query_id"] for g in pyarrow.parquet.read_table(RunDir(run_dir).groups(row["iteration"])).to_pylist()]
+        filtered = sum(v for k, v in row.items() if k.startswith("filtered_"))
+        assert len(ids) == len(set(ids)) == row["groups"] and row["groups"] + filtered == 32, row
+    assert all(r["probe_abs_diff"] <= 1e-4 for r in rows), rows  # every sync verified, the last ones on new nodes
+    assert replaced(cluster, job, lost_rollout, "RolloutWorker") == "rollout"
+    assert replaced(cluster, job, lost_learner, "RayTrainWorker") == "learner"
+    # The rollout node's loss: the engine restarted in iteration 2, got the weights back and was checked.
+    assert [r["engine_restarts"] for r in rows] == [0, 1, 0], rows
+    assert rows[1]["restart_probe_abs_diff"] <= 1e-4
+    assert "rollout engine 0 restarted: current weights loaded, probe check passed" in job.logs()
+    # The learner node's loss: the group restarted once, in iteration 3, from iteration 2's checkpoint.
+    assert [r["learner_restarts"] for r in rows] == [0, 0, 1], rows
+    assert "learner group restarted after a failure (restart 1): continuing from iteration 2" in job.logs()
+    print(f"rollout node and learner node lost and replaced: {time.monotonic() - started:.0f}s")
 
 
 def opened_by_node(audit: Path) -> dict[str, dict[str, set]]:
@@ -166,58 +223,13 @@ def test_what_one_node_reads_from_another_lives_in_the_run_folder(cluster, train
                 Path("/sys"), Path("/dev"), Path("/etc"), Path("/usr"), Path("/lib")]
     assert strays(opened, roles, run_dir, software) == {}
 
-def kill_raylet(node_id: str) -> int:
-    """SIGKILL the raylet of one worker node (its workers end with it): the node is lost, as a spot node is."""
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].endswith("/raylet") and f"--node_id={node_id}" in cmdline:
-            os.kill(proc.pid, signal.SIGKILL)
-            return proc.pid
-    raise AssertionError(f"no raylet for node {node_id}")
 
-
-def node_lost_in_iteration_two(cluster: AutoscalingCluster, run_dir: Path, actor_class: str) -> tuple[Job, str, list]:
-    """A 3-iteration training job whose node holding a `actor_class` actor is lost once iteration 1 is complete:
-    (the job, the lost node's id, the metrics rows). The job must succeed, each iteration once, every query's
-    group generated exactly once."""
-    job = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS,
-              *SMALL)
-    assert job.wait(240, until=(run_dir / "iteration-1" / "COMPLETE").is_file) is None, job.logs()[-3000:]
-    lost = next(a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["state"] == "ALIVE")
-    kill_raylet(lost)
-    assert job.wait(300) == "SUCCEEDED", job.logs()[-3000:]
-    rows = RunDir(run_dir).read_metrics()
-    assert [r["iteration"] for r in rows] == [1, 2, 3], job.logs()[-3000:]
-    for row in rows:  # no group lost or generated twice
-        ids = [g["query_id"] for g in pyarrow.parquet.read_table(RunDir(run_dir).groups(row["iteration"])).to_pylist()]
-        filtered = sum(v for k, v in row.items() if k.startswith("filtered_"))
-        assert len(ids) == len(set(ids)) == row["groups"] and row["groups"] + filtered == 32, row
-    assert all(r["probe_abs_diff"] <= 1e-4 for r in rows), rows  # every sync verified, the last ones on new nodes
-    # The autoscaler replaced the node: the lost one is dead, the actor's last home another node of its type.
-    assert {n["node_id"]: n["state"] for n in cluster.nodes()}[lost] == "DEAD"
-    role = job.workers_seen[lost]
-    homes = {a["node_id"] for a in job.actors() if a["class_name"] == actor_class and a["node_id"] != lost}
-    assert homes and all(job.workers_seen[h] == role for h in homes), (homes, job.workers_seen)
-    return job, lost, rows
-
-
-@pytest.mark.timeout(600)
-def test_a_lost_rollout_node_is_replaced_and_its_engine_resynced(cluster, tmp_path):
-    started = time.monotonic()
-    job, lost, rows = node_lost_in_iteration_two(cluster, tmp_path / "run", "RolloutWorker")
-    assert job.workers_seen[lost] == "rollout"
-    assert [r["engine_restarts"] for r in rows] == [0, 1, 0], rows
-    assert rows[1]["restart_probe_abs_diff"] <= 1e-4  # the restarted engine got the weights back and was checked
-    assert "rollout engine 0 restarted: current weights loaded, probe check passed" in job.logs()
-    assert [r["learner_restarts"] for r in rows] == [0, 0, 0]
-    print(f"rollout node lost and replaced: {time.monotonic() - started:.0f}s")
-
-
-@pytest.mark.timeout(600)
-def test_a_lost_learner_node_is_replaced_and_the_group_continues_from_iteration_one(cluster, tmp_path):
-    started = time.monotonic()
-    job, lost, rows = node_lost_in_iteration_two(cluster, tmp_path / "run", "RayTrainWorker")
-    assert job.workers_seen[lost] == "learner"
-    assert [r["learner_restarts"] for r in rows] == [0, 1, 1], rows
-    assert "learner group restarted after a failure (restart 1): continuing from iteration 1" in job.logs()
-    print(f"learner node lost and replaced: {time.monotonic() - started:.0f}s")
+@pytest.mark.timeout(300)
+def test_the_cluster_goes_back_to_zero_workers_once_the_jobs_are_done(cluster, training_run):
+    """Last in the module, once every job is done (each job above starts on the nodes the one before left idle):
+    the worker nodes, the replacements of lost ones too, go away after the idle timeout; nothing a job left on
+    one keeps it busy."""
+    train, _, _, seconds = training_run
+    assert sorted(set(train.workers_seen.values())) == ["learner", "rollout"]  # there were workers to scale down
+    idle = cluster.wait_for_workers(0, 180)
+    print(f"all workers gone {idle:.0f}s after the last job; {seconds:.0f}s for the training job")

@@ -158,7 +158,9 @@ class LoopbackCluster:
          node_manager, object_manager) = ports = free_ports(9)
         low = worker_port_range_start(ports)
         self.env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN_PATH": str(root / "token"), "RAY_metrics_report_interval_ms": "500", **(env or {})}
+                    "RAY_AUTH_TOKEN_PATH": str(root / "token"), "RAY_metrics_report_interval_ms": "500",
+                    # a test cluster stops at once: no 30 s drain of the head node on SIGTERM (Ray 2.60's default)
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(env or {})}
         self.env.pop("RAY_ADDRESS", None)  # the job's own driver finds the cluster through Ray Jobs
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -203,8 +205,8 @@ class LoopbackCluster:
             return []
 
     def stop(self) -> None:
-        """SIGTERM to `ray start --block` stops what it started (after up to 30 s of draining); then any
-        process still running from this cluster's temp dir, by pid."""
+        """SIGTERM to `ray start --block` stops what it started (no drain: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S);
+        then any process still running from this cluster's temp dir, by pid."""
         import psutil
 
         if self.process.poll() is None:
