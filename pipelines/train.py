@@ -284,7 +284,7 @@ def connect(todo: list[PendingRun], log) -> None:
                             uses_gpu=first.scaling.gpus_per_learner > 0)
     if dashboard:
         log(f"[sami] Ray dashboard: {dashboard}")
-    if any(p.cfg.rollout.data_plane == "ray_data" and not p.cfg.data.replay_groups_from for p in todo):
+    if any(p.cfg.rollout.data_plane == "ray_data" or p.cfg.data.replay_groups_from for p in todo):  # a replay reads through it
         from actors.data_plane import host_ray_data_services
 
         host_ray_data_services()  # on the driver's node, not a GPU node the learners would keep from scaling down
