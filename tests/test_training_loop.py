@@ -54,6 +54,14 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def ray_data_plans() -> list[str]:
+    """The execution plans this Ray session's Ray Data ran so far, one line each, from its log."""
+    import ray
+
+    data_log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data" / "ray-data.log"
+    return [line for line in data_log.read_text().splitlines() if "Execution plan of Dataset" in line]
+
+
 @pytest.fixture(scope="module")
 def sami_run(ray_session, tmp_path_factory):
     from pipelines.train import run
@@ -79,10 +87,7 @@ def test_two_iterations_train_sync_and_export(sami_run):
     # micro-batch needs batches 0 and 1), through one Ray Data execution per rank and iteration.
     assert all(r["time_to_first_micro_batch"] < r["time_generate"] - 0.15 for r in rows), \
         [(r["time_to_first_micro_batch"], r["time_generate"]) for r in rows]
-    import ray
-
-    data_log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data" / "ray-data.log"
-    plans = [line for line in data_log.read_text().splitlines() if "Execution plan of Dataset" in line]
+    plans = ray_data_plans()
     assert len(plans) == 2 * 2 and all("TaskPoolMapOperator[MapBatches(generate_batch)]" in p for p in plans), plans
     exported = AutoModelForCausalLM.from_pretrained(sami_run / "iteration-2" / "hf")
     from sami.world.base_model import resolve_model
@@ -156,12 +161,10 @@ def test_dpo_and_sft_then_sami_on_the_same_groups(sami_run, tmp_path):
              f"data.replay_groups_from={sami_run}")], [False, False])
     # the replay runs read the SAMI run's groups through Ray Data and trained on exactly them
     import pyarrow.parquet
-    import ray
 
     for replay in (dpo, two_stage):
         assert pyarrow.parquet.read_table(RunDir(replay).groups(1)) == pyarrow.parquet.read_table(RunDir(sami_run).groups(1))
-    data_log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "ray-data" / "ray-data.log"
-    reads = [line for line in data_log.read_text().splitlines() if "Execution plan of Dataset" in line and "Parquet" in line]
+    reads = [plan for plan in ray_data_plans() if "Parquet" in plan]
     assert len(reads) == 1 + 2, reads  # DPO's iteration, then SFT-then-SAMI's two
     (row,) = metrics(dpo)
     first, last = epoch_means(row["loss_per_step"])
