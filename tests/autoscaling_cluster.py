@@ -70,8 +70,15 @@ class AutoscalingCluster(LoopbackCluster):
                               "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID})
 
     def before_start(self) -> None:
-        config = autoscaling_config(f"127.0.0.1:{self.gcs_port}", self._idle_timeout_minutes)
-        self.config_path.write_text(json.dumps(config))
+        self.set_idle_timeout(self._idle_timeout_minutes)
+
+    def set_idle_timeout(self, minutes: float) -> None:
+        """Write the node types with this idle timeout; a running autoscaler v2 reads its config file again at every
+        update (autoscaler.py: refresh_cached_autoscaling_config)."""
+        self._idle_timeout_minutes = minutes
+        written = self.config_path.with_suffix(".new")  # whole, then renamed: the autoscaler never reads half a file
+        written.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{self.gcs_port}", minutes)))
+        os.replace(written, self.config_path)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """The dashboard answers and the state API lists the head (it lists nothing for a moment before)."""

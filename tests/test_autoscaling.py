@@ -17,7 +17,7 @@ import pytest
 
 from autoscaling_cluster import AutoscalingCluster
 from sami.run_dir import RunDir
-from test_job_submit import REPO, TINY, VENV_BIN
+from test_job_submit import REPO, SHORT, TINY, VENV_BIN
 
 pytestmark = [pytest.mark.slow]
 # configs/tiny.yaml with a logical GPU per learner and per engine: 1 learner node (2 GPUs) and 1 rollout node.
@@ -92,7 +92,7 @@ def training_run(cluster, tmp_path_factory):
     started, root = time.monotonic(), tmp_path_factory.mktemp("training-run")
     run_dir, audit = root / "run", root / "opened"
     audit.mkdir()
-    train = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS,
+    train = Job(cluster, "pipelines.train", "--config", TINY, f"run.output_dir={run_dir}", *ON_GPUS, *SHORT,
                 env_vars={"PYTHONPATH": f"{REPO / 'tests' / 'file_audit'}:{REPO}", "SAMI_FILE_AUDIT": str(audit)})
     assert train.wait(300) == "SUCCEEDED", train.logs()[-3000:]
     return train, run_dir, audit, time.monotonic() - started
@@ -228,8 +228,9 @@ def test_what_one_node_reads_from_another_lives_in_the_run_folder(cluster, train
 def test_the_cluster_goes_back_to_zero_workers_once_the_jobs_are_done(cluster, training_run):
     """Last in the module, once every job is done (each job above starts on the nodes the one before left idle):
     the worker nodes, the replacements of lost ones too, go away after the idle timeout; nothing a job left on
-    one keeps it busy."""
+    one keeps it busy. The timeout drops to 6 s now that no job can race it (the minute the jobs needed is waiting)."""
     train, _, _, seconds = training_run
     assert sorted(set(train.workers_seen.values())) == ["learner", "rollout"]  # there were workers to scale down
+    cluster.set_idle_timeout(0.1)
     idle = cluster.wait_for_workers(0, 180)
     print(f"all workers gone {idle:.0f}s after the last job; {seconds:.0f}s for the training job")

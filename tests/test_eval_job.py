@@ -351,34 +351,3 @@ def test_evaluating_a_run_folder_plans_from_its_config_and_refuses_what_is_not_o
                         f"  model iteration-3: {run.hf(3)}"]
     assert plan[4] == "  queries: the built-in world, the last 32 queries training held out, at most 5; 2 constitutions each (sample_k)"
     assert "judge: the world's rule judge" in plan[6] and "the world's rule adherence" in plan[7]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_evaluate_a_training_run_from_its_folder_alone(tmp_path, capsys):
-    """`evals.run --run DIR`: no models=[...] or data settings; the run's config gives the base model, its complete
-    iterations the exports, heldout_queries.jsonl the queries (the world's drawn again: the same rows)."""
-    from evals.run import main as eval_main
-    from sami.run_dir import RunDir
-
-    run = RunDir(tmp_path / "run")
-    # 32 queries and 2 optimiser steps an iteration (tiny.yaml's 224 and 4 add time, not coverage)
-    trained = subprocess.run([sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
-                              f"run.output_dir={run.path}", "data.queries_per_iteration=32",
-                              "schedule.steps_per_iteration=2"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
-    assert run.complete_iterations() == [1, 2]
-    assert eval_main(["--run", str(run.path), "--dry-run"]) == 0  # in this process: no second start-up
-    plan = capsys.readouterr().out
-    assert f"evaluation eval-tiny: 3 model(s) against baseline 'base' -> {run.evaluation}" in plan
-    assert f"  model iteration-2: {run.hf(2)}" in plan and "  model base: builtin:world-small" in plan
-    done = run_job(None, "num_queries=12", "win_rates.bootstrap=200", run=run.path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((run.evaluation / "results.json").read_text())
-    assert list(results["models"]) == ["base", "iteration-1", "iteration-2"] and results["meta"]["queries"] == 12
-    assert results["models"]["iteration-2"]["win_rate_vs_baseline"]["n"] == 12
-    assert all(results["models"][m]["adherence"]["mean"] is not None for m in results["models"])
-    held_out = [json.loads(line)["query_id"] for line in run.heldout_queries.read_text().splitlines()]
-    answered = [json.loads(line)["query_id"] for line in (run.evaluation / "responses" / "base.jsonl").read_text().splitlines()]
-    assert len(held_out) == 32 and answered == held_out[:12]

@@ -20,10 +20,14 @@ import pytest
 
 from cluster.runtime_env import build_runtime_env, job_env_vars
 from cluster.submit import enable_token_auth_if_available, entrypoint, main as submit_main, relative_config
+from evals.run import main as eval_main
+from sami.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TINY = REPO / "configs" / "tiny.yaml"
+# configs/tiny.yaml's iterations at 32 queries and 2 optimiser steps (its 224 and 4 add time, not coverage)
+SHORT = ["data.queries_per_iteration=32", "schedule.steps_per_iteration=2"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def follow_job(cluster, job_id: str, timeout_s: float) -> tuple[str, set, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
+def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path, capsys):
     if not TINY.is_file():
         pytest.skip("configs/tiny.yaml (the training-loop engineer's tiny config) is not there yet")
     cluster = loopback_cluster
@@ -257,7 +261,7 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
     submit = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
          "--submission-id", job_id, "--no-wait", "--", "python", "-m", "pipelines.train", "--config",
-         "configs/tiny.yaml", f"run.output_dir={run_dir}"],
+         "configs/tiny.yaml", f"run.output_dir={run_dir}", *SHORT],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
@@ -276,22 +280,32 @@ def test_tiny_training_job_on_a_loopback_cluster(loopback_cluster, tmp_path):
     assert {"ray_sami_phase", "ray_sami_loss", "ray_sami_iteration"} <= names, sorted(names)
     assert any('job="train"' in s and 'run="tiny"' in s for s in samples)
 
-    # The evaluation job, submitted the same way, on the run's exports (the world's rule judge).
-    eval_dir, eval_id = tmp_path / "eval", f"sami-eval-{secrets.token_hex(4)}"
-    models = (f"models=[{{name: base, path: 'builtin:world-small'}}, {{name: sami-iter1, path: "
-              f"'{run_dir}/iteration-1/hf'}}, {{name: sami-iter2, path: '{run_dir}/iteration-2/hf'}}]")
+    # The evaluation job, submitted the same way, on the run's folder alone (`evals.run --run`): no models or data
+    # settings; the run's config gives the base model, its complete iterations the exports, heldout_queries.jsonl the
+    # queries (the world's drawn again: the same rows). Its plan first, in this process (no second start-up).
+    run = RunDir(run_dir)
+    assert eval_main(["--run", str(run_dir), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert f"evaluation eval-tiny: 3 model(s) against baseline 'base' -> {run.evaluation}" in plan
+    assert f"  model iteration-2: {run.hf(2)}" in plan and "  model base: builtin:world-small" in plan
+    eval_id = f"sami-eval-{secrets.token_hex(4)}"
     submit = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.address, "--working-dir", ".",
-         "--submission-id", eval_id, "--no-wait", "--", "python", "-m", "evals.run", "--config",
-         "configs/eval_world.yaml", models, f"run.output_dir={eval_dir}", "data.max_queries=256",
-         "data.heldout_queries=32", "num_queries=24", "adherence.heldout_principle_queries=8"], cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+         "--submission-id", eval_id, "--no-wait", "--", "python", "-m", "evals.run", "--run", str(run_dir),
+         "num_queries=24", "adherence.heldout_principle_queries=8"],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     status, samples, logs = follow_job(cluster, eval_id, 600)
     assert status == "SUCCEEDED" and "phase 4/4: report" in logs, logs[-3000:]
-    results = json.loads((eval_dir / "results.json").read_text())
-    assert results["meta"]["queries"] == 24 and results["models"]["sami-iter2"]["win_rate_vs_baseline"]["n"] == 24
-    assert results["models"]["sami-iter2"]["adherence"]["heldout_principle"] is not None
-    assert "| sami-iter2 |" in (eval_dir / "report.md").read_text()
+    results = json.loads((run.evaluation / "results.json").read_text())
+    assert list(results["models"]) == ["base", "iteration-1", "iteration-2"] and results["meta"]["queries"] == 24
+    assert results["models"]["iteration-2"]["win_rate_vs_baseline"]["n"] == 24
+    assert all(results["models"][m]["adherence"]["mean"] is not None for m in results["models"])
+    assert results["models"]["iteration-2"]["adherence"]["heldout_principle"] is not None
+    held_out = [json.loads(line)["query_id"] for line in run.heldout_queries.read_text().splitlines()]
+    answered = [json.loads(line)["query_id"] for line in (run.evaluation / "responses" / "base.jsonl").read_text().splitlines()]
+    assert len(held_out) == 32 and answered == held_out[:24]
+    assert "| iteration-2 |" in (run.evaluation / "report.md").read_text()
     assert any('job="eval"' in s and "ray_sami_mi_lower_bound" in s for s in samples)
 
 
