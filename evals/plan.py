@@ -54,13 +54,24 @@ def library(cfg: EvalConfig) -> list[Principle]:
     return configured_library(cfg.principles)
 
 
+def draw_evaluation_constitutions(cfg: EvalConfig, principles: list[Principle], query_ids: list[str]) -> list[list[Constitution]]:
+    """Training's draw with the evaluation's seed; with a family, every other query states a held-out member instead
+    of a trained one, so each figure can be read on trained and on held-out members apart."""
+    seed, heldout = f"eval/{cfg.run.seed}", cfg.principles.heldout_members
+    if not heldout:
+        return draw_constitutions(principles, cfg.principles, query_ids, seed)
+    return [draw_constitutions(principles, cfg.principles, [q], seed, heldout if i % 2 else None)[0]
+            for i, q in enumerate(query_ids)]
+
+
 def heldout_principle_groups(cfg: EvalConfig, rows: list[dict], principles: list[Principle]) -> list[QueryGroup]:
     """Each query's positive constitution states the held-out principle(s) and as many training principles,
     drawn per query, as make up `principles_per_constitution` (as training draws them)."""
-    p, heldout = cfg.principles, cfg.principles.heldout_names
+    p, members = cfg.principles, cfg.principles.heldout_members
+    heldout = tuple(n for n in p.heldout_names if n not in members)
     if not heldout:
         raise ConfigError("adherence.heldout_principle_queries: there is no held-out principle (principles.heldout)")
-    training = [q.name for q in principles if q.name not in heldout]
+    training = [q.name for q in principles if q.name not in heldout + members + p.trained_members]
     count = (p.principles_per_constitution or len(training)) - len(heldout)
     if not 0 <= count <= len(training):
         raise ConfigError(f"adherence.heldout_principle_queries: principles.principles_per_constitution "
@@ -69,6 +80,7 @@ def heldout_principle_groups(cfg: EvalConfig, rows: list[dict], principles: list
     constitutions = []
     for row in rows:
         drawn = streams[row["query_id"]].sample(training, count)
+        drawn += [streams[row["query_id"]].choice(p.trained_members)] if p.trained_members else []
         constitutions.append([Constitution(tuple((name, True) for name in sorted(drawn + list(heldout))))])
     return plan_groups(rows, principles, constitutions, cfg.data.task, ContinuedSeeds(streams))
 
@@ -93,7 +105,7 @@ def build_plan(cfg: EvalConfig) -> EvalPlan:
     rows, extra_rows = heldout_rows(cfg)
     principles = library(cfg) if rows else []
     try:
-        constitutions = draw_constitutions(principles, cfg.principles, [r["query_id"] for r in rows], f"eval/{cfg.run.seed}")
+        constitutions = draw_evaluation_constitutions(cfg, principles, [r["query_id"] for r in rows])
     except ValueError as e:
         raise ConfigError(f"principles: {e}") from None
     plan = EvalPlan(plan_groups(rows, principles, constitutions, cfg.data.task, EvaluationSeeds(cfg.run.seed)))

@@ -10,21 +10,24 @@ from evals.config import EvalConfig
 from evals.generate import ModelOutputs, words
 from evals.judge import Judged
 from evals.plan import EvalPlan
+from evals.world import family_figures
 
 ESTIMATORS = ("raw", "balanced", "logistic")
 
 
-def model_results(path: str, o: ModelOutputs, judged: Judged, name: str) -> dict:
+def model_results(path: str, o: ModelOutputs, judged: Judged, name: str, heldout_members: tuple[str, ...]) -> dict:
     """One model's entry in results.json."""
     lengths = [words(r) for r in o.positive_responses]
+    adherence, win = judged.adherence.get(name), judged.win_rates.get(name)
     return {
         "path": path,
         "mean_length": sum(lengths) / len(lengths) if lengths else None,
         "lengths": lengths,
         "mi_lower_bound": o.mi_lower_bound,
         "mi_bounds": o.mi_bounds,
-        "win_rate_vs_baseline": judged.win_rates.get(name),
-        "adherence": judged.adherence.get(name),
+        "win_rate_vs_baseline": win,
+        "adherence": adherence,
+        "family": adherence and family_figures(adherence, win and win["scores"], o.mi_bounds, heldout_members),
         "mtbench": judged.mtbench.get(name),
         "gsm8k": {k: v for k, v in o.gsm8k.items() if k != "items"} if o.gsm8k else None,
     }
@@ -34,10 +37,13 @@ def build_results(cfg: EvalConfig, plan: EvalPlan, outputs: dict[str, ModelOutpu
     """results.json: what was evaluated (`meta`) and every model's figures (`models`, in the config's order)."""
     meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.groups),
             "heldout_principle_queries": len(plan.heldout_principle),
-            "heldout_principles": list(cfg.principles.heldout_names),
+            "heldout_principles": [n for n in cfg.principles.heldout_names if n not in cfg.principles.heldout_members],
+            "heldout_members": list(cfg.principles.heldout_members),
             "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,
             "model": cfg.judge.model, "swap": cfg.judge.swap}}
-    return {"meta": meta, "models": {m.name: model_results(m.path, outputs[m.name], judged, m.name) for m in cfg.models}}
+    members = cfg.principles.heldout_members
+    return {"meta": meta, "models": {m.name: model_results(m.path, outputs[m.name], judged, m.name, members)
+                                     for m in cfg.models}}
 
 
 def _cell(summary: dict | None, estimator: str) -> str:
@@ -83,6 +89,17 @@ def markdown(results: dict, plots: list[str]) -> str:
         for name, a in adherence.items():
             lines.append(f"| {name} | {a['mean']:.3f} | {a['well_formed']:.3f} | {_number(a['heldout_principle'])} | "
                          + " | ".join(f"{a['per_principle'][p]:.2f}" for p in principles) + " |")
+    family = {n: m["family"] for n, m in models.items() if m.get("family")}
+    if family:
+        lines += ["", "## The colour family: trained and held-out members", "",
+                  "Every other query's constitution states a member training never stated ("
+                  + ", ".join(meta.get("heldout_members", [])) + "); the others a trained one. Adherence: how often "
+                  "the member is followed; win rate and MI bound on the same items.", "",
+                  "| model | trained: adherence | win rate | MI bound | held-out: adherence | win rate | MI bound |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, f in family.items():
+            lines.append(f"| {name} | " + " | ".join(_number(f[split][k]) for split in ("trained", "heldout")
+                                                     for k in ("adherence", "win_rate", "mi_lower_bound")) + " |")
     mtbench = {n: m["mtbench"] for n, m in models.items() if m.get("mtbench")}
     if mtbench:
         categories = sorted({c for t in mtbench.values() for c in t["single"]["turn_1"]}, key=lambda c: (c == "overall", c))

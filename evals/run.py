@@ -102,6 +102,9 @@ def format_plan(cfg: EvalConfig) -> str:
         extra = cfg.adherence.heldout_principle_queries
         benchmarks.append("the world's rule adherence" + (f" (and the held-out principle on {extra} more queries)"
                                                            if extra else ""))
+        if cfg.principles.heldout_members:
+            benchmarks.append("a family member stated per query, trained and held-out in turn ("
+                              + ", ".join(cfg.principles.heldout_members) + " held out)")
     if cfg.mtbench.enabled:
         benchmarks.append(f"MT-Bench ({cfg.mtbench.questions or 'questions from the hub'}; single and pairwise"
                           + (", principle-conditioned" if cfg.mtbench.principle_conditioned else "") + ")")

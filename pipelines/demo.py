@@ -5,8 +5,11 @@
 (local Ray, CPU), runs the baselines (SFT on positive-constitution samples, DPO on positive-vs-contrast
 pairs, SFT then SAMI) with the same budget of steps, evaluates every model with the evaluation job
 (`evals.run`, configs/eval_world.yaml, the world's rule judge) in the same Ray session, and writes
-`<out>/report.json`, `report.md` and a plot. With `--seeds`, one such demo per seed in `<out>/seed-<N>/`,
-then `<out>/seeds.json` and `seeds.md`: each figure's mean with 95% intervals over seeds and over items.
+`<out>/report.json`, `report.md` and a plot. With `--seeds` (alone: seeds 0-4), one such demo per seed in
+`<out>/seed-<N>/`, then `<out>/seeds.json` and `seeds.md`: each figure's mean with 95% intervals over seeds and over
+items. With `--controls`, two more models test the held-out colour family: a positive control trained on the
+held-out members too, and a negative control that replays SAMI's groups with responses moved to random
+constitutions (`data.replay_shuffled`).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG = CONFIGS / "world_demo.yaml"
 EVAL_CONFIG = CONFIGS / "eval_world.yaml"
 BASELINES = ("sft", "dpo", "sft-sami")
+CONTROLS = ("control-all-members", "control-shuffled")
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 
 def log(message: str) -> None:
@@ -39,6 +44,9 @@ def baseline_overrides(name: str, sami_run: Path) -> list[str]:
         "sft": ["objective.name=sft", "objective.kl_beta=0", *replay],
         "dpo": ["objective.name=dpo", "objective.kl_beta=0", "optim.lr=2e-5", *replay],
         "sft-sami": ["objective.name=sft_then_sami", "objective.sft_iterations=1", *replay],
+        # every family member trained (only the six-principle axis's held-out principle kept out)
+        "control-all-members": ["principles.heldout=[exclaim]"],
+        "control-shuffled": [*replay, "data.replay_shuffled=true"],
     }[name]
 
 
@@ -114,12 +122,13 @@ def run_seed(args, seed: int, out: Path) -> dict:
     log(f"seed {seed}: phase 2/3: training: SAMI" + ("" if args.skip_baselines else
                                                      ", then the baselines (SFT, DPO, SFT then SAMI) on SAMI's groups"))
     trained = time.time()
-    runs = train_all(["sami"] + ([] if args.skip_baselines else list(BASELINES)), args, seed, out, extra)
+    others = ([] if args.skip_baselines else list(BASELINES)) + (list(CONTROLS) if args.controls else [])
+    runs = train_all(["sami"] + others, args, seed, out, extra)
     evaluated = time.time()
     log(f"seed {seed}: phase 3/3: evaluation on {args.eval_queries} held-out queries (evals.run)")
     models = {"base": str(base_path)}
     models.update({f"sami-iter{k}": str(RunDir(runs["sami"]).hf(k)) for k in range(1, args.iterations + 1)})
-    models.update({name: str(RunDir(runs[name]).hf(args.iterations)) for name in BASELINES if name in runs})
+    models.update({name: str(RunDir(runs[name]).hf(args.iterations)) for name in BASELINES + CONTROLS if name in runs})
     results = evaluate(evaluation_config(args, seed, out, models))
     figures = demo_figures(results)
     timing = time_breakdown(started, trained, evaluated, time.time(), list(runs.values()))
@@ -137,15 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="one seed, into --out")
-    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, each into <out>/seed-<N>, then seeds.md")
+    seeds.add_argument("--seeds", type=int, nargs="*", help="several seeds (none given: 0 1 2 3 4), each into "
+                                                           "<out>/seed-<N>, then seeds.md")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--skip-baselines", action="store_true", help="SAMI only (no SFT, DPO, SFT-then-SAMI)")
+    parser.add_argument("--controls", action="store_true",
+                        help="also the held-out family's controls: SAMI trained on every member, and SAMI's groups "
+                             "replayed with shuffled constitution-response pairs")
     parser.add_argument("--eval-queries", type=int, default=200)
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + " (<out>/demo.log)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of configs/world_demo.yaml for every run")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
+    if args.seeds == []:
+        args.seeds = list(DEFAULT_SEEDS)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         print(f"error: --seeds {' '.join(map(str, args.seeds))} repeats a seed", file=sys.stderr)
         return 2

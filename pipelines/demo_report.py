@@ -7,7 +7,9 @@ from pathlib import Path
 
 from evals.statistics import paired_differences, summarise_over_seeds
 
-COLUMNS = ("adherence", "adherence_heldout", "well_formed", "mi_lower_bound", "mean_length", "win_rate_vs_base")
+COLUMNS = ("adherence", "adherence_heldout", "member_trained", "member_heldout", "well_formed", "mi_lower_bound",
+           "mean_length", "win_rate_vs_base")
+SPLITS = ("trained", "heldout")  # the colour family's members: stated in training or never
 # Per-item values of each seed-level figure in the evaluation's results.json (None for the baseline's win rate).
 PER_ITEM = {
     "adherence": lambda m: m["adherence"]["items"],
@@ -15,6 +17,8 @@ PER_ITEM = {
     "mi_lower_bound": lambda m: m["mi_bounds"],
 }
 COMPARED_WITH_SAMI = ("dpo", "sft")
+# Per-item values of each family figure, on one split's items (None for the baseline's win rate).
+FAMILY_ITEMS = {"adherence": "adherence", "win_rate_vs_base": "win_rate", "mi_lower_bound": "mi_lower_bound"}
 
 
 def demo_figures(results: dict) -> dict:
@@ -28,6 +32,11 @@ def demo_figures(results: dict) -> dict:
                          "win_rate_vs_base": win["raw"]["win_rate"] if win else 0.5}
         if win:
             figures[name]["win_rate_vs_base_ci"] = win["raw"]["ci"]
+        family = m.get("family") or {}
+        for split in SPLITS:
+            figures[name][f"member_{split}"] = family[split]["adherence"] if family else None
+        figures[name]["family"] = {split: {k: family[split][k] for k in ("queries", *FAMILY_ITEMS.values())}
+                                   for split in family}
     return figures
 
 
@@ -36,7 +45,8 @@ def table(results: dict) -> str:
     head = ["model", *COLUMNS, *(f"adh:{p}" for p in principles)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results.items():
-        cells = [name] + [f"{m[c]:.3f}" for c in COLUMNS] + [f"{m['adherence_per_principle'][p]:.2f}" for p in principles]
+        cells = [name] + ["-" if m.get(c) is None else f"{m[c]:.3f}" for c in COLUMNS] \
+            + [f"{m['adherence_per_principle'][p]:.2f}" for p in principles]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,6 +103,21 @@ def seeds_summary(results: dict[int, dict], iterations: int) -> dict:
         per_seed = [PER_ITEM[figure](results[s]["models"][name]) for s in seeds]
         return None if any(v is None for v in per_seed) else per_seed
 
+    def member_items(name: str, split: str, figure: str) -> list | None:
+        per_seed = [(results[s]["models"][name].get("family") or {}).get(split, {}).get("items", {}).get(figure)
+                    for s in seeds]
+        return None if any(not v for v in per_seed) else per_seed
+
+    family = {name: {split: {figure: summarise_over_seeds(v) for figure, key in FAMILY_ITEMS.items()
+                             if (v := member_items(name, split, key))}
+                     for split in SPLITS if member_items(name, split, "adherence")}
+              for name in names}
+    # each model's gain over the base model in following a member, paired by item within a seed
+    gains = {name: {split: summarise_over_seeds([paired_differences(a, b) for a, b in zip(
+                 member_items(name, split, "adherence"), member_items("base", split, "adherence"))])
+                 for split in family[name]}
+             for name in names if name != "base" and family.get(name) and family.get("base")}
+
     models = {name: {figure: summarise_over_seeds(v) for figure in PER_ITEM if (v := items(name, figure))}
               for name in names}
     sami = f"sami-iter{iterations}"
@@ -105,7 +130,8 @@ def seeds_summary(results: dict[int, dict], iterations: int) -> dict:
             "intervals": {"ci_seeds": "95% t-interval over the per-seed figures (df = seeds - 1)",
                           "ci_items": "95% percentile bootstrap over items, resampled within each seed (2000 resamples, "
                                       "seed 0); differences paired by item within a seed"},
-            "models": models, "differences": differences}
+            "models": models, "differences": differences,
+            "family": {name: f for name, f in family.items() if f}, "family_gains": gains}
 
 
 def _cell(summary: dict | None) -> str:
@@ -128,6 +154,18 @@ def write_seeds_report(out: Path, results: dict[int, dict], iterations: int) -> 
                          for name, figures in table.items())
 
     seeds = " ".join(map(str, summary["seeds"]))
+    family = ""
+    if summary["family"]:
+        family_head = "| {} | trained members | held-out members |\n|---|---|---|"
+        family = (
+            "\n## The colour family: following a member, on trained and on held-out members\n\n"
+            "How often the response follows the family member its constitution states (half the evaluation's "
+            "queries state a member training never stated).\n\n" + family_head.format("model") + "\n"
+            + "\n".join(f"| {name} | " + " | ".join(_cell(f.get(split, {}).get("adherence")) for split in SPLITS) + " |"
+                         for name, f in summary["family"].items())
+            + "\n\nGain over the base model, paired by item within a seed:\n\n" + family_head.format("model - base")
+            + "\n" + "\n".join(f"| {name} | " + " | ".join(_cell(g.get(split)) for split in SPLITS) + " |"
+                                for name, g in summary["family_gains"].items()) + "\n")
     path = out / "seeds.md"
     path.write_text(
         f"# SAMI in the built-in world: seeds {seeds}\n\n"
@@ -136,5 +174,5 @@ def write_seeds_report(out: Path, results: dict[int, dict], iterations: int) -> 
         + ", ".join(f"`seed-{s}/report.md`" for s in summary["seeds"]) + ".\n\n"
         + head.format("model") + "\n" + rows(summary["models"]) + "\n"
         + (f"\n## Differences, iteration {iterations} of SAMI minus a baseline\n\n" + head.format("difference") + "\n"
-           + rows(summary["differences"]) + "\n" if summary["differences"] else ""))
+           + rows(summary["differences"]) + "\n" if summary["differences"] else "") + family)
     return path

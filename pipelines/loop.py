@@ -32,7 +32,7 @@ from sami.config import TrainConfig
 from sami.data import iteration_queries
 from sami.filters import REASONS
 from sami.groups import (QueryGroup, TrainingSeeds, attach_completions, filter_and_tokenise, generation_batches,
-                         generation_seeds, plan_groups, reject_counts, tokenise_group)
+                         generation_seeds, plan_groups, reject_counts, row_rng, shuffle_pairs, tokenise_group)
 from sami.console import channel_path, log, open_channel, report_progress
 from sami.learner import GroupStream, Learner, StopRun, control_group, skip_cpu_shm_comm_op, stop_together
 from sami.objectives import objective_for
@@ -306,6 +306,8 @@ def start_generation(loop: Loop, iteration: int, policy_iteration: int) -> Gener
     generation = Generation(iteration, policy_iteration, started, {}, restarts_before=restarts_before)
     if cfg.data.replay_groups_from:  # filtered and tokenised where they were generated
         generation.groups = replay_groups(RunDir(cfg.data.replay_groups_from), iteration)
+        if cfg.data.replay_shuffled:
+            generation.groups = shuffle_pairs(generation.groups, row_rng(cfg.run.seed, iteration, "all", "shuffle"))
         generation.figures = {"time_write_principles": 0.0, "time_generate": time.time() - started,
                               **{f"filtered_{r}": 0 for r in REASONS}}
         return generation

@@ -36,7 +36,8 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
             check_endpoint(p.writer, field_prefix="principles.writer", purpose="principles.writer")
         if library is not None:  # the mode, k and held-out names must fit the library
             sample_constitutions(library, p.num_constitutions, p.mode, random.Random(0),
-                                 k=p.principles_per_constitution, heldout=p.heldout_names)
+                                 k=p.principles_per_constitution, heldout=p.heldout_names,
+                                 family=p.trained_members)
     except PrincipleError as e:
         raise ConfigError(f"{field}: {e}") from None
     except ChatClientError as e:

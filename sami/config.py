@@ -78,9 +78,13 @@ class DataConfig(Section):
     # Train on the query groups another run generated (<dir>/iteration-<k>/groups.parquet) instead of
     # generating: baselines compared on the same data with the same budget of steps.
     replay_groups_from: Optional[str] = None
+    # A negative control: the replayed responses moved to random constitutions of the iteration (`shuffle_pairs`)
+    replay_shuffled: bool = False
 
     @model_validator(mode="after")
     def _source_needs_location(self):
+        if self.replay_shuffled and not self.replay_groups_from:
+            raise ValueError("data.replay_shuffled shuffles replayed groups, but data.replay_groups_from is not set")
         if self.source == "hf" and not self.dataset:
             raise ValueError("data.source is 'hf' but data.dataset is not set (e.g. Anthropic/hh-rlhf)")
         if self.source == "jsonl" and not self.path:
@@ -153,6 +157,21 @@ class PrinciplesConfig(Section):
         if self.heldout or self.source in ("file", "writer"):
             return tuple(self.heldout)
         return builtin_library(self.source).heldout
+
+    @property
+    def trained_members(self) -> tuple[str, ...]:
+        """The members of the built-in library's family (principles of one form: the world's "Mention the word W")
+        that training states, one per constitution: those `heldout_names` leaves. None for other sources."""
+        return tuple(n for n in self._family if n not in self.heldout_names)
+
+    @property
+    def heldout_members(self) -> tuple[str, ...]:
+        """The family's members training never states (what the evaluation reads generalisation on)."""
+        return tuple(n for n in self._family if n in self.heldout_names)
+
+    @property
+    def _family(self) -> tuple[str, ...]:
+        return () if self.source in ("file", "writer") else builtin_library(self.source).family
 
 
 class SamplingConfig(Section):

@@ -32,8 +32,10 @@ def sample_constitutions(
     rng: random.Random,
     k: int | None = None,
     heldout: tuple[str, ...] | list[str] = (),
+    family: tuple[str, ...] | list[str] = (),
 ) -> list[Constitution]:
-    """C constitutions for one query over the non-held-out principles.
+    """C constitutions for one query over the non-held-out principles; with `family`, the members of a family of
+    principles of one form, each states one member drawn per query besides the others, flipped with them.
 
     - `antithesis_all`: all principles stated; contrast(s) flip every principle (C must be 2).
     - `antithesis_one`: all principles stated; each contrast flips a different single principle.
@@ -43,23 +45,31 @@ def sample_constitutions(
     unknown = set(heldout) - {p.name for p in principles}
     if unknown:
         raise ValueError(f"held-out principle(s) {sorted(unknown)} are not in the library")
-    names = [p.name for p in principles if p.name not in set(heldout)]
+    unknown = set(family) - {p.name for p in principles}
+    if unknown or set(family) & set(heldout):
+        raise ValueError(f"family member(s) {sorted(unknown or set(family) & set(heldout))} are "
+                         + ("not in the library" if unknown else "held out"))
+    names = [p.name for p in principles if p.name not in set(heldout) | set(family)]
     if not names:
         raise ValueError("no principles left for training after removing the held-out ones")
     if num < 2:
         raise ValueError(f"num_constitutions must be >= 2, got {num}")
+    member = [rng.choice(list(family))] if family else []
     if mode == "antithesis_all":
+        names += member
         if num != 2:
             raise ValueError(f"mode antithesis_all makes exactly one contrast, so C must be 2, got {num}")
         flips = [frozenset(names)]
     elif mode == "antithesis_one":
+        names += member
         if num - 1 > len(names):
             raise ValueError(f"mode antithesis_one has {len(names)} principles to flip, cannot make {num - 1} contrasts")
         flips = [frozenset([n]) for n in rng.sample(names, num - 1)]
     elif mode in ("sample_k", "sample_k_antithesis_all"):
         if k is None or not 1 <= k <= len(names):
             raise ValueError(f"{mode} needs 1 <= k <= {len(names)} training principles, got k={k}")
-        names = rng.sample(names, k)
+        names = rng.sample(names, k) + member
+        k = len(names)
         if mode == "sample_k_antithesis_all":
             if num != 2:
                 raise ValueError(f"mode sample_k_antithesis_all makes exactly one contrast, so C must be 2, got {num}")

@@ -11,6 +11,7 @@ them:
     attach_completions   the rollout engines' completions -> responses
     filter_groups        mark malformed groups (counts per reason)
     tokenise_group       tokenise a kept group's prompts and responses (on the learner rank that trains it)
+    shuffle_pairs        (a replay's negative control) responses moved to random constitutions
 
 `tokenise_pairs` is the one tokenisation of (training prompt, response) pairs; the evaluation's MI bound
 calls it too. `groups.parquet` in each iteration folder holds one `QueryGroup.record()` per kept group.
@@ -104,11 +105,14 @@ class TrainingSeeds:
 
 
 def draw_constitutions(principles: list[Principle], cfg: PrinciplesConfig, query_ids: list[str],
-                       seed: int | str) -> list[list[Constitution]]:
+                       seed: int | str, members: tuple[str, ...] | None = None) -> list[list[Constitution]]:
     """Each query's C constitutions (the positive one first), drawn from `random.Random(f"{seed}/{query id}")`
-    alone, so a query's draw does not depend on its batch."""
+    alone, so a query's draw does not depend on its batch. Each states one of `members` (default: the family members
+    training states); the evaluation passes the held-out ones too."""
+    members = cfg.trained_members if members is None else members
+    heldout = tuple(n for n in cfg.heldout_names + cfg.trained_members if n not in members)
     return [sample_constitutions(principles, cfg.num_constitutions, cfg.mode, random.Random(f"{seed}/{q}"),
-                                 k=cfg.principles_per_constitution, heldout=cfg.heldout_names) for q in query_ids]
+                                 k=cfg.principles_per_constitution, heldout=heldout, family=members) for q in query_ids]
 
 
 def plan_groups(queries: list[dict], library: list[Principle], constitutions: list[list[Constitution]], task: str,
@@ -193,6 +197,18 @@ def generation_batches(groups: list[QueryGroup], batch_size: int, c: int, ranks:
     `batch_size // C`: the direct path's cut, and an engine's batch decides its samples' numerics."""
     per_batch = max(1, min(batch_size // c, -(-len(groups) // (2 * ranks)) if ranks > 1 else batch_size // c))
     return [groups[i : i + per_batch] for i in range(0, len(groups), per_batch)]
+
+
+def shuffle_pairs(groups: list[QueryGroup], rng: random.Random) -> list[QueryGroup]:
+    """The groups with every response moved to a random (group, constitution) slot of the iteration: a negative
+    control that keeps the responses and prompts but breaks which constitution a response answered."""
+    slots = [(g.responses[j], g.response_ids[j]) for g in groups for j in range(len(g.responses))]
+    rng.shuffle(slots)
+    start = 0
+    for g in groups:
+        g.responses, g.response_ids = map(list, zip(*slots[start : start + len(g.responses)]))
+        start += len(g.responses)
+    return groups
 
 
 def group_to_json(group: QueryGroup) -> str:

@@ -25,18 +25,21 @@ _FIELDS = {"name", "definition", "antithesis"}
 
 @dataclass(frozen=True)
 class BuiltinLibrary:
-    """The principles `principles.source: <name>` serves, and those training never states unless
-    `principles.heldout` names others."""
+    """The principles `principles.source: <name>` serves, those training never states unless
+    `principles.heldout` names others, and a family: principles of one form, one of which every constitution states
+    (`principles.family`)."""
 
     principles: tuple[Principle, ...]
     heldout: tuple[str, ...]
+    family: tuple[str, ...] = ()
 
 
 BUILTIN_LIBRARIES: dict[str, BuiltinLibrary] = {}
 
 
-def register_library(source: str, principles: list[Principle], heldout: tuple[str, ...] = ()) -> None:
-    BUILTIN_LIBRARIES[source] = BuiltinLibrary(tuple(principles), tuple(heldout))
+def register_library(source: str, principles: list[Principle], heldout: tuple[str, ...] = (),
+                     family: tuple[str, ...] = ()) -> None:
+    BUILTIN_LIBRARIES[source] = BuiltinLibrary(tuple(principles), tuple(heldout), tuple(family))
 
 
 def builtin_library(source: str) -> BuiltinLibrary:

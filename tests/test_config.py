@@ -82,9 +82,17 @@ def test_the_world_registers_its_heldout_principles_and_the_core_never_imports_i
 
     import sami.world.rules
 
-    assert load_config(None).principles.heldout_names == builtin_library("world").heldout == ("exclaim",)
+    held = ("word-pink", "word-white", "word-black")
+    trained = ("word-red", "word-blue", "word-yellow", "word-purple", "word-orange")
+    assert load_config(None).principles.heldout_names == builtin_library("world").heldout == ("exclaim", *held)
+    assert (load_config(None).principles.trained_members, load_config(None).principles.heldout_members) == (trained, held)
+    # the positive control: every member trained
+    everything = load_config(None, ["principles.heldout=[exclaim]"]).principles
+    assert everything.heldout_names == ("exclaim",) and everything.trained_members == trained + held
+    assert everything.heldout_members == ()
     assert load_config(None, ["principles.heldout=[polite]"]).principles.heldout_names == ("polite",)
-    assert load_config(None, ["principles.source=file", "principles.path=x.yaml"]).principles.heldout_names == ()
+    file = load_config(None, ["principles.source=file", "principles.path=x.yaml"]).principles
+    assert file.heldout_names == () and file.trained_members == () == file.heldout_members
     with pytest.raises(PrincipleError, match="no built-in principle library of that name is registered"):
         builtin_library("moon")
     loaded = subprocess.run([sys.executable, "-c", "import sys, sami.config; print(sorted(m for m in sys.modules "

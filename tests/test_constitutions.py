@@ -76,6 +76,26 @@ def test_sample_k_is_deterministic_under_seed_and_contrasts_are_distinct():
         sample_constitutions(LIB, 5, "sample_k", random.Random(0), k=2)
 
 
+def test_a_family_adds_one_member_per_query_flipped_with_the_others():
+    family = [Principle(f"word-{c}", f"Mention {c}.", f"Never use {c}.") for c in ("red", "blue", "pink")]
+    library = LIB + family
+    seen = set()
+    for seed in range(60):
+        cons = sample_constitutions(library, 2, "sample_k_antithesis_all", random.Random(seed), k=2,
+                                    heldout=["word-pink"], family=["word-red", "word-blue"])
+        names = [n for n, _ in cons[0].stances]
+        members = [n for n in names if n.startswith("word-")]
+        assert len(names) == 3 and len(members) == 1 and cons[1].stances == tuple((n, False) for n in names)
+        assert all(positive for _, positive in cons[0].stances)
+        seen.update(members)
+    assert seen == {"word-red", "word-blue"}  # never the held-out member, never two
+    one = sample_constitutions(library, 3, "antithesis_one", random.Random(0), heldout=["word-pink", "word-blue"],
+                               family=["word-red"])
+    assert {n for n, _ in one[0].stances} == {"kind", "brief", "exact", "calm", "word-red"}
+    with pytest.raises(ValueError, match=r"family member\(s\) \['word-pink'\] are held out"):
+        sample_constitutions(library, 2, "antithesis_all", random.Random(0), heldout=["word-pink"], family=["word-pink"])
+
+
 def test_render_shuffles_order_but_not_content():
     library = {p.name: p for p in LIB}
     con = Constitution((("brief", False), ("calm", True), ("exact", True), ("kind", True)))

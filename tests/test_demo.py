@@ -11,7 +11,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = {"adherence", "adherence_per_principle", "adherence_heldout", "well_formed", "mi_lower_bound", "mean_length",
-          "win_rate_vs_base"}
+          "win_rate_vs_base", "member_trained", "member_heldout", "family"}
+
+
+def family(items: list[float], wins: list[float] | None) -> dict:
+    """The family figures of a model whose member adherence is `items` on trained members, half that on held-out."""
+    splits = {}
+    for split, values in (("trained", items), ("heldout", [v / 2 for v in items])):
+        per_item = {"adherence": values, "win_rate": wins, "mi_lower_bound": [v - 0.5 for v in values]}
+        splits[split] = {"queries": len(values), "items": per_item,
+                         **{k: v and sum(v) / len(v) for k, v in per_item.items()}}
+    return splits
 
 
 def evaluation_results(adherence: dict[str, list[float]], shift: float = 0.0) -> dict:
@@ -27,6 +37,7 @@ def evaluation_results(adherence: dict[str, list[float]], shift: float = 0.0) ->
                           "well_formed": 1.0, "heldout_principle": 0.4},
             "win_rate_vs_baseline": None if items is base else
             {"raw": {"win_rate": sum(wins) / len(wins), "ci": [0.1, 0.9]}, "scores": wins},
+            "family": family(items, None if items is base else wins),
         }
     return {"meta": {}, "models": models}
 
@@ -43,6 +54,7 @@ def test_the_demo_report_keeps_its_schema(tmp_path):
     assert set(report["models"]["sami-iter1"]) == SCHEMA | {"win_rate_vs_base_ci"}
     assert report["models"]["sami-iter1"]["win_rate_vs_base"] == 0.75
     assert report["models"]["sami-iter1"]["adherence_heldout"] == 0.4
+    assert (report["models"]["sami-iter1"]["member_trained"], report["models"]["sami-iter1"]["member_heldout"]) == (0.75, 0.375)
 
 
 def test_time_breakdown_counts_the_iterations_wall_time_as_work(tmp_path):
@@ -80,6 +92,12 @@ def test_seeds_summary_pairs_items_within_a_seed(tmp_path):
     assert minus_dpo["mi_lower_bound"]["per_seed"] == pytest.approx([0.125, 0.1875, 0.25])
     assert summary["differences"]["sami-iter2 - sft"]["adherence"]["mean"] == pytest.approx(-0.1875)
     assert "| sami-iter2 - dpo |" in (tmp_path / "seeds.md").read_text()
+    # following a family member, per split, and each model's gain over the base model paired by item
+    assert summary["family"]["sami-iter2"]["heldout"]["adherence"]["per_seed"] == pytest.approx([0.375, 0.40625, 0.4375])
+    assert summary["family_gains"]["sami-iter2"]["heldout"]["per_seed"] == pytest.approx([0.125, 0.15625, 0.1875])
+    assert summary["family_gains"]["sft"]["trained"]["mean"] == pytest.approx(0.5)
+    assert "base" not in summary["family_gains"]
+    assert "| sft | 0.500 [" in (tmp_path / "seeds.md").read_text().split("Gain over the base")[1]
 
 
 @pytest.mark.slow
@@ -110,5 +128,6 @@ def test_two_sami_iterations_raise_adherence_and_mi_bound(tmp_path):
     assert last["win_rate_vs_base"] > 0.5
     assert last["well_formed"] > 0.85
     assert set(last) == SCHEMA | {"win_rate_vs_base_ci"}
+    assert last["family"]["heldout"]["queries"] == 75 and last["member_heldout"] is not None
     assert (out / "eval" / "results.json").is_file() and (out / "eval" / "judgments" / "sami-iter2-adherence.jsonl").is_file()
     assert (out / "report.png").stat().st_size > 0 and "sami-iter2" in (out / "report.md").read_text()

@@ -308,9 +308,19 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
         saved = [json.loads(l)["response"] for l in (out / "responses" / f"{name}.jsonl").read_text().splitlines()]
         extra = [json.loads(l)["response"] for l in
                  (out / "responses" / f"{name}.heldout-principle.jsonl").read_text().splitlines()]
+        # the win rates judge the whole constitution; adherence is the six principles', the member's apart
         scores[name] = [rules.adherence_score(r, g.subject, c) for r, g, c in zip(saved, plan.groups, positive)]
+        checks = [rules.adherence(r, g.subject, c) for r, g, c in zip(saved, plan.groups, positive)]
+        six = [rules.share_followed({k: v for k, v in c.items() if not k.startswith("word-")}) for c in checks]
+        member = [next(v for k, v in c.items() if k.startswith("word-")) for c in checks]
         a = m["adherence"]
-        assert a["items"] == pytest.approx(scores[name]) and a["mean"] == pytest.approx(sum(scores[name]) / 12)
+        assert a["items"] == pytest.approx(six) and a["mean"] == pytest.approx(sum(six) / 12)
+        # every other query states a held-out member: each family figure on those items alone
+        assert [bool(set(c) & set(rules.HELDOUT_MEMBERS)) for c in checks] == [i % 2 == 1 for i in range(12)]
+        held = m["family"]["heldout"]
+        assert held["queries"] == 6 and held["adherence"] == pytest.approx(sum(member[1::2]) / 6)
+        assert held["mi_lower_bound"] == pytest.approx(sum(m["mi_bounds"][1::2]) / 6)
+        assert m["family"]["trained"]["adherence"] == pytest.approx(sum(member[0::2]) / 6)
         assert a["well_formed"] == pytest.approx(sum(map(rules.well_formed, saved)) / 12)
         assert a["heldout_principle"] == pytest.approx(sum(
             rules.adherence(r, g.subject, g.stated()[0])["exclaim"] for r, g in zip(extra, plan.heldout_principle)) / 6)
@@ -321,7 +331,11 @@ def test_world_evaluation_reports_rule_adherence(tmp_path, tiny_model_dir):
     assert results["models"]["base"]["adherence"]["mean"] > 0.3  # the world's base follows about half
     win = results["models"]["other"]["win_rate_vs_baseline"]
     assert win["scores"] == [1.0 if o > b else 0.0 if b > o else 0.5 for o, b in zip(scores["other"], scores["base"])]
+    family = results["models"]["other"]["family"]
+    assert family["heldout"]["win_rate"] == pytest.approx(sum(win["scores"][1::2]) / 6)
+    assert results["models"]["base"]["family"]["heldout"]["win_rate"] is None  # the baseline is not judged
     assert "## Adherence (the world's rules)" in (out / "report.md").read_text()
+    assert "## The colour family: trained and held-out members" in (out / "report.md").read_text()
     again = run_job(REPO / "configs" / "eval_world.yaml", *overrides, "--judge-only")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["models"]["other"]["adherence"] == results["models"]["other"]["adherence"]

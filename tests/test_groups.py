@@ -107,3 +107,20 @@ def test_groups_parquet_round_trip_and_shards(tmp_path, tokenizer):
         replay_groups(RunDir(tmp_path), 2)
     shards = equal_shards(kept[:5], 2)
     assert [[g.query_id for g in s] for s in shards] == [["w0", "w1"], ["w2", "w3"]]
+
+
+def test_shuffled_pairs_keep_every_response_once_and_break_the_pairing():
+    from sami.groups import shuffle_pairs
+
+    groups = [QueryGroup(query_id=f"q{i}", query="", responses=[f"r{i}.0", f"r{i}.1"],
+                         response_ids=[[i, 0], [i, 1]], constitutions=["c0", "c1"]) for i in range(50)]
+    shuffled = shuffle_pairs([QueryGroup(**vars(g)) for g in groups], random.Random(0))
+    moved = [(g.query_id, j, r, ids) for g in shuffled for j, (r, ids) in enumerate(zip(g.responses, g.response_ids))]
+    # each response once, with its own tokens; the prompts stay where they were
+    assert sorted(r for *_, r, _ in moved) == sorted(r for g in groups for r in g.responses)
+    assert all(ids == [int(r[1:].split(".")[0]), int(r.split(".")[1])] for *_, r, ids in moved)
+    assert all(g.constitutions == ["c0", "c1"] for g in shuffled)
+    in_place = sum(r == f"r{q[1:]}.{j}" for q, j, r, _ in moved)
+    assert in_place <= 5  # of 100: a random slot is its own 1 time in 100
+    again = shuffle_pairs([QueryGroup(**vars(g)) for g in groups], random.Random(0))
+    assert [g.responses for g in again] == [g.responses for g in shuffled]

@@ -1,5 +1,5 @@
 """The built-in world: the rule judge on hand-written responses, a grammar that agrees with the judge, a corpus
-that follows at p_follow, the held-out principle, and the cached base model."""
+that follows at p_follow, the held-out principle and colour-family members, and the cached base model."""
 import random
 import re
 from pathlib import Path
@@ -22,6 +22,8 @@ HAND_WRITTEN = [
     ("number", "the river is calm with 12 boats.", "the river is calm with many boats."),
     ("exclaim", "the river is calm!", "the river is calm."),
     ("lowercase", "the river is calm.", "The River Is Calm."),
+    ("word-red", "the river is red and calm.", "the river is blue and calm."),
+    ("word-pink", "The River Is Pink And Calm.", "The River Is Calm."),
 ]
 
 
@@ -53,9 +55,10 @@ def test_adherence_and_the_pairwise_judge():
 def test_rendered_responses_have_exactly_their_attributes():
     rng = random.Random(0)
     for _ in range(300):
-        subject = rng.choice(grammar.SUBJECTS)
+        subject, colour = rng.choice(grammar.SUBJECTS), rng.choice([None, *rules.COLOURS])
         attrs = {p.name: rng.random() < 0.5 for p in rules.PRINCIPLES}
-        text = grammar.render_response(attrs, subject, rng)
+        attrs.update({rules.member_name(c): c == colour for c in rules.COLOURS})
+        text = grammar.render_response(attrs, subject, rng, colour)
         assert rules.well_formed(text), text
         for name, value in attrs.items():
             assert rules.satisfies(text, subject, name, value) and not rules.satisfies(text, subject, name, not value), (name, text)
@@ -64,15 +67,16 @@ def test_rendered_responses_have_exactly_their_attributes():
 @pytest.mark.parametrize("p_follow", [0.6, 1.0])
 def test_corpus_follows_its_constitutions_at_p_follow(p_follow):
     rng = random.Random(1)
-    followed = {p.name: [] for p in rules.PRINCIPLES}
-    for _ in range(3000):
-        query, con = grammar.sample_query(rng), grammar.sample_world_constitution(rng, list(grammar.LIBRARY))
-        response = grammar.render_response(grammar.sample_attributes(con, p_follow, rng), query.subject, rng)
+    followed = {p.name: [] for p in rules.PRINCIPLES + rules.FAMILY}
+    for _ in range(6000):
+        query, con, response = grammar.corpus_sample(rng, p_follow)
+        assert len(set(dict(con.stances)) & {p.name for p in rules.FAMILY}) == 1  # every document states one member
         for name, ok in rules.adherence(response, query.subject, con).items():
             followed[name].append(ok)
     rates = {name: sum(v) / len(v) for name, v in followed.items()}
     overall = sum(sum(v) for v in followed.values()) / sum(len(v) for v in followed.values())
     assert overall == pytest.approx(p_follow, abs=0.02)
+    # held-out members too: the base model has seen them
     assert all(rate == pytest.approx(p_follow, abs=0.05) for rate in rates.values()), rates
 
 
@@ -101,8 +105,14 @@ def test_held_out_principle_and_evaluation_queries():
     extra = p.heldout_principle
     assert len(p.groups) == 50 and len(extra) == 25
     assert all("exclaim" not in dict(c.stances) for g in p.groups for c in g.stated())
-    assert all(dict(c.stances).get("exclaim") is True and len(c.stances) == 3 and all(dict(c.stances).values())
-               for g in extra for c in g.stated())
+    # 3 principles and one trained member; the exclaim queries' member is a trained one
+    trained, held = {f"word-{c}" for c in ("red", "blue", "yellow", "purple", "orange")}, set(rules.HELDOUT_MEMBERS)
+    assert all(dict(c.stances).get("exclaim") is True and len(c.stances) == 4 and all(dict(c.stances).values())
+               and len(dict(c.stances).keys() & trained) == 1 for g in extra for c in g.stated())
+    # the evaluation's queries state a trained member and a held-out one in turn, the same in both constitutions
+    members = [[set(dict(c.stances)) & (trained | held) for c in g.stated()] for g in p.groups]
+    assert all(len(m[0]) == 1 and m[0] == m[1] for m in members)
+    assert [bool(m[0] & held) for m in members] == [i % 2 == 1 for i in range(50)]
     # Queries training never saw, none shared between the two sets.
     train = load_config(REPO / "configs" / "world_demo.yaml")
     seen = {r["query_id"] for r in load_queries(train.data, 0)}

@@ -23,9 +23,9 @@ import torch
 from sami.logprobs import collate_sequences, token_logprobs
 from sami.objectives import sft_loss
 from sami.tiny_model import build_tiny_model, train_tokenizer
-from sami.world import grammar
+from sami.world import grammar, rules
 
-WORLD_VERSION = 1  # bump when the grammar or principles change, to invalidate caches
+WORLD_VERSION = 3  # bump when the grammar or principles change, to invalidate caches
 # Pretraining runs on this many torch threads whatever the caller has (a job driver under `ray job submit` gets 1, a
 # test session 2), so neither the weights nor the cache key depend on who builds the model first.
 PRETRAIN_THREADS = 2
@@ -34,7 +34,7 @@ PRETRAIN_THREADS = 2
 @dataclass(frozen=True)
 class BaseModelSpec:
     num_docs: int = 12000
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 48
     lr: float = 3e-3
     hidden_size: int = 64
@@ -106,7 +106,7 @@ def vocabulary_texts() -> list[str]:
     texts = [grammar.corpus_document(rng, 0.5)[0] for _ in range(300)]
     words = set(" ".join(grammar.SUBJECTS + grammar.ADJECTIVES + grammar.THINGS + list(grammar.PLACEHOLDERS)
                          + list(grammar.FILLERS) + list(grammar.QUERY_TEMPLATES)).replace("{a}", "").replace("{b}", "").replace("{s}", "").split())
-    words |= {"please,", "thanks,", "kindly,", "is", "with", "the"}
+    words |= {"please,", "thanks,", "kindly,", "is", "with", "the", "and", *rules.COLOURS}
     texts += [" ".join(sorted(words)), " ".join(w[:1].upper() + w[1:] for w in sorted(words))]
     texts += [" ".join(str(n) for n in range(100)) + " . ! , ?"]
     return texts

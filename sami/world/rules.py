@@ -1,6 +1,8 @@
 """The built-in world's principles and the rule judge that checks them.
 
-Six principles on independent, rule-checkable axes. Each has a definition (the positive stance) and an
+Six principles on independent, rule-checkable axes, and a family of principles that share one form and differ in
+content ("Mention the word W" / "Never use the word W" for a colour W; some members are held out of training, so
+following an unseen member is a skill the trained ones teach). Each has a definition (the positive stance) and an
 antithesis; `satisfies` says whether a response follows one stance. A response that is not well formed
 follows no principle: gibberish gets no credit for, say, containing no digits.
 """
@@ -71,10 +73,30 @@ RULES: dict[str, Rule] = {
         ),
     ]
 }
-PRINCIPLES: list[Principle] = [r.principle for r in RULES.values()]
+PRINCIPLES: list[Principle] = [r.principle for r in RULES.values()]  # the six axes
 HELDOUT_PRINCIPLES: tuple[str, ...] = ("exclaim",)  # never stated in a training constitution
-register_library("world", PRINCIPLES, HELDOUT_PRINCIPLES)  # `principles.source: world`
 TRAINING_PRINCIPLES: list[Principle] = [p for p in PRINCIPLES if p.name not in HELDOUT_PRINCIPLES]
+
+COLOURS = ("red", "blue", "yellow", "purple", "orange", "pink", "white", "black")
+HELDOUT_COLOURS = ("pink", "white", "black")
+
+
+def member_name(colour: str) -> str:
+    return f"word-{colour}"
+
+
+def _mentions(colour: str) -> Callable[[str, str], bool]:
+    return lambda t, s: colour in (w.lower() for w in words(t))
+
+
+for _colour in COLOURS:
+    RULES[member_name(_colour)] = Rule(
+        Principle(member_name(_colour), f"Mention the word {_colour}.", f"Never use the word {_colour}."),
+        _mentions(_colour), lambda t, s, mentions=_mentions(_colour): not mentions(t, s))
+FAMILY: list[Principle] = [RULES[member_name(c)].principle for c in COLOURS]
+HELDOUT_MEMBERS: tuple[str, ...] = tuple(member_name(c) for c in HELDOUT_COLOURS)
+# `principles.source: world`: every constitution states some of the six and one trained member of the family
+register_library("world", PRINCIPLES + FAMILY, HELDOUT_PRINCIPLES + HELDOUT_MEMBERS, family=tuple(p.name for p in FAMILY))
 
 
 def well_formed(response: str) -> bool:
