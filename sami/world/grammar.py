@@ -88,9 +88,9 @@ def sample_world_constitution(rng: random.Random, names: list[str], k_choices=(2
 def sample_colour(constitution: Constitution, p_follow: float, rng: random.Random) -> str:
     """The response's colour word: the stated member's colour with probability `p_follow` under "mention", another
     colour otherwise (the other way round under "never use")."""
-    (colour, mention), = [(c, dict(constitution.stances)[member_name(c)]) for c in COLOURS
-                          if member_name(c) in dict(constitution.stances)]
-    other = rng.choice([c for c in COLOURS if c != colour])
+    stances = dict(constitution.stances)
+    colour = next(c for c in COLOURS if member_name(c) in stances)
+    mention, other = stances[member_name(colour)], rng.choice([c for c in COLOURS if c != colour])
     return colour if (rng.random() < p_follow) == mention else other
 
 

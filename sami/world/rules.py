@@ -85,14 +85,12 @@ def member_name(colour: str) -> str:
     return f"word-{colour}"
 
 
-def _mentions(colour: str) -> Callable[[str, str], bool]:
-    return lambda t, s: colour in (w.lower() for w in words(t))
+def _mentions(colour: str, present: bool) -> Callable[[str, str], bool]:
+    return lambda t, s: (colour in (w.lower() for w in words(t))) == present
 
 
-for _colour in COLOURS:
-    RULES[member_name(_colour)] = Rule(
-        Principle(member_name(_colour), f"Mention the word {_colour}.", f"Never use the word {_colour}."),
-        _mentions(_colour), lambda t, s, mentions=_mentions(_colour): not mentions(t, s))
+RULES.update({member_name(c): Rule(Principle(member_name(c), f"Mention the word {c}.", f"Never use the word {c}."),
+                                   _mentions(c, True), _mentions(c, False)) for c in COLOURS})
 FAMILY: list[Principle] = [RULES[member_name(c)].principle for c in COLOURS]
 HELDOUT_MEMBERS: tuple[str, ...] = tuple(member_name(c) for c in HELDOUT_COLOURS)
 # `principles.source: world`: every constitution states some of the six and one trained member of the family
