@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow]
 # (gloo: the logical GPUs are no CUDA devices.)
 ON_GPUS = ["scaling.gpus_per_learner=1", "rollout.gpus_per_engine=1", "scaling.torch_backend=gloo"]
 # Three short iterations (a rollout node lost in iteration 2, a learner node in iteration 3): 32 queries, 2 steps.
-SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
+SMALL = ["run.iterations=3", *SHORT, "sampling.batch_size=8"]
 TINY = str(TINY)
 ENGINE_CLASSES = {"RolloutWorker", "ModelWorker"}  # training's and the evaluation's engines
 

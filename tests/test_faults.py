@@ -17,11 +17,12 @@ import pytest
 
 from actors.rollout import EXIT_IN_UPDATE_WEIGHTS
 from sami.run_dir import RunDir
+from test_job_submit import SHORT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 # Three short iterations: 32 queries, 2 steps each.
-SMALL = ["run.iterations=3", "data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
+SMALL = ["run.iterations=3", *SHORT, "sampling.batch_size=8"]
 
 
 def start(out: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:

@@ -19,10 +19,11 @@ import yaml
 from pipelines.train import Interrupt, check_runs, stop_on_signals
 from sami.config import ConfigError, load_config
 from sami.run_dir import RunDir, append_line
+from test_job_submit import SHORT
 
 REPO = Path(__file__).resolve().parents[1]
 # One short iteration: 32 queries, 2 optimiser steps.
-SMALL = ["data.queries_per_iteration=32", "schedule.steps_per_iteration=2", "sampling.batch_size=8"]
+SMALL = [*SHORT, "sampling.batch_size=8"]
 
 
 def start(out: Path, *overrides: str, cwd: Path = REPO, **popen) -> subprocess.Popen:
