@@ -61,7 +61,7 @@ def judge_adherence(cfg: EvalConfig, plan: EvalPlan, outputs: dict[str, ModelOut
         records = adherence_records(plan.groups, output.positive_responses)
         heldout = adherence_records(plan.heldout_principle, output.heldout_principle_responses) \
             if plan.heldout_principle else []
-        s = summaries[name] = summarise_adherence(records, heldout, cfg.principles.heldout_names)
+        s = summaries[name] = summarise_adherence(records, heldout, cfg.principles.heldout_principles)
         write_jsonl(out / "judgments" / f"{name}-adherence.jsonl",
                     [{"items": "main", **r} for r in records] + [{"items": "heldout_principle", **r} for r in heldout])
         log(f"adherence: {name}: {s['mean']:.3f}, well-formed {s['well_formed']:.3f}"

@@ -67,8 +67,7 @@ def draw_evaluation_constitutions(cfg: EvalConfig, principles: list[Principle], 
 def heldout_principle_groups(cfg: EvalConfig, rows: list[dict], principles: list[Principle]) -> list[QueryGroup]:
     """Each query's positive constitution states the held-out principle(s) and as many training principles,
     drawn per query, as make up `principles_per_constitution` (as training draws them)."""
-    p, members = cfg.principles, cfg.principles.heldout_members
-    heldout = tuple(n for n in p.heldout_names if n not in members)
+    p, members, heldout = cfg.principles, cfg.principles.heldout_members, cfg.principles.heldout_principles
     if not heldout:
         raise ConfigError("adherence.heldout_principle_queries: there is no held-out principle (principles.heldout)")
     training = [q.name for q in principles if q.name not in heldout + members + p.trained_members]

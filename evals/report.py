@@ -37,7 +37,7 @@ def build_results(cfg: EvalConfig, plan: EvalPlan, outputs: dict[str, ModelOutpu
     """results.json: what was evaluated (`meta`) and every model's figures (`models`, in the config's order)."""
     meta = {"name": cfg.run.name, "seed": cfg.run.seed, "baseline": cfg.baseline_name, "queries": len(plan.groups),
             "heldout_principle_queries": len(plan.heldout_principle),
-            "heldout_principles": [n for n in cfg.principles.heldout_names if n not in cfg.principles.heldout_members],
+            "heldout_principles": list(cfg.principles.heldout_principles),
             "heldout_members": list(cfg.principles.heldout_members),
             "constitutions_per_query": cfg.principles.num_constitutions, "judge": {"backend": cfg.judge.backend,
             "model": cfg.judge.model, "swap": cfg.judge.swap}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from sami.groups import QueryGroup
 from sami.world import rules
 
-FAMILY = {p.name for p in rules.FAMILY}
+FAMILY = set(rules.MEMBER_NAMES)
 
 
 def adherence_records(groups: list[QueryGroup], responses: list[str]) -> list[dict]:
@@ -36,7 +36,7 @@ def summarise_adherence(records: list[dict], heldout_records: list[dict], heldou
     for record in records:
         for name, followed in record["principles"].items():
             per_principle.setdefault(name, []).append(followed)
-    held = [r["principles"][name] for r in heldout_records for name in heldout_names if name in r["principles"]]
+    held = [r["principles"][name] for r in heldout_records for name in heldout_names]
     items = [r["adherence"] for r in records]
     return {"mean": sum(items) / len(items), "items": items,
             "per_principle": {name: sum(v) / len(v) for name, v in sorted(per_principle.items())},

@@ -165,6 +165,11 @@ class PrinciplesConfig(Section):
         return tuple(n for n in self._family if n not in self.heldout_names)
 
     @property
+    def heldout_principles(self) -> tuple[str, ...]:
+        """The held-out principles that are not family members (the world's `exclaim`)."""
+        return tuple(n for n in self.heldout_names if n not in self._family)
+
+    @property
     def heldout_members(self) -> tuple[str, ...]:
         """The family's members training never states (what the evaluation reads generalisation on)."""
         return tuple(n for n in self._family if n in self.heldout_names)

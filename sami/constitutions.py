@@ -46,9 +46,10 @@ def sample_constitutions(
     if unknown:
         raise ValueError(f"held-out principle(s) {sorted(unknown)} are not in the library")
     unknown = set(family) - {p.name for p in principles}
-    if unknown or set(family) & set(heldout):
-        raise ValueError(f"family member(s) {sorted(unknown or set(family) & set(heldout))} are "
-                         + ("not in the library" if unknown else "held out"))
+    if unknown:
+        raise ValueError(f"family member(s) {sorted(unknown)} are not in the library")
+    if set(family) & set(heldout):
+        raise ValueError(f"family member(s) {sorted(set(family) & set(heldout))} are held out")
     names = [p.name for p in principles if p.name not in set(heldout) | set(family)]
     if not names:
         raise ValueError("no principles left for training after removing the held-out ones")

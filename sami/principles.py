@@ -27,7 +27,7 @@ _FIELDS = {"name", "definition", "antithesis"}
 class BuiltinLibrary:
     """The principles `principles.source: <name>` serves, those training never states unless
     `principles.heldout` names others, and a family: principles of one form, one of which every constitution states
-    (`principles.family`)."""
+    (`PrinciplesConfig.trained_members`)."""
 
     principles: tuple[Principle, ...]
     heldout: tuple[str, ...]

@@ -86,6 +86,7 @@ def test_the_world_registers_its_heldout_principles_and_the_core_never_imports_i
     trained = ("word-red", "word-blue", "word-yellow", "word-purple", "word-orange")
     assert load_config(None).principles.heldout_names == builtin_library("world").heldout == ("exclaim", *held)
     assert (load_config(None).principles.trained_members, load_config(None).principles.heldout_members) == (trained, held)
+    assert load_config(None).principles.heldout_principles == ("exclaim",)
     # the positive control: every member trained
     everything = load_config(None, ["principles.heldout=[exclaim]"]).principles
     assert everything.heldout_names == ("exclaim",) and everything.trained_members == trained + held

@@ -91,10 +91,11 @@ def _mentions(colour: str, present: bool) -> Callable[[str, str], bool]:
 
 RULES.update({member_name(c): Rule(Principle(member_name(c), f"Mention the word {c}.", f"Never use the word {c}."),
                                    _mentions(c, True), _mentions(c, False)) for c in COLOURS})
-FAMILY: list[Principle] = [RULES[member_name(c)].principle for c in COLOURS]
+MEMBER_NAMES: tuple[str, ...] = tuple(member_name(c) for c in COLOURS)
+FAMILY: list[Principle] = [RULES[name].principle for name in MEMBER_NAMES]
 HELDOUT_MEMBERS: tuple[str, ...] = tuple(member_name(c) for c in HELDOUT_COLOURS)
 # `principles.source: world`: every constitution states some of the six and one trained member of the family
-register_library("world", PRINCIPLES + FAMILY, HELDOUT_PRINCIPLES + HELDOUT_MEMBERS, family=tuple(p.name for p in FAMILY))
+register_library("world", PRINCIPLES + FAMILY, HELDOUT_PRINCIPLES + HELDOUT_MEMBERS, family=MEMBER_NAMES)
 
 
 def well_formed(response: str) -> bool:
