@@ -3,15 +3,17 @@
 while the engines still generate.
 
 Per iteration, learner rank 0 plans the generation batches and hands rank r every W-th one (r, r + W, ...);
-each rank runs its own Ray Data execution of them (`generation_dataset`: one row, and one block, per batch,
-`ray.data.from_items`, then ONE `map_batches` stage, `generate_batch`, as 0-CPU tasks: a task reserving a share
-of a CPU never schedules on 2 CPUs, and the learners hold them) and reads the kept groups as they come
-(`stream_groups`), in order (`preserve_order`: the same seed gives a rank the same groups). A task sends its
-batch to engine `batch % num_engines` (the long-lived `RolloutActor`s: nothing loads a model per iteration),
-attaches the completions and filters them in the same stage (a filter stage of its own waits on a CPU the
-learners hold); the rank tokenises the groups it trains on. Tasks, not an actor pool, and no streaming_split:
-the task workers stay up from one iteration to the next, where an actor pool and a split coordinator are two
-new processes every iteration (2 to 3 s each on 2 cores: benchmarks/README.md, "Data plane").
+each rank runs its own Ray Data execution of them (`generation_dataset`: `ray.data.from_items` of one row per
+engine its batches go to, engine `batch % num_engines`, then ONE `map_batches` stage, `generate_batches`, as 0-CPU
+tasks: a task reserving a share of a CPU never schedules on 2 CPUs, and the learners hold them). A task sends its
+engine's batches to it in order, the next as soon as one is answered (`EnginePool.stream`: the engine never waits
+for Ray Data to start the next task, 17-36 ms a batch when a task was a batch), attaches the completions and filters
+them in the same stage (a filter stage of its own waits on a CPU the learners hold), and yields each batch as its
+own block once answered; the rank reads them as they come and puts them back in batch order (`stream_groups`: the
+same seed gives a rank the same groups in the same order) and tokenises the groups it trains on. The engines are
+the long-lived `RolloutActor`s: nothing loads a model per iteration. Tasks, not an actor pool, and no
+streaming_split: the task workers stay up from one iteration to the next, where an actor pool and a split
+coordinator are two new processes every iteration (2 to 3 s each on 2 cores: benchmarks/README.md, "Data plane").
 
 Each task writes one ledger file per batch (every group, kept or not) into the iteration folder; rank 0 reads
 them once every rank's stream ended, for groups.parquet and the filter counts (`read_ledger`). A task that
@@ -27,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -41,9 +43,10 @@ from sami.stops import StopRun
 
 
 def configure_ray_data() -> None:
-    """This process's Ray Data settings for the loop: outputs in input order (the same seed gives a rank the same
-    groups in the same order), no progress bars (the job log holds Ray Data's lines), Parquet read by tasks alone (the
-    V2 datasource starts 32 footer-reader actors per read: 13 to 20 s for one groups.parquet on 2 cores, not 0.15 s)."""
+    """This process's Ray Data settings for the loop: outputs in input order (a replay run reads groups.parquet in
+    order; the generation stage, whose blocks come as the engines answer, opts out), no progress bars (the job log
+    holds Ray Data's lines), Parquet read by tasks alone (the V2 datasource starts 32 footer-reader actors per read:
+    13 to 20 s for one groups.parquet on 2 cores, not 0.15 s)."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -97,27 +100,32 @@ def ledger_file(folder: Path, batch: int) -> Path:
     return folder / f"batch-{batch:05d}.json"
 
 
-def generate_batch(rows: dict, spec: StageSpec) -> pa.Table:
-    """The one Ray Data stage: a batch of planned groups -> completions from its engine -> the kept groups (one JSON
-    row each); the batch's ledger file."""
+def generate_batches(rows: dict, spec: StageSpec) -> Iterator[pa.Table]:
+    """The one Ray Data stage: one engine's share of a rank's batches of planned groups (a row) -> completions, the
+    next batch sent as soon as one is answered (`EnginePool.stream`) -> the kept groups, one row (and one block) per
+    batch: its index and its kept groups as JSON; each batch's ledger file."""
     if spec.console:
         open_channel(spec.console)
-    batch = int(rows["batch"][0])
-    groups = [group_from_json(text) for text in json.loads(rows["groups"][0])]
-    engine, incarnations = spec.engine(batch), list(spec.incarnations)
+    engine, planned = int(rows["engine"][0]), json.loads(rows["batches"][0])
+    batches = [(row["batch"], [group_from_json(text) for text in json.loads(row["groups"])]) for row in planned]
+    incarnations = list(spec.incarnations)
     pool = EnginePool(list(spec.actors), incarnations, lambda _: request_recovery(spec, engine, incarnations),
                       spec.max_failures, engines=[engine])
-    completions = pool.generate([p for g in groups for p in g.generation_prompts], spec.sampling,
-                                [s for g in groups for s in generation_seeds(g, spec.seed, spec.iteration)])
-    attach_completions(groups, completions)
-    filter_groups(groups, spec.filters)
-    for group in groups:
-        group.policy_iteration, group.staleness = spec.policy_iteration, spec.iteration - 1 - spec.policy_iteration
+    answers = pool.stream(engine, [([p for g in groups for p in g.generation_prompts],
+                                    [s for g in groups for s in generation_seeds(g, spec.seed, spec.iteration)])
+                                   for _, groups in batches], spec.sampling)
     folder = Path(spec.ledger)
-    write_ledger(ledger_file(folder, batch), {"batch": batch, "groups": [g.record() for g in groups],
-                                              "finished": time.time()})
-    report_progress(f"iteration {spec.iteration} generate", len(list(folder.glob("batch-*.json"))), spec.batches, "batch")
-    return pa.table({"group": pa.array([group_to_json(g) for g in groups if not g.reject_reason], pa.string())})
+    for (batch, groups), completions in zip(batches, answers):
+        attach_completions(groups, completions)
+        filter_groups(groups, spec.filters)
+        for group in groups:
+            group.policy_iteration, group.staleness = spec.policy_iteration, spec.iteration - 1 - spec.policy_iteration
+        write_ledger(ledger_file(folder, batch), {"batch": batch, "groups": [g.record() for g in groups],
+                                                  "finished": time.time()})
+        report_progress(f"iteration {spec.iteration} generate", len(list(folder.glob("batch-*.json"))), spec.batches,
+                        "batch")
+        kept = json.dumps([group_to_json(g) for g in groups if not g.reject_reason])
+        yield pa.table({"batch": pa.array([batch], pa.int64()), "groups": pa.array([kept], pa.string())})
 
 
 def request_recovery(spec: StageSpec, engine: int, incarnations: list[str]) -> None:
@@ -193,18 +201,31 @@ def read_ledger(folder: Path, batches: int) -> tuple[list[QueryGroup], float]:
 
 
 def batch_rows(batches: list[list[QueryGroup]]) -> list[dict]:
-    """The planned batches as Ray Data rows: the batch's index and its groups (generation prompts too) as JSON."""
+    """The planned batches as rows: the batch's index and its groups (generation prompts too) as JSON."""
     return [{"batch": i, "groups": json.dumps([group_to_json(g) for g in batch])} for i, batch in enumerate(batches)]
 
 
-def generation_dataset(spec: StageSpec, rows: list[dict], concurrency: int):
-    """`rows` (some of the iteration's batches) through the generation stage: a lazy dataset of kept groups, at
-    most `concurrency` batches in flight."""
+def engine_rows(spec: StageSpec, rows: list[dict]) -> list[dict]:
+    """A rank's batches (`batch_rows`) as the stage's input: one row per engine they go to, its batches in order."""
+    engines = sorted({spec.engine(row["batch"]) for row in rows})
+    return [{"engine": e, "batches": json.dumps([row for row in rows if spec.engine(row["batch"]) == e])}
+            for e in engines]
+
+
+def generation_dataset(spec: StageSpec, rows: list[dict]):
+    """`rows` (some of the iteration's batches) through the generation stage: a lazy dataset of kept groups, one
+    task per engine, each batch its own block as soon as it is answered."""
     import ray.data
 
     configure_ray_data()
-    return ray.data.from_items(rows, override_num_blocks=max(len(rows), 1)).map_batches(
-        generate_batch, fn_args=(spec,), batch_size=1, num_cpus=0, concurrency=concurrency)
+    inputs = engine_rows(spec, rows)
+    dataset = ray.data.from_items(inputs, override_num_blocks=max(len(inputs), 1))
+    # Each batch (one row) a block of its own, as soon as it is answered (a task's output is otherwise bundled up to
+    # 128 MiB: one block at its end), in the order the engines answer: `stream_groups` puts the batches back in order.
+    dataset.context.target_max_block_size = 1
+    dataset.context.execution_options.preserve_order = False
+    return dataset.map_batches(generate_batches, fn_args=(spec,), batch_size=1, num_cpus=0,
+                               concurrency=max(len(inputs), 1))
 
 
 def read_groups(path: Path) -> list[QueryGroup]:
@@ -218,12 +239,30 @@ def read_groups(path: Path) -> list[QueryGroup]:
             for row in block.to_pylist()]
 
 
-def stream_groups(dataset) -> Iterator[QueryGroup]:
-    """A rank's groups as its execution delivers them; a failed generation stage is a `StopRun` with its reason."""
-    try:  # no prefetch: `iter_rows` holds each block back until the next one is done (a whole batch late)
-        for block in dataset.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
-            for text in block.column("group").to_pylist():
-                yield group_from_json(text)
+def in_batch_order(answered: Iterable[tuple[int, str]], batches: list[int]) -> Iterator[str]:
+    """The stage's rows (a batch's index, its kept groups as JSON), arriving in any order, as the kept groups of
+    `batches` in batch order: each batch once every batch before it is here."""
+    order, arrived = iter(sorted(batches)), {}
+    waiting = next(order, None)
+    for batch, groups in answered:
+        arrived[batch] = groups
+        while waiting in arrived:
+            yield from json.loads(arrived.pop(waiting))
+            waiting = next(order, None)
+    if waiting is not None:
+        raise StopRun(f"the data plane ended without batch {waiting} (this rank's batches: {sorted(batches)})")
+
+
+def stream_groups(spec: StageSpec, rows: list[dict]) -> Iterator[QueryGroup]:
+    """A rank's kept groups (its batches: `rows`) as the generation stage delivers them, in batch order (the same seed
+    gives a rank the same groups in the same order); a failed generation stage is a `StopRun` with its reason."""
+    # no prefetch: `iter_batches` would otherwise hold each block back until the next one is done (a batch late)
+    blocks = generation_dataset(spec, rows).iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow")
+    answered = (row for block in blocks
+                for row in zip(block.column("batch").to_pylist(), block.column("groups").to_pylist()))
+    try:
+        for text in in_batch_order(answered, [row["batch"] for row in rows]):
+            yield group_from_json(text)
     except Exception as e:  # Ray Data wraps the stage's error: find the stop the stage raised
         cause = e
         while cause is not None and not isinstance(cause, StopRun):

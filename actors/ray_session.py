@@ -11,7 +11,10 @@ from typing import Optional
 # Set for every process of a local run (and by cluster/runtime_env.py for submitted jobs).
 # No "Loading weights" / "Writing model shards" bars from transformers (through huggingface_hub) in the workers:
 # carriage returns in a log file, nothing a person needs.
-LOCAL_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Ray Data's block metadata read in its scheduling loop, not on a thread: the thread's answer waits for the loop's next
+# pass (up to 0.1 s), so each generated batch reached its learner rank 0.1 s late (benchmarks/README.md, "Data plane").
+LOCAL_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "RAY_DATA_METADATA_PREFETCH_ON_THREAD": "0"}
 
 
 def connect_ray(min_cpus: int, uses_gpu: bool = False) -> Optional[str]:

@@ -1,8 +1,9 @@
 """`RolloutActor`: a Ray actor holding one rollout engine for the whole run (weights synced, never reloaded);
-`EnginePool`, the actor group's one generation call per batch (from any thread or task), and `generate_on_engines`,
-an iteration's batches on the pool from learner rank 0 (the `direct` data plane).
+`EnginePool`, the actor group's generation calls (a batch on the first free engine, from any thread or task, or one
+engine's batches in order, each sent as soon as the one before is answered), and `generate_on_engines`, an
+iteration's batches on the pool from learner rank 0 (the `direct` data plane).
 
-No torch at import: the data plane's proxy process (actors/data_plane.py) imports this module to call the
+No torch at import: the data plane's task process (actors/data_plane.py) imports this module to call the
 engines, and torch would cost it 1.4 s and 250 MiB per iteration; the engine's own module is imported by the actor.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import ray
@@ -185,7 +186,8 @@ def engine_failure(error: RayActorError) -> str:
 
 class EnginePool:
     """The rollout engines as one pool that any number of threads generate on: each batch goes to the first free
-    engine (load, not a hash, decides; one call in flight per engine, no proxy per engine).
+    engine (load, not a hash, decides; one call in flight per engine, no proxy per engine); or, `stream`, one
+    engine's batches from one caller, in order.
 
     A batch answered by an engine that died, or by a new incarnation of it (restarted, so holding the weights on
     disk), is thrown away and generated again on it after `recover(engine index)` has given that engine the current
@@ -208,23 +210,50 @@ class EnginePool:
         engine = self.free.get()
         try:
             while True:
-                try:
-                    answer = ray.get(self.actors[engine].generate.remote(prompts, sampling, seeds))
-                    problem = None if answer["incarnation"] == self.incarnations[engine] else \
-                        "it restarted with the weights on disk"
-                except RayActorError as e:
-                    problem = engine_failure(e)
+                call = self.actors[engine].generate.remote(prompts, sampling, seeds)
+                completions, problem = self._answer(engine, call)
                 if problem is None:
-                    return answer["completions"]
-                with self.lock:
-                    self.failures[engine] += 1
-                    failures = self.failures[engine]
-                if self.recover is None or failures > self.max_failures:
-                    raise RolloutEngineError(f"rollout engine {engine} failed {failures} time(s) in one iteration "
-                                             f"(rollout.max_engine_failures={self.max_failures}); last: {problem}")
-                self.recover(engine)  # the current weights and a probe check before it serves again
+                    return completions
+                self._failed(engine, problem)
         finally:
             self.free.put(engine)
+
+    def stream(self, engine: int, batches: list[tuple[list[str], Seeds]],
+               sampling: SamplingConfig) -> Iterator[list[dict]]:
+        """Each of `batches` (prompts, seeds) answered by `engine` alone, in order. The next batch is sent as soon as
+        one is answered, before the caller handles the answer: the engine never waits for the caller's own work."""
+        def send(index: int):
+            prompts, seeds = batches[index]
+            return self.actors[engine].generate.remote(prompts, sampling, seeds)
+
+        pending = send(0) if batches else None
+        for index in range(len(batches)):
+            completions, problem = self._answer(engine, pending)
+            while problem is not None:
+                self._failed(engine, problem)
+                completions, problem = self._answer(engine, send(index))
+            pending = send(index + 1) if index + 1 < len(batches) else None
+            yield completions
+
+    def _answer(self, engine: int, call) -> tuple[Optional[list[dict]], Optional[str]]:
+        """(the completions, None), or (None, why they do not count: the engine died, or restarted)."""
+        try:
+            answer = ray.get(call)
+        except RayActorError as e:
+            return None, engine_failure(e)
+        if answer["incarnation"] != self.incarnations[engine]:
+            return None, "it restarted with the weights on disk"
+        return answer["completions"], None
+
+    def _failed(self, engine: int, problem: str) -> None:
+        """Count the failure; past `max_failures`, stop the iteration, else give the engine the current weights."""
+        with self.lock:
+            self.failures[engine] += 1
+            failures = self.failures[engine]
+        if self.recover is None or failures > self.max_failures:
+            raise RolloutEngineError(f"rollout engine {engine} failed {failures} time(s) in one iteration "
+                                     f"(rollout.max_engine_failures={self.max_failures}); last: {problem}")
+        self.recover(engine)  # the current weights and a probe check before it serves again
 
 
 def generate_on_engines(actors: list, prompt_batches: list[list[str]], sampling: SamplingConfig, seeds: list[Seeds],

@@ -23,8 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from actors.data_plane import (RecoveryDesk, StageSpec, batch_rows, generation_dataset, read_groups, read_ledger,
-                               stream_groups)
+from actors.data_plane import RecoveryDesk, StageSpec, batch_rows, read_groups, read_ledger, stream_groups
 from actors.rollout import generate_on_engines
 from actors.weight_sync import WeightSync
 from pipelines.run_spec import LearnerJob, RunSpec
@@ -223,13 +222,7 @@ def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tu
     if isinstance(received[0], list):
         return GroupStream(received[0]), generation, record
     spec, rows = received[0]
-    return GroupStream(stream_groups(generation_dataset(spec, rows, stage_concurrency(spec, loop.world))),
-                       prepare=lambda g: tokenise(loop, g)), generation, record
-
-
-def stage_concurrency(spec: StageSpec, ranks: int) -> int:
-    """Batches in flight per rank: every engine busy once every rank has its share in flight."""
-    return max(1, -(-len(spec.actors) // ranks))
+    return GroupStream(stream_groups(spec, rows), prepare=lambda g: tokenise(loop, g)), generation, record
 
 
 def tokenise(loop: Loop, group: QueryGroup) -> QueryGroup:
@@ -348,7 +341,7 @@ def complete_generation(loop: Loop, generation: Generation) -> list[QueryGroup]:
     if generation.groups is None:
         spec = generation.spec
         if not generation.streamed:  # one_step_off: rank 0 runs every batch here, in its generation thread
-            for _ in stream_groups(generation_dataset(spec, generation.rows, len(spec.actors))):
+            for _ in stream_groups(spec, generation.rows):
                 pass
         generation.desk.close()
         every, finished = read_ledger(Path(spec.ledger), spec.batches)

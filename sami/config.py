@@ -215,8 +215,8 @@ class RolloutConfig(EngineConfig):
     max_engine_failures: int = Field(3, ge=0)
     # How an iteration's groups reach the learners. ray_data: a Ray Data stream from the engines into every rank,
     # which trains while the engines still generate (actors/data_plane.py). direct: learner rank 0 generates every
-    # group, then hands each rank its shard: 0.3 s an iteration and 4 s a run less where the engines are fast
-    # (CPU, tiny model: benchmarks/README.md, "Data plane").
+    # group, then hands each rank its shard: about 0.2 s an iteration and 2 s a run less where generation is all
+    # CPU (tiny model), 0.1 s an iteration more with an engine of realistic speed (benchmarks/README.md, "Data plane").
     data_plane: Literal["ray_data", "direct"] = "ray_data"
 
     @property

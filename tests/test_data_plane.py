@@ -1,12 +1,14 @@
 """The data plane's pure parts, without Ray: a rank's shard read while it streams in (`GroupStream`), the
-generation batches, the stage's ledger, and that the stage's process needs no torch."""
+generation batches, how a rank's batches go to the engines and come back in order, the stage's ledger, and that the
+stage's process needs no torch."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from actors.data_plane import ledger_file, read_ledger, write_ledger
+from actors.data_plane import StageSpec, engine_rows, in_batch_order, ledger_file, read_ledger, write_ledger
 from sami.groups import QueryGroup, generation_batches, group_from_json, group_to_json
 from sami.learner import GroupStream, StopRun
 
@@ -58,6 +60,38 @@ def test_generation_batches_keep_the_engine_batch_and_give_every_rank_two():
     assert [len(b) for b in generation_batches(planned, 64, 2, ranks=2)] == [16] * 4  # two per rank to stream
     assert [len(b) for b in generation_batches(groups(256), 64, 2, ranks=1)] == [32] * 8  # the demo's: unchanged
     assert [g.query_id for b in generation_batches(planned, 64, 2, ranks=2) for g in b] == [g.query_id for g in planned]
+
+
+def spec(engines: int) -> StageSpec:
+    return StageSpec(actors=("engine",) * engines, sampling=None, filters=None, seed=0, iteration=1, policy_iteration=0,
+                     ledger="", batches=8, console=None, incarnations=(), max_failures=0)
+
+
+def test_a_ranks_batches_go_to_their_engines_in_order():
+    """One stage input row (one task) per engine: rank 1 of 2 streams batches 1, 3, 5, 7."""
+    rows = [{"batch": b, "groups": f"groups of {b}"} for b in (1, 3, 5, 7)]
+    assert engine_rows(spec(1), rows) == [{"engine": 0, "batches": json.dumps(rows)}]
+    assert engine_rows(spec(2), rows) == [{"engine": 1, "batches": json.dumps(rows)}]
+    split = engine_rows(spec(4), rows)
+    assert [(r["engine"], [b["batch"] for b in json.loads(r["batches"])]) for r in split] == [(1, [1, 5]), (3, [3, 7])]
+
+
+def test_batches_answered_in_any_order_reach_the_rank_in_batch_order():
+    """Each batch is handed on as soon as it and every batch before it are here; a batch that kept no group is
+    still waited for; a stream that ends without one of its batches stops the run."""
+    handed = []
+    arrivals = [(3, ["d"]), (1, ["b1", "b2"]), (5, []), (7, ["e"])]
+
+    def answered():
+        for batch, kept in arrivals:
+            handed.append(f"arrived {batch}")
+            yield batch, json.dumps(kept)
+
+    for group in in_batch_order(answered(), [7, 1, 5, 3]):
+        handed.append(group)
+    assert handed == ["arrived 3", "arrived 1", "b1", "b2", "d", "arrived 5", "arrived 7", "e"]
+    with pytest.raises(StopRun, match=r"ended without batch 5 \(this rank's batches: \[1, 3, 5\]\)"):
+        list(in_batch_order(iter([(1, "[]"), (3, "[]")]), [1, 3, 5]))
 
 
 def test_the_ledger_gives_every_group_back_in_batch_order(tmp_path):

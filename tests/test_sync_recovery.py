@@ -1,21 +1,24 @@
 """An engine lost during the weight sync (actors/weight_sync.py), against engine stand-ins whose process ends inside
 a given call: on the object-store path it is restarted, loaded and probe-checked within the sync, as often as
 `rollout.max_engine_failures` allows; on the NCCL path (which needs CUDA and vLLM for its broadcast, so only its
-control calls run here) the run stops with the way out before a byte is broadcast.
+control calls run here) the run stops with the way out before a byte is broadcast. And one engine's batches streamed
+in order with the next one queued (`EnginePool.stream`, the Ray Data stage's calls): the engine never waits for its
+caller, and a call lost in flight is recovered with every call queued behind it, each batch answered once.
 
 The stand-ins are real Ray actors restarted by Ray as the rollout actors are (`max_restarts=-1`,
 `max_task_retries=0`); their "probe log-prob" is the sum of the weights they hold, so an engine that skipped a load
 fails the probe check. tests/test_faults.py covers the same fault on a real run.
 """
 import os
+import time
 import uuid
 
 import pytest
 import torch
 
 import actors.weight_sync as weight_sync
-from actors.rollout import RolloutEngineError
-from sami.config import RolloutConfig
+from actors.rollout import EnginePool, RolloutEngineError
+from sami.config import RolloutConfig, SamplingConfig
 from sami.learner import StopRun
 
 ON_DISK = -99.0  # the probe "log-prob" of an engine holding the weights on disk
@@ -120,3 +123,74 @@ def test_an_engine_lost_in_an_nccl_sync_stops_with_the_way_out(ray_session, tmp_
         sync.verify(5.0, PROBE)
     assert broadcasts == ([] if method == "prepare_weight_update" else [2])  # never broadcast to a lost engine
     assert sync.restarts == []
+
+
+def paced_engine(ray, seconds: float, exit_at: str = "", marker: str = ""):
+    """An engine stand-in answering each batch after `seconds` (its prompts back as texts) and recording when each
+    call ran; it ends its process once, in the call whose first prompt is `exit_at` (`marker`: the file that says
+    it did)."""
+    class PacedEngine:
+        def __init__(self):
+            self.incarnation, self.calls = uuid.uuid4().hex, []
+
+        def whoami(self) -> str:
+            return self.incarnation
+
+        def generate(self, prompts, sampling, seeds) -> dict:
+            started = time.time()
+            if prompts[0] == exit_at and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            time.sleep(seconds)
+            self.calls.append((started, time.time()))
+            return {"incarnation": self.incarnation, "completions": [{"text": p} for p in prompts]}
+
+        def call_times(self) -> list:
+            return self.calls
+
+    return ray.remote(PacedEngine).options(num_cpus=0.5, max_restarts=-1, max_task_retries=0).remote()
+
+
+BATCHES = [([f"prompt {i}"], [i]) for i in range(5)]
+
+
+@pytest.mark.timeout(120)
+def test_a_streamed_engine_starts_the_next_batch_while_its_caller_handles_this_one(ray_session):
+    """The caller spends 0.2 s on each answer (the stage's filter, ledger and block): streamed, the engine goes from
+    one batch to the next at once; called a batch at a time (as one Ray Data task per batch did) it waits 0.2 s."""
+    def waits(answers) -> list[float]:
+        engine = paced_engine(ray_session, 0.2)
+        pool = EnginePool([engine], [ray_session.get(engine.whoami.remote())])
+        texts = []
+        for completions in answers(pool):
+            texts.append([c["text"] for c in completions])
+            time.sleep(0.2)
+        assert texts == [prompts for prompts, _ in BATCHES]
+        calls = ray_session.get(engine.call_times.remote())
+        return [later[0] - earlier[1] for earlier, later in zip(calls, calls[1:])]
+
+    streamed = waits(lambda pool: pool.stream(0, BATCHES, SamplingConfig()))
+    one_at_a_time = waits(lambda pool: (pool.generate(prompts, SamplingConfig(), seeds) for prompts, seeds in BATCHES))
+    assert max(streamed) < 0.1 < 0.15 < min(one_at_a_time), (streamed, one_at_a_time)
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_recovers_a_lost_batch_and_answers_each_once(ray_session, tmp_path):
+    """The engine dies in batch 2: after one recovery batch 2 is sent again, and every batch is answered exactly once,
+    in order; a failure more than `max_failures` allows stops the stream."""
+    engine = paced_engine(ray_session, 0.05, exit_at="prompt 2", marker=str(tmp_path / "exited"))
+    incarnations, recovered = [ray_session.get(engine.whoami.remote())], []
+
+    def recover(index: int) -> None:  # as WeightSync.recover: the restarted engine's incarnation is the current one
+        recovered.append(index)
+        incarnations[index] = ray_session.get(engine.whoami.remote())
+
+    pool = EnginePool([engine], incarnations, recover, max_failures=1)
+    answers = [[c["text"] for c in completions] for completions in pool.stream(0, BATCHES, SamplingConfig())]
+    assert answers == [prompts for prompts, _ in BATCHES] and recovered == [0]
+    assert len(ray_session.get(engine.call_times.remote())) == 3  # the new incarnation answered 2, 3 and 4 once each
+    (tmp_path / "exited").unlink()
+    strict = EnginePool([engine], incarnations, recover, max_failures=0)
+    with pytest.raises(RolloutEngineError, match=r"rollout engine 0 failed 1 time\(s\) in one iteration "
+                                                 r"\(rollout.max_engine_failures=0\); last: .*Actor"):
+        list(strict.stream(0, BATCHES, SamplingConfig()))

@@ -27,10 +27,11 @@ FIELDS = {
 def ray_session():
     import ray
 
+    from actors.ray_session import LOCAL_ENV
     from actors.rollout import GENERATE_DELAY_S
 
     # 0.2 s more per engine call: generation slow enough next to the tiny model that streaming shows (4 calls an iteration)
-    env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", GENERATE_DELAY_S: "0.2"}
+    env = {**LOCAL_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", GENERATE_DELAY_S: "0.2"}
     os.environ.update(env)
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     yield
@@ -88,7 +89,7 @@ def test_two_iterations_train_sync_and_export(sami_run):
     assert all(r["time_to_first_micro_batch"] < r["time_generate"] - 0.15 for r in rows), \
         [(r["time_to_first_micro_batch"], r["time_generate"]) for r in rows]
     plans = ray_data_plans()
-    assert len(plans) == 2 * 2 and all("TaskPoolMapOperator[MapBatches(generate_batch)]" in p for p in plans), plans
+    assert len(plans) == 2 * 2 and all("TaskPoolMapOperator[MapBatches(generate_batches)]" in p for p in plans), plans
     exported = AutoModelForCausalLM.from_pretrained(sami_run / "iteration-2" / "hf")
     from sami.world.base_model import resolve_model
 
