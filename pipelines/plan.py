@@ -1,7 +1,7 @@
 """The resource plan of a training config: what `python -m pipelines.train --config X --dry-run` prints.
 
 GPUs and CPUs per actor group (learners, rollout engines with their tensor-parallel placement groups, the
-principle writer), the cluster total, and the checkpoints each iteration writes with sizes estimated from
+principle writer), the cluster total, the principles and family members training holds out, and the checkpoints each iteration writes with sizes estimated from
 the model's parameter count (read from a local HF folder's config.json, else a small table of known
 names, else "unknown"). Nothing is started or downloaded.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import sami.world.rules  # noqa: F401  registers the built-in world's principle library (what it holds out)
 from sami.config import TrainConfig
 from sami.precision import deepspeed_bf16
 
@@ -189,6 +190,18 @@ def _bundles(pg: dict | None) -> str:
     return f", placement group {pg['strategy']} {len(pg['bundles'])} x {pg['bundles'][0]}"
 
 
+def _principles_lines(cfg: TrainConfig) -> list[str]:
+    """What training never states (the evaluation reads generalisation on it) and the family members it trains."""
+    p = cfg.principles
+    lines = []
+    if p.heldout_names:
+        members = f"; family members {', '.join(p.heldout_members)}" if p.heldout_members else ""
+        lines.append(f"  held out of training: {', '.join(p.heldout_principles) or 'no principle'}{members}")
+    if p.trained_members:
+        lines.append(f"  family members trained: {', '.join(p.trained_members)}")
+    return lines
+
+
 def format_plan(cfg: TrainConfig) -> str:
     plan = resource_plan(cfg)
     g = plan["groups"]
@@ -212,6 +225,7 @@ def format_plan(cfg: TrainConfig) -> str:
         (f"  principle writer: 1 x (0 GPU, {g['principle_writer']['cpus_each']:g} CPU), principles from "
          f"{g['principle_writer']['backend']}" if g["principle_writer"]["count"] else
          f"  principle writer: in learner rank 0 (principles from {g['principle_writer']['backend']})"),
+        *_principles_lines(cfg),
         f"  total:            {plan['total']['gpus']:g} GPU, {plan['total']['cpus']:g} CPU reserved in Ray (the job's "
         f"driver runs on the head node and reserves none)",
         f"checkpoints in {plan['checkpoints']['directory']} (estimates):",

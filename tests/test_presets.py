@@ -52,6 +52,18 @@ def test_hh_lora_preset_needs_two_gpus_and_checkpoints_the_adapter_only():
     assert "trained: a LoRA adapter of rank 16" in format_plan(lora)
 
 
+def test_the_plan_names_what_training_holds_out():
+    """The demo's world holds out `exclaim` and three colour members; its positive control trains every member; a
+    published preset (principles from a file, none held out) says nothing of it."""
+    demo = format_plan(load_config(REPO / "configs" / "world_demo.yaml")).splitlines()
+    assert "  held out of training: exclaim; family members word-pink, word-white, word-black" in demo
+    assert "  family members trained: word-red, word-blue, word-yellow, word-purple, word-orange" in demo
+    control = format_plan(load_config(REPO / "configs" / "world_demo.yaml", ["principles.heldout=[exclaim]"]))
+    assert "  held out of training: exclaim\n  family members trained: word-red, word-blue, word-yellow, word-purple, " \
+           "word-orange, word-pink, word-white, word-black\n" in control
+    assert "held out" not in format_plan(load_config(REPO / "configs" / "hh_mistral7b.yaml"))
+
+
 def test_weak_writer_preset_writes_principles_with_mistral_instruct_for_mixtral():
     cfg = load_config(REPO / "configs" / "tldr_mixtral_weak_writer.yaml")
     assert "mixtral-8x7b" in cfg.model.name_or_path.lower()
