@@ -458,7 +458,8 @@ def iteration_figures(run_dir: Path, row: dict) -> dict:
         "sync_seconds": row["time_sync"], "sync_bytes": row.get("sync_bytes"), "probe_abs_diff": row["probe_abs_diff"],
         "generation_tokens_per_s": generated / row["time_generate"], "generated_tokens": generated,
         "learner_tokens_per_s": row["learner_tokens_per_second"],
-        "trained_tokens": round(row["learner_tokens_per_second"] * row["time_train"]),
+        # the rate is over the time the learner trained, not the time it waited for groups
+        "trained_tokens": round(row["learner_tokens_per_second"] * (row["time_train"] - row["time_wait_groups"])),
         "learner_peak_flops": row["peak_flops"], "mfu": row["mfu"],
     }
 

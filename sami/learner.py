@@ -330,7 +330,8 @@ class Learner:
               on_step: Optional[Callable[[int, int], None]] = None) -> dict:
         """The iteration's optimiser steps on this rank's groups (cycled), a list or a `GroupStream` still arriving
         (each micro-batch waits only for its own groups); returns the step figures, with `first_micro_batch_at`
-        (time.time() once the first micro-batch's groups were here). `on_step(step, steps)` is called after each
+        (time.time() once the first micro-batch's groups were here) and `time_wait_groups` (seconds spent waiting for
+        groups, which the learner's rates leave out). `on_step(step, steps)` is called after each
         optimiser step (the console's progress). Every rank stops together if one's stream failed."""
         cfg, s = self.cfg, self.settings
         scoring = scoring_for(cfg, iteration)
@@ -345,15 +346,16 @@ class Learner:
         started = time.perf_counter()
         self.engine.train()
         stream = groups if isinstance(groups, GroupStream) else GroupStream(groups)
-        step_stats, cursor, real_tokens, padded_tokens, first_batch_at = [], 0, 0, 0, None
+        step_stats, cursor, real_tokens, padded_tokens, first_batch_at, waited = [], 0, 0, 0, None, 0.0
         for micro in range(cfg.steps_for_iteration(iteration) * s.accumulation):
             step = micro // s.accumulation + 1
-            batch, problem = [], None
+            batch, problem, asked = [], None, time.perf_counter()
             try:
                 batch = stream.take(cursor, s.micro_groups)
             except StopRun as e:
                 problem = e
             stop_together(problem)
+            waited += time.perf_counter() - asked
             first_batch_at = first_batch_at or time.time()
             cursor += s.micro_groups
             real, padded = forward_tokens(batch, scoring)
@@ -375,8 +377,10 @@ class Learner:
         flops = training_flops(self.matmul_parameters, real_tokens, real_tokens if scoring.reference else 0)
         # the learner group's rates: every rank's tokens and peak
         real_tokens, padded_tokens, flops, peak = sum_over_ranks([real_tokens, padded_tokens, flops, self.peak_flops])
-        return {**summarise_steps(step_stats, s.accumulation), "time_train": seconds, "first_micro_batch_at": first_batch_at,
-                **throughput_figures(int(real_tokens), int(padded_tokens), flops, peak, seconds)}
+        # the rates over the time the rank trained: not the time it waited for groups still being generated
+        return {**summarise_steps(step_stats, s.accumulation), "time_train": seconds, "time_wait_groups": waited,
+                "first_micro_batch_at": first_batch_at,
+                **throughput_figures(int(real_tokens), int(padded_tokens), flops, peak, seconds - waited)}
 
     @torch.no_grad()
     def probe_logprob(self, probe: tuple[list[int], list[int]]) -> float:

@@ -4,6 +4,7 @@ stage's process needs no torch."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,26 @@ def test_a_micro_batch_waits_only_for_its_own_groups():
     stream.take(3, 3)
     assert source.pulled == 6 and not stream.exhausted
     assert len(stream.drain()) == 10 and stream.exhausted  # the rest read, so the execution ends
+
+
+def test_the_learners_rates_leave_out_the_time_it_waited_for_groups(process_group, tiny_model_dir):
+    """One real learner (DeepSpeed on CPU, no Ray) trains 2 steps on the same 2 groups, given whole, then streamed
+    with the second 0.5 s late: it waited about that long, and its token rate counts only the time it trained."""
+    from test_learner import _groups
+    from test_resume import learner
+
+    one = learner(tiny_model_dir, "schedule.steps_per_iteration=2")
+    pair = _groups(one.tokenizer)
+
+    def late():
+        yield pair[0]
+        time.sleep(0.5)
+        yield pair[1]
+
+    whole, streamed = one.train(1, pair), one.train(2, GroupStream(late()))
+    assert whole["time_wait_groups"] < 0.05 and 0.5 <= streamed["time_wait_groups"] < 0.7
+    trained_tokens = [r["learner_tokens_per_second"] * (r["time_train"] - r["time_wait_groups"]) for r in (whole, streamed)]
+    assert trained_tokens[1] == pytest.approx(trained_tokens[0], rel=1e-6)  # the same tokens, over the time trained
 
 
 def test_an_empty_shard_stops_the_run():

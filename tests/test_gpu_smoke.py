@@ -88,7 +88,8 @@ def test_the_learner_figures_are_the_learners_own_token_count(tmp_path):
     pq.write_table(pa.Table.from_pylist([group.record()]), RunDir(tmp_path).groups(1))
     tokens = forward_tokens([group], scoring("sami", 2))[0]
     row = {"iteration": 1, "time_sync": 0.5, "sync_bytes": 1000, "probe_abs_diff": 0.0, "time_generate": 1.0,
-           "time_train": 2.0, "learner_tokens_per_second": tokens / 2.0, "peak_flops": 1e12, "mfu": 0.25}
+           "time_train": 2.5, "time_wait_groups": 0.5, "learner_tokens_per_second": tokens / 2.0, "peak_flops": 1e12,
+           "mfu": 0.25}  # the rate over the 2 s the learner trained, not the 0.5 s it waited for groups
     figures = iteration_figures(tmp_path, row)
     assert tokens == 26
     assert (figures["trained_tokens"], figures["learner_tokens_per_s"]) == (26, 13.0)

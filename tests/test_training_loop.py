@@ -18,7 +18,8 @@ FIELDS = {
     "loss", "mi_lower_bound", "row_accuracy", "col_accuracy", "response_tokens", "groups", "filtered_empty",
     "filtered_format_leak", "filtered_malformed", "filtered_identical", "time_sync", "sync_bytes",
     "probe_abs_diff", "time_write_principles", "time_generate", "time_train", "time_checkpoint",
-    "time_iteration", "time_wait_generation", "time_to_first_micro_batch", "policy_iteration", "staleness", "generation_tokens_per_second",
+    "time_iteration", "time_wait_generation", "time_to_first_micro_batch", "time_wait_groups", "policy_iteration",
+    "staleness", "generation_tokens_per_second",
     "learner_tokens_per_second", "learner_padded_tokens_per_second", "mfu",
 }
 
@@ -88,6 +89,7 @@ def test_two_iterations_train_sync_and_export(sami_run):
     # micro-batch needs batches 0 and 1), through one Ray Data execution per rank and iteration.
     assert all(r["time_to_first_micro_batch"] < r["time_generate"] - 0.15 for r in rows), \
         [(r["time_to_first_micro_batch"], r["time_generate"]) for r in rows]
+    assert all(0 < r["time_wait_groups"] < r["time_train"] for r in rows)  # the rates leave that wait out
     plans = ray_data_plans()
     assert len(plans) == 2 * 2 and all("TaskPoolMapOperator[MapBatches(generate_batches)]" in p for p in plans), plans
     exported = AutoModelForCausalLM.from_pretrained(sami_run / "iteration-2" / "hf")
