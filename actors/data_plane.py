@@ -110,7 +110,7 @@ def generate_batches(rows: dict, spec: StageSpec) -> Iterator[pa.Table]:
     batches = [(row["batch"], [group_from_json(text) for text in json.loads(row["groups"])]) for row in planned]
     incarnations = list(spec.incarnations)
     pool = EnginePool(list(spec.actors), incarnations, lambda _: request_recovery(spec, engine, incarnations),
-                      spec.max_failures, engines=[engine])
+                      spec.max_failures)
     answers = pool.stream(engine, [([p for g in groups for p in g.generation_prompts],
                                     [s for g in groups for s in generation_seeds(g, spec.seed, spec.iteration)])
                                    for _, groups in batches], spec.sampling)

@@ -196,11 +196,10 @@ class EnginePool:
     """
 
     def __init__(self, actors: list, incarnations: list[str], recover: Optional[Callable[[int], None]] = None,
-                 max_failures: int = 0, engines: Optional[list[int]] = None):
-        """`engines`: the indexes of `actors` this pool calls (default: all)."""
+                 max_failures: int = 0):
         self.actors, self.incarnations, self.recover, self.max_failures = actors, incarnations, recover, max_failures
-        self.free: queue.Queue[int] = queue.Queue()
-        for engine in range(len(actors)) if engines is None else engines:
+        self.free: queue.Queue[int] = queue.Queue()  # `generate`'s engines not in a call
+        for engine in range(len(actors)):
             self.free.put(engine)
         self.failures: Counter = Counter()
         self.lock = threading.Lock()

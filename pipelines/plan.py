@@ -1,9 +1,9 @@
 """The resource plan of a training config: what `python -m pipelines.train --config X --dry-run` prints.
 
 GPUs and CPUs per actor group (learners, rollout engines with their tensor-parallel placement groups, the
-principle writer), the cluster total, the principles and family members training holds out, and the checkpoints each iteration writes with sizes estimated from
-the model's parameter count (read from a local HF folder's config.json, else a small table of known
-names, else "unknown"). Nothing is started or downloaded.
+principle writer), the cluster total, the principles and family members training holds out, and the checkpoints
+each iteration writes with sizes estimated from the model's parameter count (read from a local HF folder's
+config.json, else a small table of known names, else "unknown"). Nothing is started or downloaded.
 """
 from __future__ import annotations
 
