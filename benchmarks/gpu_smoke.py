@@ -274,7 +274,7 @@ def random_groups(c: int, sizes: Sizes, seed: int):
 
 def sami_matrix_and_loss(model, groups, path: str, device):
     """The learner's [G, C, C] matrix and SAMI loss: `score_groups` (shared prefix) or the padded C^2 pairs."""
-    from sami.learner import score, score_groups
+    from sami.scoring import score, score_groups
     from sami.logprobs import sequence_logprobs
     from sami.objectives import pair_sequences, sami_loss
     from sami.objectives import scoring as objective_scoring
@@ -293,7 +293,7 @@ def scoring_path(model, groups, path: str, device, sizes: Sizes, peak_flops: flo
     """(figures, matrix, flat gradient) of forward + backward of the SAMI loss along `path`."""
     import torch
 
-    from sami.learner import forward_tokens
+    from sami.scoring import forward_tokens
     from sami.objectives import scoring as objective_scoring
     from sami.throughput import matmul_parameters, training_flops
 
@@ -355,12 +355,12 @@ def scoring(model_dir: Path, device, sizes: Sizes, dtype_name: str) -> dict:
 
 def generation(model_dir: Path, device, sizes: Sizes) -> dict:
     """`HFEngine` tokens/s per batch size, and its probe log-prob against the learner's way of scoring it
-    (`sami.learner.score`, as `Learner.probe_logprob`) on the same weights in bf16 and in fp32."""
+    (`sami.scoring.score`, as `Learner.probe_logprob`) on the same weights in bf16 and in fp32."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from sami.config import ModelConfig, SamplingConfig
-    from sami.learner import score
+    from sami.scoring import score
     from sami.logprobs import sequence_logprobs
     from sami.rollout_engines import HFEngine
 

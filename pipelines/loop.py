@@ -33,7 +33,8 @@ from sami.filters import REASONS
 from sami.groups import (QueryGroup, TrainingSeeds, attach_completions, filter_and_tokenise, generation_batches,
                          generation_seeds, plan_groups, reject_counts, row_rng, shuffle_pairs, tokenise_group)
 from sami.console import channel_path, log, open_channel, report_progress
-from sami.learner import GroupStream, Learner, StopRun, control_group, skip_cpu_shm_comm_op, stop_together
+from sami.deepspeed_compat import skip_cpu_shm_comm_op
+from sami.learner import GroupStream, Learner, StopRun, control_group, stop_together
 from sami.objectives import objective_for
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore

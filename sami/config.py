@@ -371,6 +371,11 @@ class TrainConfig(Section):
         if o.kl_beta > 0 and o.name == "sft_then_sami" and o.sft_iterations >= self.run.iterations:
             raise ValueError(f"objective.kl_beta is {o.kl_beta} but every iteration is SFT (objective.sft_iterations "
                              f"{o.sft_iterations}, run.iterations {self.run.iterations}), which has no KL term")
+        if gpus != int(gpus) and self.scaling.num_learners > 1:
+            raise ValueError(f"scaling.gpus_per_learner is {gpus}, a share of a GPU, with scaling.num_learners "
+                             f"{self.scaling.num_learners}: Ray packs shares onto the fullest GPU that fits, so two "
+                             f"learners would share one device that DeepSpeed gives each rank as its own: set a whole "
+                             f"number of GPUs per learner")
         if self.nccl_sync and gpus != int(gpus):
             raise ValueError(f"scaling.gpus_per_learner is {gpus}, a share of a GPU, but rollout.weight_sync 'auto' "
                              f"syncs vLLM engines over NCCL, which refuses two ranks on one GPU: set "

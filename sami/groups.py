@@ -8,13 +8,17 @@ them:
     plan_groups          queries + constitutions -> groups with generation prompts and training renderings
                          (training's and the evaluation's planning stage; `RenderSeeds` keys the shuffles)
     generation_batches   groups -> the fixed generation batches (one Ray Data block each)
-    attach_completions   the rollout engines' completions -> responses
+    attach_completions   the rollout engines' completions -> responses (text, and the token ids sampled)
     filter_groups        mark malformed groups (counts per reason)
-    tokenise_group       tokenise a kept group's prompts and responses (on the learner rank that trains it)
+    tokenise_group       tokenise a kept group's training prompts (on the learner rank that trains it)
     shuffle_pairs        (a replay's negative control) responses moved to random constitutions
 
-`tokenise_pairs` is the one tokenisation of (training prompt, response) pairs; the evaluation's MI bound
-calls it too. `groups.parquet` in each iteration folder holds one `QueryGroup.record()` per kept group.
+The learner scores exactly the tokens the engine sampled: `prompt_token_ids` tokenises every prompt, the engines'
+and the learner's alike (with the special tokens the tokenizer itself puts in front, a Llama or Mistral BOS), and
+a response's ids are the engine's own, never its text tokenised again (with a SentencePiece tokenizer the two can
+differ). `tokenise_pairs` tokenises (prompt, response) texts for what has no sampled ids: the evaluation's MI
+bound of another model's responses. `groups.parquet` in each iteration folder holds one `QueryGroup.record()` per
+kept group.
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ class QueryGroup:
     truncated: int = 0  # responses cut at max_new_tokens
     reject_reason: str = ""  # '' = kept; else the filter reason (sami.filters.REASONS)
     prompt_ids: list[list[int]] = field(default_factory=list)  # C training prompts, tokenised
-    response_ids: list[list[int]] = field(default_factory=list)  # C responses, tokenised, EOS appended
+    # C responses: the token ids the engine sampled, ending with the stop token it sampled (EOS where
+    # max_new_tokens cut the response)
+    response_ids: list[list[int]] = field(default_factory=list)
     # The iteration whose weights generated the responses (0: the base model) and how many iterations older
     # they are than on-policy (iteration - 1 - policy_iteration). None: a groups.parquet from before this field.
     policy_iteration: int | None = None
@@ -134,7 +140,8 @@ def plan_groups(queries: list[dict], library: list[Principle], constitutions: li
 
 
 def attach_completions(groups: list[QueryGroup], completions: list[dict]) -> None:
-    """`completions` (`text`, `token_ids`, `finish_reason`) answer every group's generation prompts, in order."""
+    """`completions` (`text`, `token_ids`, `end_id`, `finish_reason`: `sami.rollout_engines.Completion`) answer every
+    group's generation prompts, in order."""
     expected = sum(len(g.generation_prompts) for g in groups)
     if len(completions) != expected:
         raise ValueError(f"{len(completions)} completions for {expected} generation prompts")
@@ -143,6 +150,7 @@ def attach_completions(groups: list[QueryGroup], completions: list[dict]) -> Non
         mine = completions[start : start + len(g.generation_prompts)]
         start += len(mine)
         g.responses = [c["text"].strip() for c in mine]
+        g.response_ids = [list(c["token_ids"]) + [c["end_id"]] for c in mine]
         g.response_tokens = sum(len(c["token_ids"]) for c in mine) / len(mine)
         g.truncated = sum(c["finish_reason"] == "length" for c in mine)
 
@@ -152,15 +160,33 @@ def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def prompt_token_ids(tokenizer, prompts: list[str], max_tokens: int | None = None) -> list[list[int]]:
+    """Every prompt's token ids, as the engines generate from them and the learner scores them: the special tokens
+    the tokenizer itself puts in front of a text (a Llama or Mistral tokenizer's BOS; none for GPT-2's), then the
+    text's tokens, of which the end is kept when the whole is longer than `max_tokens`."""
+    bare = tokenizer(list(prompts), add_special_tokens=False).input_ids
+    full = tokenizer(list(prompts)).input_ids
+    out = []
+    for text_ids, ids in zip(bare, full):
+        front = ids[: len(ids) - len(text_ids)] if ids[len(ids) - len(text_ids):] == text_ids else []
+        keep = len(text_ids) if max_tokens is None else min(len(text_ids), max(max_tokens - len(front), 0))
+        out.append(front + text_ids[len(text_ids) - keep:])
+    return out
+
+
+def cut_response(ids: list[int], max_tokens: int | None, eos_id: int) -> list[int]:
+    """A response's ids (ending with its stop token) cut to `max_tokens` tokens before EOS, if longer."""
+    return ids if max_tokens is None or len(ids) <= max_tokens + 1 else ids[:max_tokens] + [eos_id]
+
+
 def tokenise_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int | None = None,
                    max_response_tokens: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids as the learner scores them: the prompt bare (its end kept when cut), the response after a
-    space (it continues the prompt as it did when it was generated), cut to `max_response_tokens`, EOS last."""
-    prompt_ids = [ids[-max_prompt_tokens:] if max_prompt_tokens else ids
-                  for ids in tokenizer(list(prompts), add_special_tokens=False).input_ids]
-    response_ids = [ids[:max_response_tokens] + [tokenizer.eos_token_id]
+    """Token ids of (prompt, response) texts whose sampled ids are not known: the prompt as `prompt_token_ids`,
+    the response after a space (it continues the prompt as it did when it was generated), cut to
+    `max_response_tokens`, EOS last."""
+    response_ids = [cut_response(ids + [tokenizer.eos_token_id], max_response_tokens, tokenizer.eos_token_id)
                     for ids in tokenizer([" " + r for r in responses], add_special_tokens=False).input_ids]
-    return prompt_ids, response_ids
+    return prompt_token_ids(tokenizer, prompts, max_prompt_tokens), response_ids
 
 
 def filter_groups(groups: list[QueryGroup], filters: FilterConfig) -> dict[str, int]:
@@ -176,9 +202,9 @@ def reject_counts(groups: list[QueryGroup]) -> dict[str, int]:
 
 
 def tokenise_group(group: QueryGroup, tokenizer, task: str, max_prompt_tokens: int, max_response_tokens: int) -> QueryGroup:
-    """`group` with its training prompts and responses tokenised (`tokenise_pairs`)."""
-    group.prompt_ids, group.response_ids = tokenise_pairs(tokenizer, group.training_prompts(task), group.responses,
-                                                          max_prompt_tokens, max_response_tokens)
+    """`group` with its training prompts tokenised and its sampled responses cut to `max_response_tokens`."""
+    group.prompt_ids = prompt_token_ids(tokenizer, group.training_prompts(task), max_prompt_tokens)
+    group.response_ids = [cut_response(ids, max_response_tokens, tokenizer.eos_token_id) for ids in group.response_ids]
     return group
 
 

@@ -17,13 +17,14 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from sami.config import OptimConfig, TrainConfig
+from sami.deepspeed_compat import forget_zero3_module_functions, skip_cpu_shm_comm_op, zero3_full_state_dict
 from sami.groups import QueryGroup, padding_id
-from sami.lora import BaseView, load_adapter_folder, sync_tensors, with_adapter
-from sami.logprobs import (collate_sequences, sequence_logprobs, shared_prefix_logprobs,
-                           shared_prefix_logprobs_and_kl, token_logprobs)
-from sami.objectives import OBJECTIVES, ScoredPairs, Scoring, pair_sequences, run_needs_reference, scoring_for
+from sami.logprobs import sequence_logprobs
+from sami.lora import BaseView, load_adapter_folder, with_adapter
+from sami.objectives import run_needs_reference, scoring_for
 from sami.precision import deepspeed_bf16, learner_dtype
 from sami.run_dir import DEEPSPEED_PICKLED_CLASSES, CheckpointError, RunDir, verify_checkpoint, verify_model_folder
+from sami.scoring import PolicyLoss, forward_tokens, score
 from sami.stops import StopRun
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops
 
@@ -62,13 +63,6 @@ def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     if o.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-
-
-def skip_cpu_shm_comm_op() -> None:
-    """On CPU DeepSpeed JIT-builds a shared-memory all-reduce op (~50 s, 1.5 GB); gloo does the job."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def single_rank_group() -> None:
@@ -118,54 +112,38 @@ def weights_only_loads(engine):
 @contextmanager
 def full_parameters(module, zero_stage: int):
     """Under ZeRO-3 every rank must take part in gathering the partitioned parameters."""
+    with gathered(list(module.parameters()), zero_stage):
+        yield
+
+
+@contextmanager
+def gathered(params: list, zero_stage: int, modifier_rank: int | None = None):
+    """`params` whole on every rank while open (under ZeRO-3 a collective every rank joins). With `modifier_rank`,
+    what that rank writes into them is what every rank's partition holds once closed."""
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
             yield
     else:
         yield
 
 
-def score(module, prompts: list[list[int]], responses: list[list[int]], pad_id: int, include_eos: bool, device):
-    """(token log-probs, response mask) of the (prompt, response) sequences, right-padded into one batch."""
-    batch = {k: v.to(device) for k, v in collate_sequences(prompts, responses, pad_id, include_eos).items()}
-    return token_logprobs(module, batch["input_ids"], batch["attention_mask"]), batch["response_mask"]
-
-
-def forward_tokens(groups: list[QueryGroup], scoring: Scoring) -> tuple[int, int]:
-    """(real tokens, tokens with padding) of the one batch `score_groups` runs for `groups` under `scoring`."""
-    if scoring.layout == "pairs":
-        lengths = [len(g.prompt_ids[i]) + len(g.response_ids[j]) for g in groups for i, j in scoring.pairs]
-    else:
-        lengths = [len(prompt) + sum(map(len, g.response_ids)) for g in groups for prompt in g.prompt_ids]
-    return sum(lengths), len(lengths) * max(lengths)
-
-
-def score_groups(module, groups: list[QueryGroup], scoring: Scoring, pad_id: int, include_eos: bool, device,
-                 reference=None):
-    """(token log-probs, response mask, exact token KL or None) of `scoring.pairs` of every group, rows
-    group-major in pairs order, laid out as `scoring.layout` says (`reference`: for packed_exact_kl)."""
-    if scoring.layout == "pairs":
-        return *score(module, *pair_sequences(groups, scoring.pairs), pad_id, include_eos, device), None
-    packed = [(g.prompt_ids, g.response_ids) for g in groups]
-    if scoring.layout == "packed_exact_kl":
-        return shared_prefix_logprobs_and_kl(module, reference, packed, pad_id, include_eos)
-    return *shared_prefix_logprobs(module, packed, pad_id, include_eos), None
-
-
-def micro_batch_loss(module, reference, groups: list[QueryGroup], cfg: TrainConfig, scoring: Scoring, pad_id: int,
-                     device) -> tuple[torch.Tensor, dict]:
-    """(loss, figures) of `groups`, scored as `scoring` says, under its objective's loss step."""
-    include_eos = cfg.objective.sami.include_eos
-    token_lp, mask, token_kl = score_groups(module, groups, scoring, pad_id, include_eos, device, reference)
-    reference_lp = None
-    if scoring.reference_pass:
-        with torch.no_grad():
-            reference_lp = score_groups(reference, groups, scoring, pad_id, include_eos, device)[0]
-    scored = ScoredPairs(token_lp, mask, reference_lp, len(groups), scoring.c, token_kl)
-    loss, stats = OBJECTIVES[scoring.objective].step(scored, cfg.objective)
-    return loss, {**stats, "loss": loss.item()}
+@torch.no_grad()
+def load_parameters(module: torch.nn.Module, values: dict[str, torch.Tensor], zero_stage: int) -> None:
+    """`values` (parameter name -> tensor) into those parameters of `module`. Under ZeRO-3 a partitioned parameter
+    holds no data to copy into: each module's own parameters are gathered in turn, rank 0 writes them and every rank
+    keeps its partition (one module whole at a time, never the model)."""
+    unknown = sorted(values.keys() - {name for name, _ in module.named_parameters()})
+    if unknown:
+        raise KeyError(f"{len(unknown)} name(s) are no parameter of the model, e.g. {unknown[:3]}")
+    writes = zero_stage < 3 or torch.distributed.get_rank() == 0
+    for prefix, sub in module.named_modules():
+        own = [(name, p) for name, p in sub.named_parameters(prefix=prefix, recurse=False) if name in values]
+        if own:
+            with gathered([p for _, p in own], zero_stage, modifier_rank=0):
+                for name, p in own if writes else ():
+                    p.data.copy_(values[name])
 
 
 _control = (None, None)  # (a default process group, its gloo companion)
@@ -203,6 +181,15 @@ def stop_together(problem: "StopRun | None") -> None:
 
 class NonFiniteError(StopRun):
     """A loss or gradient norm that is not a finite number: the run stops before anything of it is synced or saved."""
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of every learner rank; `value` itself outside a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    largest = torch.tensor([value], dtype=torch.int64)
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=control_group())
+    return int(largest.item())
 
 
 def every_rank_finite(value: float) -> bool:
@@ -284,22 +271,41 @@ class Learner:
         if self.lora:
             self.model = with_adapter(self.model, cfg.model.lora)
             self.base = BaseView(self.model)
-            self.fresh_adapter = {name: t.detach().clone() for name, t in sync_tensors(self.model)}
         elif run_needs_reference(cfg) or cfg.schedule.init == "base":
             self.base = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device).eval().requires_grad_(False)
+        # what `init: base` restarts from: the fresh adapter under LoRA (the base weights are the reference's)
+        self.fresh_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
+                              if p.requires_grad} if self.lora else None
+        zero3_ranks = cfg.deepspeed.zero_stage == 3 and world_size > 1
+        self.loss = PolicyLoss(self.model, self.base, cfg, self.pad_id, device, max_over_ranks if zero3_ranks else None)
         self.engine = self._deepspeed_engine()
 
     def _deepspeed_engine(self):
+        """A DeepSpeed engine over the policy's loss module, with a fresh optimiser (a previous engine is destroyed
+        first: its hooks would stay on the same parameters)."""
         import deepspeed
 
-        trained = [p for p in self.model.parameters() if p.requires_grad]  # under LoRA the adapter's only
-        engine, *_ = deepspeed.initialize(model=self.model, optimizer=make_optimizer(trained, self.cfg.optim),
+        if getattr(self, "engine", None) is not None:
+            self.engine.destroy()
+            forget_zero3_module_functions(self.loss)
+        trained = [p for p in self.loss.parameters() if p.requires_grad]  # under LoRA the adapter's only
+        engine, *_ = deepspeed.initialize(model=self.loss, optimizer=make_optimizer(trained, self.cfg.optim),
                                           config=self.settings.config)
         return engine
 
     @property
     def module(self):
-        return self.engine.module
+        """The policy (the HF model, or its PEFT wrapper under LoRA) inside the DeepSpeed engine."""
+        return self.engine.module.policy
+
+    def _start_from_base(self) -> None:
+        """`init: base`: the base weights (under LoRA the fresh adapter) back in the policy, and a fresh optimiser."""
+        stage = self.cfg.deepspeed.zero_stage
+        if self.lora:
+            load_parameters(self.model, self.fresh_adapter, stage)
+        else:
+            load_parameters(self.model, dict(self.base.named_parameters()), stage)
+        self.engine = self._deepspeed_engine()  # ZeRO keeps its own (master) copy of the weights: rebuild it
 
     def restore(self, run_dir: RunDir, iteration: int) -> str:
         """Continue after `iteration`: its DeepSpeed checkpoint (whole, loaded weights-only), else the weights of its
@@ -312,7 +318,9 @@ class Learner:
                                             load_module_strict=not self.lora)
         elif source == "hf" and self.lora:
             verify_model_folder(run_dir.hf(iteration))
-            load_adapter_folder(self.model, run_dir.hf(iteration))
+            adapter = [p for p in self.model.parameters() if p.requires_grad]
+            with gathered(adapter, self.cfg.deepspeed.zero_stage, modifier_rank=0):  # the adapter only, never the base
+                load_adapter_folder(self.model, run_dir.hf(iteration))
             self.engine = self._deepspeed_engine()
         elif source == "hf":
             from transformers import AutoModelForCausalLM
@@ -320,7 +328,7 @@ class Learner:
             verify_model_folder(run_dir.hf(iteration))
             saved = AutoModelForCausalLM.from_pretrained(run_dir.hf(iteration), use_safetensors=True,
                                                          trust_remote_code=self.cfg.model.trust_remote_code)
-            self.model.load_state_dict(saved.state_dict())
+            load_parameters(self.model, dict(saved.named_parameters()), self.cfg.deepspeed.zero_stage)
             self.engine = self._deepspeed_engine()  # ZeRO keeps its own copy of the weights: rebuild it
         else:
             raise CheckpointError(f"{run_dir.path}: iteration {iteration} has neither a DeepSpeed checkpoint nor an HF export")
@@ -336,13 +344,7 @@ class Learner:
         cfg, s = self.cfg, self.settings
         scoring = scoring_for(cfg, iteration)
         if cfg.schedule.init == "base" and iteration > 1:
-            if self.lora:
-                with torch.no_grad():
-                    for name, tensor in sync_tensors(self.model):
-                        tensor.copy_(self.fresh_adapter[name])
-            else:
-                self.model.load_state_dict(self.base.state_dict())
-            self.engine = self._deepspeed_engine()  # fresh optimiser state, weights from memory
+            self._start_from_base()
         started = time.perf_counter()
         self.engine.train()
         stream = groups if isinstance(groups, GroupStream) else GroupStream(groups)
@@ -360,7 +362,7 @@ class Learner:
             cursor += s.micro_groups
             real, padded = forward_tokens(batch, scoring)
             real_tokens, padded_tokens = real_tokens + real, padded_tokens + padded
-            loss, stats = micro_batch_loss(self.module, self.base, batch, cfg, scoring, self.pad_id, self.device)
+            loss, stats = self.engine(batch, scoring)  # DeepSpeed's forward: ZeRO-3 counts the micro-step there
             last = step_stats[-1] if step_stats else None
             if not every_rank_finite(loss.item()):  # before backward: no step is taken on it
                 raise NonFiniteError(non_finite_message(iteration, step, "loss", loss.item(), last))
@@ -399,7 +401,9 @@ class Learner:
                                         exclude_frozen_parameters=self.lora)
         if self.cfg.checkpoint.export_hf:
             zero3 = self.cfg.deepspeed.zero_stage == 3
-            state = self.engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+            state = zero3_full_state_dict(self.engine) if zero3 else None
+            if state is not None:  # named from the loss module: the policy's own names
+                state = {name.removeprefix("policy."): tensor for name, tensor in state.items()}
             if rank == 0:
                 out = run_dir.hf(iteration)
                 self.module.save_pretrained(out, state_dict=state)

@@ -11,6 +11,8 @@ tokens only, in chunks recomputed in the backward pass. `benchmarks/sami_scoring
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -50,20 +52,33 @@ def _label_logprobs(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.T
     return -F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
 
 
+ChunkCount = Optional[Callable[[int], int]]
+
+
+def chunk_starts(length: int, chunk_size: int, chunk_count: ChunkCount = None) -> range:
+    """Where each chunk of `length` positions starts: one chunk per `chunk_size`, or as many as `chunk_count` turns
+    that number into. Under ZeRO-3 every call of the LM head gathers its weight in a collective, so every rank must
+    call it equally often whatever its data: the learner passes the largest count of every rank, and the chunks past
+    a rank's end are empty (they score nothing and cost one call)."""
+    count = -(-length // chunk_size)
+    return range(0, (count if chunk_count is None else chunk_count(count)) * chunk_size, chunk_size)
+
+
 def _body_and_head(model: torch.nn.Module):
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return body, model.get_output_embeddings(), getattr(model.config, "logit_scale", None)
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int = 256
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int = 256,
+    chunk_count: ChunkCount = None,
 ) -> torch.Tensor:
-    """`log p(x_{t+1} | x_{<=t})` for every position, `[N, T-1]` float32, computed chunk by chunk."""
+    """`log p(x_{t+1} | x_{<=t})` for every position, `[N, T-1]` float32, computed chunk by chunk (`chunk_starts`)."""
     body, head, scale = _body_and_head(model)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
     labels = input_ids[:, 1:]
     out = [_label_logprobs(head, hidden[:, start : start + chunk_size], labels[:, start : start + chunk_size], scale)
-           for start in range(0, hidden.shape[1], chunk_size)]
+           for start in chunk_starts(hidden.shape[1], chunk_size, chunk_count)]
     return torch.cat(out, dim=1)
 
 
@@ -149,7 +164,7 @@ def _packed_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def shared_prefix_logprobs(
     model: torch.nn.Module, groups: list[tuple[list[list[int]], list[list[int]]]], pad_id: int,
-    include_eos: bool = True, chunk_size: int = 512,
+    include_eos: bool = True, chunk_size: int = 512, chunk_count: ChunkCount = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs of every (prompt i, response j) pair of each group, running each prompt once.
 
@@ -159,25 +174,25 @@ def shared_prefix_logprobs(
     logits outlive one chunk. The model's attention must take a 4D additive mask (transformers' `sdpa` and
     `eager` do; `flash_attention_2` does not).
     """
-    token_lp, response_mask, _ = _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference=None)
+    token_lp, response_mask, _ = _shared_prefix(model, groups, pad_id, include_eos, chunk_size, None, chunk_count)
     return token_lp, response_mask
 
 
 def shared_prefix_logprobs_and_kl(
     model: torch.nn.Module, reference: torch.nn.Module, groups: list[tuple[list[list[int]], list[list[int]]]],
-    pad_id: int, include_eos: bool = True, chunk_size: int = 512,
+    pad_id: int, include_eos: bool = True, chunk_size: int = 512, chunk_count: ChunkCount = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`shared_prefix_logprobs`, plus `token_kl` `[G*C*C, R]`: the exact KL(model || reference) over the whole
     vocabulary at each scored position (the frozen `reference` gets no gradient), chunked the same way."""
-    return _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference)
+    return _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference, chunk_count)
 
 
-def _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference):
+def _shared_prefix(model, groups, pad_id, include_eos, chunk_size, reference, chunk_count):
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in pack_groups(groups, pad_id, include_eos).items()}
     _, head, scale = _body_and_head(model)
     hidden, labels = _packed_hidden(model, batch), batch["label"]
-    chunks = range(0, len(labels), chunk_size)
+    chunks = chunk_starts(len(labels), chunk_size, chunk_count)
     if reference is None:
         label_lp = [checkpoint(_label_logprobs, head, hidden[i : i + chunk_size], labels[i : i + chunk_size], scale,
                                use_reentrant=False) for i in chunks]

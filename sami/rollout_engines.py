@@ -4,8 +4,9 @@ The training loop only sees `RolloutEngine`: generate completions, take new weig
 probe sequence (to verify a sync), reset the prefix cache. vLLM is an optional extra; importing this
 module never needs it.
 
-Both engines return a completion's token ids *without* the EOS token (the data stage appends EOS when it
-tokenises responses for training) and finish_reason "stop" when EOS ended it, "length" otherwise.
+Both engines return a completion's token ids *without* its stop token, that token apart (`end_id`: what the training
+sequence ends with) and finish_reason "stop" when a stop token ended it, "length" otherwise. Prompts are tokenised
+by `sami.groups.prompt_token_ids`, as the learner tokenises them.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 from sami.config import EngineConfig, ModelConfig, SamplingConfig
-from sami.groups import QueryGroup, padding_id
-from sami.learner import score_groups
+from sami.groups import QueryGroup, padding_id, prompt_token_ids
+from sami.scoring import score_groups
 from sami.logprobs import collate_sequences, sequence_logprobs, token_logprobs
 from sami.lora import (adapter_base, adapter_rank, is_adapter_folder, sync_tensors, vllm_max_lora_rank, with_adapter,
                        write_adapter_folder)
@@ -32,8 +33,9 @@ from sami.precision import model_dtype
 @dataclass
 class Completion:
     text: str
-    token_ids: list[int]  # the new tokens, EOS excluded
-    finish_reason: str  # "stop" (EOS produced) or "length" (max_new_tokens reached)
+    token_ids: list[int]  # the new tokens, the stop token excluded
+    finish_reason: str  # "stop" (a stop token sampled) or "length" (max_new_tokens reached)
+    end_id: int  # the stop token sampled; where max_new_tokens cut the response, the tokenizer's EOS
 
 
 Seeds = Union[int, Sequence[int]]
@@ -89,9 +91,7 @@ class HFEngine(RolloutEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_cfg.tokenizer or model_path, trust_remote_code=model_cfg.trust_remote_code
         )
-        # Left padding lines up every prompt's last token; left truncation keeps the end of a long prompt.
-        self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"
+        self.tokenizer.padding_side = "left"  # lines up every prompt's last token
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = getattr(torch, model_dtype(model_cfg.dtype, use_gpu=self.device.startswith("cuda")))
@@ -126,10 +126,8 @@ class HFEngine(RolloutEngine):
         config, per_prompt = self._generation_config(sampling), prompt_seeds(seeds, len(prompts))
         completions = []
         for start in range(0, len(prompts), sampling.batch_size):
-            enc = self.tokenizer(
-                prompts[start : start + sampling.batch_size], return_tensors="pt", padding=True,
-                truncation=True, max_length=self.max_prompt_tokens, add_special_tokens=False,
-            ).to(self.device)
+            ids = prompt_token_ids(self.tokenizer, prompts[start : start + sampling.batch_size], self.max_prompt_tokens)
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
             sampler = [] if sampling.temperature == 0.0 else [
                 SeededSampler(per_prompt[start : start + sampling.batch_size], sampling, self.device)]
             out = self.model.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList(sampler))
@@ -139,8 +137,11 @@ class HFEngine(RolloutEngine):
 
     def _completion(self, new_ids: list[int]) -> Completion:
         stop = next((i for i, tok in enumerate(new_ids) if tok in self.stop_ids), None)
-        ids, reason = (new_ids, "length") if stop is None else (new_ids[:stop], "stop")
-        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, reason)
+        if stop is None:
+            return Completion(self.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, "length",
+                              self.tokenizer.eos_token_id)
+        ids = new_ids[:stop]
+        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, "stop", new_ids[stop])
 
     @torch.no_grad()
     def update_weights(self, buckets: list[dict[str, np.ndarray]]) -> None:
@@ -297,11 +298,9 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompts: list[str], sampling: SamplingConfig, seeds: Seeds) -> list[Completion]:
         from vllm import SamplingParams, TokensPrompt
 
-        # tokenised here exactly as HFEngine does (no special tokens, keep the end of a long prompt)
-        token_prompts = [
-            TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False).input_ids[-self.max_prompt_tokens :])
-            for p in prompts
-        ]
+        # tokenised exactly as HFEngine and the learner do
+        token_prompts = [TokensPrompt(prompt_token_ids=ids)
+                         for ids in prompt_token_ids(self.tokenizer, prompts, self.max_prompt_tokens)]
         # the stop set HFEngine uses (tokenizer EOS + the generation config's), whatever vLLM reads itself
         params = [
             SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
@@ -313,11 +312,12 @@ class VLLMEngine(RolloutEngine):
 
     def _completion(self, ids: list[int], finish_reason: str) -> Completion:
         """vLLM keeps the stop token in `token_ids` (a tokenizer EOS with stop_reason None, a generation-config
-        EOS with stop_reason=<id>); HFEngine never returns it."""
+        EOS with stop_reason=<id>): it becomes `end_id`, as HFEngine returns it."""
+        end_id = self.tokenizer.eos_token_id
         if finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
-            ids = ids[:-1]
+            ids, end_id = ids[:-1], ids[-1]
         reason = "length" if finish_reason == "length" else "stop"
-        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, reason)
+        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, reason, end_id)
 
     @staticmethod
     def _lora_request(lora_id: int, folder: str):

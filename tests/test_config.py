@@ -77,6 +77,18 @@ def test_a_share_of_a_gpu_with_nccl_weight_sync_is_refused():
     assert load_config(None, ["scaling.gpus_per_learner=0.5"]).rollout.engine == "hf"  # HF engines: object store
 
 
+def test_a_share_of_a_gpu_with_several_learners_is_refused():
+    """Ray packs fractional requests onto the fullest GPU that fits: two 0.5-GPU learners would share one device,
+    which DeepSpeed hands each rank as its own (`set_device(LOCAL_RANK)`), whatever the weight sync."""
+    shared = ["scaling.gpus_per_learner=0.5", "rollout.weight_sync=object_store", "optim.groups_per_step=4"]
+    assert load_config(None, shared).scaling.num_learners == 1  # one learner on a share: allowed
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [*shared, "scaling.num_learners=2"])
+    line = str(refused.value).splitlines()[1].strip()
+    assert line.startswith("scaling.gpus_per_learner is 0.5, a share of a GPU, with scaling.num_learners 2")
+    assert load_config(None, ["scaling.gpus_per_learner=1", "scaling.num_learners=2", "optim.groups_per_step=4"])
+
+
 def test_the_world_registers_its_heldout_principles_and_the_core_never_imports_it():
     from sami.principles import PrincipleError, builtin_library
 

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.gpu_smoke import BF16_PROBE_TOLERANCE, REAL, iteration_figures, main, smoke_config, world_tokenizer
 from sami.groups import QueryGroup
-from sami.learner import forward_tokens
+from sami.scoring import forward_tokens
 from sami.objectives import scoring
 from sami.run_dir import RunDir
 

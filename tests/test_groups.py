@@ -34,7 +34,7 @@ def fake_writer(ids, seed):
 
 
 def completion(text):
-    return {"text": text, "token_ids": list(range(len(text.split()))), "finish_reason": "stop"}
+    return {"text": text, "token_ids": list(range(len(text.split()))), "finish_reason": "stop", "end_id": 2}
 
 
 def test_plan_attach_filter_tokenise(tokenizer):
@@ -54,7 +54,9 @@ def test_plan_attach_filter_tokenise(tokenizer):
     assert [g.query_id for g in kept] == ["w0", "w4", "w5"]
     g = kept[0]
     expected = tokenise_pairs(tokenizer, [training_prompt("world", c, g.query) for c in g.constitutions], g.responses, 16, 3)
-    assert (g.prompt_ids, g.response_ids) == expected
+    assert g.prompt_ids == expected[0]
+    # the responses are the ids the engine sampled (with the stop token it sampled), cut to 3 tokens and EOS
+    assert g.response_ids == [[0, 1, 2, tokenizer.eos_token_id]] * 2
     assert all(len(p) <= 16 for p in g.prompt_ids) and all(len(r) <= 4 and r[-1] == tokenizer.eos_token_id for r in g.response_ids)
 
 

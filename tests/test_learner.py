@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evals.mi_bound import mi_bounds
 from sami.config import ModelConfig, load_config
 from sami.groups import QueryGroup, tokenise_pairs
-from sami.learner import deepspeed_settings, micro_batch_loss, summarise_steps
+from sami.learner import deepspeed_settings, summarise_steps
+from sami.scoring import micro_batch_loss
 from sami.logprobs import collate_sequences, token_logprobs
 from sami.objectives import scoring_for
 from sami.rollout_engines import HFEngine

@@ -61,9 +61,13 @@ def saved_run(tmp_path, tiny_model_dir, *overrides):
     """A run folder after iteration 1, as the learner and rank 0 leave it (the checkpoint's manifest written),
     and the learner that saved it (after one optimiser step: weights and optimiser state that differ from the base,
     under every ZeRO stage)."""
+    from sami.groups import QueryGroup
+    from sami.objectives import scoring_for
+
     trained = learner(tiny_model_dir, *overrides)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    trained.engine.backward(trained.engine(input_ids=ids, labels=ids).loss)
+    group = QueryGroup("q", "x", prompt_ids=[[5, 6, 7], [5, 6, 8]], response_ids=[[8, 9, 10], [9, 10]])
+    loss, _ = trained.engine([group], scoring_for(trained.cfg, 1))  # the learner's own loss step
+    trained.engine.backward(loss)
     trained.engine.step()
     run_dir = RunDir(tmp_path)
     trained.save(run_dir, 1, rank=0)

@@ -74,9 +74,16 @@ def test_engines_follow_the_one_precision_rule(tiny_model_dir):
 
 def test_stop_cuts_at_first_eos(engine):
     eos, pad = engine.tokenizer.eos_token_id, engine.tokenizer.pad_token_id
-    assert engine._completion([10, 11, eos, pad, pad]) == Completion(engine.tokenizer.decode([10, 11]), [10, 11], "stop")
+    assert engine._completion([10, 11, eos, pad, pad]) == Completion(engine.tokenizer.decode([10, 11]), [10, 11], "stop",
+                                                                      eos)
     assert engine._completion([eos, 12]).token_ids == [] and engine._completion([eos]).finish_reason == "stop"
-    assert engine._completion([10, 11, 12]).finish_reason == "length"
+    engine.stop_ids.add(12)  # a generation config's own end token (Llama 3's <|eot_id|>) is the one sampled
+    try:
+        assert engine._completion([10, 12, eos]).end_id == 12
+    finally:
+        engine.stop_ids.discard(12)
+    cut = engine._completion([10, 11, 12])  # max_new_tokens reached: the training sequence still ends with EOS
+    assert (cut.finish_reason, cut.end_id) == ("length", eos)
 
 
 def test_left_padded_batch_equals_one_by_one_greedy(engine):

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sami.groups import QueryGroup
-from sami.learner import forward_tokens
+from sami.scoring import forward_tokens
 from sami.logprobs import collate_sequences, pack_groups
 from sami.objectives import pair_sequences, scoring
 from sami.throughput import matmul_parameters, measure_peak_flops, throughput_figures, training_flops

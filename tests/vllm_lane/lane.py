@@ -2,7 +2,7 @@
 import torch
 
 from sami.config import ModelConfig
-from sami.learner import score
+from sami.scoring import score
 from sami.logprobs import sequence_logprobs
 
 PROMPTS = ["Query: Tell me about the river.\nResponse:", "Human: How do I bake bread?", "Assistant:"]
@@ -18,7 +18,7 @@ MODEL_CFG = ModelConfig(dtype="float32", max_prompt_tokens=64, max_response_toke
 
 
 def learner_logprob(model, prompt_ids: list[int], response_ids: list[int], pad_id: int) -> float:
-    """The learner's own scoring (sami.learner.score, as `Learner.probe_logprob` does)."""
+    """The learner's own scoring (sami.scoring.score, as `Learner.probe_logprob` does)."""
     with torch.no_grad():
         token_lp, mask = score(model, [prompt_ids], [response_ids], pad_id, True, torch.device("cpu"))
         return sequence_logprobs(token_lp.float(), mask).item()
