@@ -147,7 +147,7 @@ def test_every_preset_dry_run_prints_its_memory_plan(name, capsys):
         return
     assert "learner GPU (1 of" in out and "on A100 80 GB (ray_cluster.yaml node type learner" in out
     assert "rollout engine GPU (vllm" in out and "on L40S 48 GB (ray_cluster.yaml node type rollout" in out
-    assert "the fastest that fits: ZeRO-2" in out
+    assert "the fastest that fits: ZeRO-2" in out and preset(name).deepspeed.zero_stage == 2
 
 
 def test_the_mixtral_preset_prints_its_plan_and_is_refused_with_todays_learner(capsys):
