@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import Optional
 
 from sami.config import ConfigError, TrainConfig, load_config
-from sami.memory_plan import TODAY, Gpu, LearnerLayout, layout_line, memory_plan, model_config, stage_table
+from sami.memory_plan import PARTITIONED, TODAY, Gpu, LearnerLayout, layout_line, memory_plan, model_config, stage_table
 
 # The GPU and its nominal memory (GB) of each instance type ray_cluster.yaml names or its comments suggest.
 INSTANCE_GPUS = {
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. scaling.num_learners=16")
     parser.add_argument("--learner", choices=["today", "partitioned"], default="today",
-                        help="today: the whole model loaded and a full reference copy on every GPU; partitioned: both "
-                             "partitioned as ZeRO-3 partitions the weights")
+                        help="today: the whole model loaded on every GPU, a full reference copy on each, the whole "
+                             "model gathered to sync it; partitioned: loaded and kept partitioned, synced in buckets")
     parser.add_argument("--checkpointing", action="store_true", help="with gradient checkpointing")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -75,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    mode = "partitioned" if args.learner == "partitioned" else "whole"
-    layout = LearnerLayout(mode, "partitioned" if mode == "partitioned" else "full_copy", args.checkpointing)
+    layout = replace(PARTITIONED if args.learner == "partitioned" else TODAY, checkpointing=args.checkpointing)
     print(f"{cfg.model.name_or_path} ({source}), {cfg.scaling.num_learners} learners on {gpu}; GB = 10^9 bytes")
     print(layout_line(layout).strip())
     print("\n".join(stage_table(cfg, config, gpu.gb, layout)))

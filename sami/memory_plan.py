@@ -19,7 +19,9 @@ bf16 mixed precision, else 4):
                the parameters ZeRO-3 keeps gathered (stage3_max_live_parameters, 1e9, or the largest layer)
   CUDA context 1 GB (CUDA, cuBLAS and NCCL's own allocations)
 How today's learner places the weights and the reference is `LearnerLayout` (TODAY): every rank loads the whole
-model, which DeepSpeed moves to its GPU before ZeRO-3 partitions it, and the reference is a full copy per GPU.
+model, which DeepSpeed moves to its GPU before ZeRO-3 partitions it (a peak "while loading"), the reference is a full
+copy per GPU, and the weight sync gathers the whole ZeRO-3 model on every GPU at once (a peak "while syncing": the
+model whole beside the optimizer state, gradients and reference, activations freed).
 
 A vLLM engine claims `gpu_memory_utilization` of each of its GPUs; the weights take w·Ψ/tp of it, the rest holds
 the KV cache (2 · layers · key/value heads · head dim · w bytes per token, split over tp) and vLLM's working memory.
@@ -29,7 +31,7 @@ margin for the allocator's fragmentation).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Mapping, Optional
 
@@ -50,7 +52,12 @@ class LearnerLayout:
 
     loading: Literal["whole", "partitioned"] = "whole"  # whole: the full model on every GPU before ZeRO-3 splits it
     reference: Literal["full_copy", "partitioned"] = "full_copy"
+    # whole: the weight sync and the probe gather every ZeRO-3 parameter at once (actors/weight_sync.py: push)
+    sync: Literal["whole", "bucketed"] = "whole"
     checkpointing: bool = False  # gradient checkpointing (the learner has no setting for it yet)
+
+
+PARTITIONED = LearnerLayout("partitioned", "partitioned", "bucketed")  # what the learner is to become
 
 
 TODAY = LearnerLayout()
@@ -219,12 +226,12 @@ def micro_batch_tokens(cfg: TrainConfig) -> tuple[int, int]:
 
 @dataclass
 class LearnerMemory:
-    """Bytes on one learner GPU, by what holds them; `loading`: the peak while the model is loaded."""
+    """Bytes on one learner GPU while it trains, by what holds them, and its peaks outside training by when."""
 
     stage: int
     figures: dict[str, float]  # weights, gradients, optimizer, reference, activations, buffers, CUDA context
-    loading: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    peaks: dict[str, float] = field(default_factory=dict)  # "while loading", "while syncing"
+    module: float = 0.0  # the whole model (and adapter) in the learner's dtype
 
     @property
     def steady(self) -> float:
@@ -232,7 +239,7 @@ class LearnerMemory:
 
     @property
     def needed(self) -> float:
-        return max(self.steady, self.loading)
+        return max([self.steady, *self.peaks.values()])
 
 
 def learner_memory(cfg: TrainConfig, shape: ModelShape, layout: LearnerLayout = TODAY, stage: Optional[int] = None,
@@ -269,8 +276,12 @@ def learner_memory(cfg: TrainConfig, shape: ModelShape, layout: LearnerLayout = 
         "buffers": buffers,
         "CUDA context": CUDA_CONTEXT_BYTES,
     }
-    loading = module + reference + CUDA_CONTEXT_BYTES if stage == 3 and layout.loading == "whole" else 0.0
-    return LearnerMemory(stage, figures, loading)
+    peaks = {}
+    if stage == 3 and layout.loading == "whole":
+        peaks["while loading"] = module + reference + CUDA_CONTEXT_BYTES
+    if stage == 3 and layout.sync == "whole":  # the rest of the model gathered; no activations
+        peaks["while syncing"] = sum(figures.values()) - figures["activations"] + module - figures["weights"]
+    return LearnerMemory(stage, figures, peaks, module)
 
 
 def _config_of(shape: ModelShape) -> dict:
@@ -303,11 +314,19 @@ def learner_advice(cfg: TrainConfig, shape: ModelShape, gpu_bytes: float, layout
     more = next((k * n for k in (2, 4, 8) if learner_memory(cfg, shape, layout, 3, k * n).needed <= gpu_bytes), None)
     if more is not None:
         return f"set deepspeed.zero_stage=3 and scaling.num_learners={more} (or more)"
-    if layout.loading == "whole" and learner_memory(cfg, shape, layout, 3).loading > gpu_bytes:
-        reference = layout.reference == "full_copy" and learner_memory(cfg, shape, layout).figures["reference"]
-        return (f"no setting fits it on {gpu_bytes / GB:g} GB GPUs, as this learner loads the whole model on every GPU "
-                f"before ZeRO-3 partitions it" + (" and keeps a full reference copy on each" if reference else ""))
+    partitioned = replace(PARTITIONED, checkpointing=layout.checkpointing)
+    if layout != partitioned and learner_memory(cfg, shape, partitioned, 3).needed <= gpu_bytes:
+        return f"no setting fits it on {gpu_bytes / GB:g} GB GPUs with this learner, which {_learner_today(cfg, shape)}"
     return "lower model.max_prompt_tokens or model.max_response_tokens, or use GPUs with more memory"
+
+
+def _learner_today(cfg: TrainConfig, shape: ModelShape) -> str:
+    """What keeps today's learner from fitting where a partitioned one would (for the refusal)."""
+    reasons = ["loads the whole model on every GPU before ZeRO-3 partitions it"]
+    if learner_memory(cfg, shape, TODAY, 3).figures["reference"]:
+        reasons.append("keeps a full reference copy on each")
+    reasons.append("gathers the whole model on each to sync it")
+    return ", ".join(reasons[:-1]) + " and " + reasons[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,8 +395,17 @@ def layout_line(layout: LearnerLayout) -> str:
     load = ("the whole model loaded on every GPU before ZeRO-3 partitions it" if layout.loading == "whole" else
             "each GPU loads its partition of the model")
     ref = "a full reference copy per GPU" if layout.reference == "full_copy" else "the reference partitioned"
-    return f"  learner assumed: {load}; {ref} (KL, DPO, init: base); " \
+    sync = "the whole model gathered to sync it" if layout.sync == "whole" else "synced in buckets"
+    return f"  learner assumed: {load}; {ref} (KL, DPO, init: base); {sync}; " \
            f"{'with' if layout.checkpointing else 'no'} gradient checkpointing"
+
+
+def _peak_note(when: str, m: LearnerMemory) -> str:
+    whole = f"the whole model, {_gb(m.module)} GB,"
+    if when == "while loading":
+        reference = f" and the reference, {_gb(m.figures['reference'])} GB," if m.figures["reference"] else ""
+        return f"{whole}{reference} on the GPU before ZeRO-3 partitions the model"
+    return f"{whole} gathered to sync it, beside the optimizer state, gradients and reference"
 
 
 def learner_lines(cfg: TrainConfig, shape: ModelShape, gpu: Optional[Gpu], budget: float,
@@ -391,9 +419,8 @@ def learner_lines(cfg: TrainConfig, shape: ModelShape, gpu: Optional[Gpu], budge
     lines = [f"  learner GPU (1 of {cfg.scaling.num_learners}, ZeRO-{m.stage}, {precision}, {cfg.optim.name})"
              + (f" on {gpu}" if gpu else "")]
     lines += [f"    {k:<14}{_gb(v):>7}" + (f"   {notes[k]}" if k in notes else "") for k, v in m.figures.items()]
-    if m.loading:
-        held = "the whole model" + (" and the reference" if m.figures["reference"] else "")
-        lines.append(f"    {'while loading':<14}{_gb(m.loading):>7}   {held}, before ZeRO-3 partitions the model")
+    for when, nbytes in m.peaks.items():
+        lines.append(f"    {when:<14}{_gb(nbytes):>7}   {_peak_note(when, m)}")
     if gpu is None:
         lines.append(f"    {'total':<14}{_gb(m.needed):>7}   GPU memory unknown: set cluster.gpu_memory_gb to check it")
         return lines, None
@@ -405,9 +432,8 @@ def learner_lines(cfg: TrainConfig, shape: ModelShape, gpu: Optional[Gpu], budge
                  + (f"ZeRO-{best}" if best is not None else "none"))
     if fits:
         return lines, None
-    loading = {"weights": m.loading - m.figures["reference"] - CUDA_CONTEXT_BYTES,
-               "reference": m.figures["reference"], "CUDA context": CUDA_CONTEXT_BYTES}
-    what = f"while loading ({_breakdown(loading)})" if m.loading > m.steady else f"({_breakdown(m.figures)})"
+    peak = max(m.peaks, key=m.peaks.get) if m.peaks and max(m.peaks.values()) > m.steady else None
+    what = f"{peak} ({_peak_note(peak, m)})" if peak else f"({_breakdown(m.figures)})"
     return lines, (f"learner GPU needs {_gb(m.needed)} GB of {budget / GB:g} GB {what}: "
                    f"{learner_advice(cfg, shape, budget, layout)}")
 
@@ -483,10 +509,12 @@ def stage_table(cfg: TrainConfig, config: dict, gpu_gb: float, layout: LearnerLa
     rows = {stage: learner_memory(cfg, shape, layout, stage) for stage in (0, 1, 2, 3)}
     names = list(rows[0].figures)
     best = fastest_fitting_stage(cfg, shape, gpu_gb * GB, layout)
-    lines = ["| ZeRO | " + " | ".join(names) + " | while loading | total | on " + f"{gpu_gb:g} GB |",
-             "|" + " --- |" * (len(names) + 4)]
+    peaks = ["while loading", "while syncing"]
+    lines = ["| ZeRO | " + " | ".join(names + peaks) + f" | needed | on {gpu_gb:g} GB |",
+             "|" + " --- |" * (len(names) + len(peaks) + 3)]
     for stage, m in rows.items():
         verdict = ("fits, the fastest" if stage == best else "fits") if m.needed <= gpu_gb * GB else "does not fit"
-        cells = [_gb(v) for v in m.figures.values()] + [_gb(m.loading) if m.loading else "", f"**{_gb(m.needed)}**"]
+        cells = [_gb(v) for v in m.figures.values()] + [_gb(m.peaks[p]) if p in m.peaks else "" for p in peaks]
+        cells.append(f"**{_gb(m.needed)}**")
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {verdict} |")
     return lines

@@ -10,7 +10,7 @@ import transformers
 from pipelines.memory import role_gpu
 from pipelines.train import main as train_main
 from sami.config import ConfigError, load_config
-from sami.memory_plan import (SHAPES_DIR, TODAY, Gpu, LearnerLayout, ModelShape, count_parameters, learner_memory,
+from sami.memory_plan import (PARTITIONED, SHAPES_DIR, TODAY, Gpu, ModelShape, count_parameters, learner_memory,
                               memory_plan, model_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_learner_figures_against_a_hand_computation_mistral_7b_zero2():
     }
     m = learner_memory(preset("hh_mistral7b", "deepspeed.zero_stage=2"), ModelShape.from_config(_shape("mistral-7b")))
     assert m.figures == pytest.approx(hand, rel=1e-12)
-    assert m.loading == 0 and m.needed == pytest.approx(63_340_032_512, rel=1e-12)
+    assert m.peaks == {} and m.needed == pytest.approx(63_340_032_512, rel=1e-12)  # ZeRO-2 gathers nothing
 
 
 def test_learner_figures_against_a_hand_computation_mixtral_zero3():
@@ -87,10 +87,15 @@ def test_learner_figures_against_a_hand_computation_mixtral_zero3():
     cfg, shape = preset("tldr_mixtral_weak_writer"), ModelShape.from_config(_shape("mixtral-8x7b"))
     today = learner_memory(cfg, shape, TODAY)
     assert today.figures == pytest.approx(hand, rel=1e-12)
-    assert today.loading == 2 * psi + 2 * psi + 1e9 == today.needed  # 187.8 GB: more than the steady 163.8
-    partitioned = learner_memory(cfg, shape, LearnerLayout("partitioned", "partitioned"))
-    assert partitioned.figures["reference"] == 2 * psi / 16 and partitioned.loading == 0
-    assert partitioned.needed == pytest.approx(sum(hand.values()) - 2 * psi + 2 * psi / 16, rel=1e-12)  # 76.2 GB
+    steady = sum(hand.values())  # 163.8 GB while it trains
+    assert today.peaks == pytest.approx({
+        "while loading": 2 * psi + 2 * psi + 1e9,  # 187.8 GB: the whole model and the reference, before partitioning
+        "while syncing": steady - hand["activations"] + 2 * psi - 2 * psi / 16,  # 220.9 GB: the model gathered
+    }, rel=1e-12)
+    assert today.needed == today.peaks["while syncing"]
+    partitioned = learner_memory(cfg, shape, PARTITIONED)
+    assert partitioned.figures["reference"] == 2 * psi / 16 and partitioned.peaks == {}
+    assert partitioned.needed == pytest.approx(steady - 2 * psi + 2 * psi / 16, rel=1e-12)  # 76.2 GB
 
 
 def _shape(name: str) -> dict:
@@ -101,7 +106,7 @@ def test_engine_figures_and_a_shared_gpu():
     """A vLLM engine's share of an L40S: 0.85 x 48 GB; Mixtral's weights over tensor parallel 4; a learner that shares
     its GPU with an engine has what the engine leaves."""
     lines, refusal = memory_plan(preset("tldr_mixtral_weak_writer"), _shape("mixtral-8x7b"), "test", A100, L40S,
-                                 LearnerLayout("partitioned", "partitioned"))
+                                 PARTITIONED)
     text = "\n".join(lines)
     assert refusal is None
     assert "    share            40.8   rollout.gpu_memory_utilization 0.85 of 48 GB" in text
@@ -132,6 +137,14 @@ def test_a_plan_that_cannot_fit_is_refused_in_one_line(overrides, line, capsys):
     assert err.strip() == line
 
 
+def test_submitting_a_plan_that_cannot_fit_is_refused_before_anything_is_sent(capsys, monkeypatch):
+    from cluster.submit import main as submit_main
+
+    monkeypatch.chdir(REPO)
+    assert submit_main(["--config", "configs/hh_mistral7b.yaml", "--dry-run", "deepspeed.zero_stage=0"]) == 2
+    assert capsys.readouterr().err.startswith("error: learner GPU needs 125.7 GB of 80 GB (weights 14.5")
+
+
 TRAIN_PRESETS = ["hh_mistral7b", "hh_mistral7b_lora", "tldr_mistral7b", "mtbench_multitask_sami",
                  "mtbench_multitask_sft", "gsm8k_sami", "gsm8k_sft", "gsm8k_sft_then_sami", "tiny", "world_demo"]
 
@@ -153,11 +166,13 @@ def test_every_preset_dry_run_prints_its_memory_plan(name, capsys):
 def test_the_mixtral_preset_prints_its_plan_and_is_refused_with_todays_learner(capsys):
     assert train_main(["--config", str(REPO / "configs" / "tldr_mixtral_weak_writer.yaml"), "--dry-run"]) == 2
     out, err = capsys.readouterr()
-    assert "    while loading   187.8   the whole model and the reference, before ZeRO-3 partitions the model" in out
+    assert "    while loading   187.8   the whole model, 93.4 GB, and the reference, 93.4 GB, on the GPU before " \
+           "ZeRO-3 partitions the model\n" in out
     assert err.strip() == (
-        "error: learner GPU needs 187.8 GB of 80 GB while loading (weights 93.4, reference 93.4, CUDA context 1.0): "
-        "no setting fits it on 80 GB GPUs, as this learner loads the whole model on every GPU before ZeRO-3 "
-        "partitions it and keeps a full reference copy on each")
+        "error: learner GPU needs 220.9 GB of 80 GB while syncing (the whole model, 93.4 GB, gathered to sync it, "
+        "beside the optimizer state, gradients and reference): no setting fits it on 80 GB GPUs with this learner, "
+        "which loads the whole model on every GPU before ZeRO-3 partitions it, keeps a full reference copy on each "
+        "and gathers the whole model on each to sync it")
 
 
 def test_gpu_memory_from_the_node_type_or_the_setting():
@@ -187,3 +202,24 @@ def test_model_config_from_a_folder_the_hub_cache_or_a_published_shape(tmp_path,
     (folder / "config.json").write_text(json.dumps(_shape("llama-3-70b")))
     assert model_config(str(folder)) == (_shape("llama-3-70b"), str(folder / "config.json"))
     assert model_config("someone/unknown-model") == (None, "")
+
+
+LLAMA_3_70B = ["--config", "configs/hh_mistral7b.yaml", "model.name_or_path=meta-llama/Meta-Llama-3-70B",
+               "scaling.num_learners=16"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--config", "configs/hh_mistral7b.yaml"],
+    ["--config", "configs/tldr_mixtral_weak_writer.yaml"],
+    ["--config", "configs/tldr_mixtral_weak_writer.yaml", "--learner", "partitioned"],
+    LLAMA_3_70B,
+    LLAMA_3_70B + ["--learner", "partitioned"],
+    LLAMA_3_70B + ["--learner", "partitioned", "--checkpointing"],
+])
+def test_docs_tables_are_what_the_command_prints(args, capsys, monkeypatch):
+    from pipelines.memory import main
+
+    monkeypatch.chdir(REPO)
+    assert main(args) == 0
+    table = "\n".join(capsys.readouterr().out.splitlines()[2:])
+    assert table.startswith("| ZeRO |") and table in (REPO / "docs" / "gpu.md").read_text()
