@@ -156,11 +156,14 @@ def model_folder(name_or_path: str) -> Path | None:
 
 def cached_hub_config(name: str) -> Path | None:
     """The config.json of a hub model already in the Hugging Face cache (nothing is downloaded)."""
-    if name.startswith(("builtin:", "/", ".", "~")) or name.count("/") != 1:
+    if name.startswith(("builtin:", "/", ".", "~")):
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(name, "config.json")
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a hub name (HFValidationError)
+        return None
     return Path(found) if isinstance(found, str) else None
 
 
