@@ -122,6 +122,12 @@ class ModelShape:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)  # input embedding, LM head unless tied
         return self.layers * self.layer_parameters() + embeddings + self.hidden  # + the final norm
 
+    def lora_parameters(self, rank: int, targets: list[str]) -> int:
+        """An adapter's parameters: rank x (in + out) per targeted linear layer (A and B), in every layer (a Mixtral
+        expert's MLP layers are not counted: only attention targets are meant there)."""
+        shapes = self.linear_shapes()
+        return self.layers * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+
     def kv_bytes_per_token(self, weight_bytes: int) -> int:
         """A token's keys and values in every layer (what a vLLM engine's KV cache holds per token)."""
         return 2 * self.layers * self.kv_dim * weight_bytes
@@ -132,15 +138,8 @@ def count_parameters(config) -> int:
     return ModelShape.from_config(config).parameters()
 
 
-def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    return ModelShape.from_config(config).linear_shapes()
-
-
 def lora_parameters(config, rank: int, targets: list[str]) -> int:
-    """An adapter's parameters: rank x (in + out) per targeted linear layer (A and B), in every layer (a Mixtral
-    expert's MLP layers are not counted: only attention targets are meant there)."""
-    shapes = linear_shapes(config)
-    return config["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+    return ModelShape.from_config(config).lora_parameters(rank, targets)
 
 
 def model_folder(name_or_path: str) -> Path | None:
@@ -256,7 +255,7 @@ def learner_memory(cfg: TrainConfig, shape: ModelShape, layout: LearnerLayout = 
     w = 2 if bf16 else 4
     total = shape.parameters()
     lora = cfg.model.lora
-    adapter = lora_parameters(_config_of(shape), lora.rank, lora.target_modules) if lora.enabled else 0
+    adapter = shape.lora_parameters(lora.rank, lora.target_modules) if lora.enabled else 0
     trained = adapter or total
     states = 2 if cfg.optim.name == "adamw" else 1
     module = (total + adapter) * w
@@ -285,13 +284,6 @@ def learner_memory(cfg: TrainConfig, shape: ModelShape, layout: LearnerLayout = 
     if stage == 3 and layout.sync == "whole":  # the rest of the model gathered; no activations
         peaks["while syncing"] = sum(figures.values()) - figures["activations"] + module - figures["weights"]
     return LearnerMemory(stage, figures, peaks, module)
-
-
-def _config_of(shape: ModelShape) -> dict:
-    """The config keys `lora_parameters` reads, from a shape."""
-    return {"hidden_size": shape.hidden, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
-            "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim, "intermediate_size": shape.intermediate,
-            "vocab_size": shape.vocab}
 
 
 def fastest_fitting_stage(cfg: TrainConfig, shape: ModelShape, gpu_bytes: float,
