@@ -43,6 +43,7 @@ class NodeType:
     resources: dict[str, float]
     labels: dict[str, str]
     max_workers: int
+    instance_type: str = ""  # node_config's InstanceType (AWS) or machineType (GCP)
 
 
 def node_types(path: Path = CLUSTER_YAML) -> list[NodeType]:
@@ -52,8 +53,12 @@ def node_types(path: Path = CLUSTER_YAML) -> list[NodeType]:
     config = yaml.safe_load(path.read_text())
     head = config.get("head_node_type")
     return [NodeType(name, {k: float(v) for k, v in spec.get("resources", {}).items()}, spec.get("labels", {}),
-                     spec.get("max_workers", 0))
+                     spec.get("max_workers", 0), instance_type(spec.get("node_config", {})))
             for name, spec in config.get("available_node_types", {}).items() if name != head]
+
+
+def instance_type(node_config: dict) -> str:
+    return node_config.get("InstanceType") or node_config.get("machineType") or ""
 
 
 def fits(bundles: list[dict], selector: Optional[dict], node: NodeType, strategy: str = "PACK") -> bool:

@@ -178,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             eval_cfg = load_config(args.config, args.overrides, model_cls=EvalConfig)
             uses_gpu, plan = eval_cfg.generation.gpus_per_model > 0, format_eval_plan(eval_cfg)
         else:
+            from pipelines.memory import check_memory
             from pipelines.plan import format_plan
 
             cfg = load_config(args.config, args.overrides)
             uses_gpu, plan = cfg.scaling.gpus_per_learner > 0, format_plan(cfg)
+            check_memory(cfg)  # before any GPU node is paid for
         command = entrypoint(config_path, args.overrides, args.resume, "evals.run" if args.eval else "pipelines.train",
                              args.override_config)
         runtime_env = build_runtime_env(uses_gpu, working_dir)

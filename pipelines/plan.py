@@ -3,86 +3,18 @@
 GPUs and CPUs per actor group (learners, rollout engines with their tensor-parallel placement groups, the
 principle writer), the cluster total, the principles and family members training holds out, and the checkpoints
 each iteration writes with sizes estimated from the model's parameter count (read from a local HF folder's
-config.json, else a small table of known names, else "unknown"). Nothing is started or downloaded.
+config.json, the Hugging Face cache's, or a published shape in configs/model_shapes/, else "unknown"), and the memory
+per GPU of each role (pipelines/memory.py). Nothing is started or downloaded.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import sami.world.rules  # noqa: F401  registers the built-in world's principle library (what it holds out)
+from pipelines.memory import memory_lines
 from sami.config import TrainConfig
+from sami.memory_plan import count_parameters, lora_parameters, model_config
 from sami.precision import deepspeed_bf16
 
 WRITER_CPUS = 0.1  # the principle writer calls an endpoint or serves a saved library: a small CPU share
-
-# The shapes of the published runs' models (from their HF config.json files): `count_parameters` gives their
-# parameter counts exactly (46,702,792,704; 7,241,732,096; 6,738,415,616), `lora_parameters` their adapters'.
-_MISTRAL_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "intermediate_size": 14336}
-KNOWN_CONFIGS = {
-    "mixtral-8x7b": {**_MISTRAL_7B, "num_local_experts": 8},
-    "mistral-7b": _MISTRAL_7B,
-    "llama-2-7b": {**_MISTRAL_7B, "num_key_value_heads": 32, "intermediate_size": 11008},
-}
-
-
-def linear_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear layer of one decoder layer of a Llama/Mistral-style model, by name."""
-    h, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or h // heads
-    inter = hf_config.get("intermediate_size", 4 * h)
-    return {"q_proj": (h, heads * head_dim), "k_proj": (h, kv_heads * head_dim), "v_proj": (h, kv_heads * head_dim),
-            "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-
-
-def lora_parameters(hf_config: dict, rank: int, targets: list[str]) -> int:
-    """An adapter's parameters: rank x (in + out) per targeted linear layer (A and B), in every layer (a Mixtral
-    expert's MLP layers are not counted: only attention targets are meant there)."""
-    shapes = linear_shapes(hf_config)
-    return hf_config["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
-
-
-def count_parameters(hf_config: dict) -> int:
-    """Parameters of a Llama/Mistral/Mixtral-style decoder from its config.json (exact for those three)."""
-    h, layers, vocab = hf_config["hidden_size"], hf_config["num_hidden_layers"], hf_config["vocab_size"]
-    heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or h // heads
-    inter = hf_config.get("intermediate_size", 4 * h)
-    experts = hf_config.get("num_local_experts", 1)
-    attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o and k, v (no biases)
-    mlp = 3 * h * inter * experts + (h * experts if experts > 1 else 0)  # gate/up/down per expert + router
-    per_layer = attention + mlp + 2 * h  # two RMSNorms
-    embeddings = vocab * h * (1 if hf_config.get("tie_word_embeddings", False) else 2)
-    return layers * per_layer + embeddings + h
-
-
-def model_folder(name_or_path: str) -> Path | None:
-    """The local HF folder behind the name, if there is one (a built-in world model only once it is cached)."""
-    if name_or_path.startswith("builtin:"):
-        from sami.world.base_model import builtin_spec, cache_root, spec_hash
-
-        folder = cache_root() / f"base-{spec_hash(builtin_spec(name_or_path))}"
-        return folder if (folder / "READY").is_file() else None
-    folder = Path(name_or_path)
-    return folder if (folder / "config.json").is_file() else None
-
-
-def model_config(name_or_path: str) -> tuple[dict | None, str]:
-    """(the model's config.json as a dict, or a known family's shape, or None; where it came from)."""
-    folder = model_folder(name_or_path)
-    if folder is not None:
-        try:
-            return json.loads((folder / "config.json").read_text()), f"{folder}/config.json"
-        except ValueError:
-            return {}, f"{folder}/config.json"  # counted as not a Llama-style config
-    lowered = name_or_path.lower()
-    for key, config in KNOWN_CONFIGS.items():
-        if key in lowered:
-            return config, f"known model family {key!r}"
-    return None, ""
 
 
 def parameter_count(name_or_path: str) -> tuple[int | None, str]:
@@ -238,4 +170,4 @@ def format_plan(cfg: TrainConfig) -> str:
             lines.append(f"  {kind:<10} {_size(nbytes)} per iteration")
         lines.append(f"  total      {_size(plan['checkpoints']['iteration_bytes'])} per iteration, "
                      f"{_size(plan['checkpoints']['run_bytes'])} for the run")
-    return "\n".join(lines)
+    return "\n".join(lines + memory_lines(cfg)[0])

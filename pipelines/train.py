@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipelines.memory import check_memory
 from pipelines.plan import WRITER_CPUS, format_plan, learner_bundle
 from pipelines.preflight import check_inputs, check_run_dir, check_shared_run_folder, run_folder, save_run_config
 from pipelines.run_spec import LearnerJob, RunSpec
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             check_inputs(cfg, contact_endpoints=False)
             _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
             print(format_plan(cfg))
+            check_memory(cfg)  # after the plan, which shows the figures the refusal names
             print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
         else:
             run(cfg, resume=args.resume, override_config=args.override_config)

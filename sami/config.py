@@ -323,6 +323,12 @@ class ScalingConfig(Section):
     placement_timeout_s: float = Field(1800.0, gt=0.0)
 
 
+class ClusterConfig(Section):
+    # The memory of each GPU in GB (10^9 bytes), for a cluster that ray_cluster.yaml does not describe; None: the
+    # memory of the GPUs of the node type each role lands on there (the memory plan of --dry-run).
+    gpu_memory_gb: Optional[float] = Field(None, gt=0.0, le=1024.0)
+
+
 class CheckpointConfig(Section):
     deepspeed: bool = True
     export_hf: bool = True
@@ -342,6 +348,7 @@ class TrainConfig(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):
