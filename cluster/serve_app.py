@@ -282,7 +282,7 @@ def build_app(raw_args: dict):
     try:
         args = ServeArgs.model_validate(raw_args)
     except ValidationError as e:
-        raise ValueError(format_validation_error(e, "serve arguments")) from None
+        raise ValueError(format_validation_error(e, "serve arguments", ServeArgs)) from None
     return _deployment().options(**replica_options(args)).bind(args)
 
 
