@@ -1,7 +1,7 @@
 """Serve an exported checkpoint as an OpenAI-compatible endpoint (for people, or as another job's judge or
 principle writer):
 
-    serve run cluster.serve_app:build_app model_path=/mnt/shared/sami/runs/hh_mistral7b/iteration-3/hf
+    serve run cluster.serve_app:build_app model_path=/mnt/efs/sami/runs/hh_mistral7b/iteration-3/hf
     curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "How do I bake bread?"}], "max_tokens": 64}'
 

@@ -150,7 +150,7 @@ def test_gauge_values_split_record():
 
 
 def test_the_shared_folder_is_not_world_writable():
-    """A resume unpickles DeepSpeed checkpoints from /mnt/shared: only the containers' user may write there."""
+    """A resume unpickles DeepSpeed checkpoints from /mnt/efs: only the containers' user may write there."""
     commands = " ".join(cluster_config()["initialization_commands"])
     assert "777" not in commands and "o+w" not in commands and "a+w" not in commands
-    assert "sudo chown 1000:100 /mnt/shared && sudo chmod 0750 /mnt/shared" in commands
+    assert "sudo chown 1000:100 /mnt/efs && sudo chmod 0750 /mnt/efs" in commands

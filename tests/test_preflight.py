@@ -315,7 +315,7 @@ def test_evaluation_refuses_a_truncated_hf_export_in_its_dry_run_and_before_load
 
 
 MOUNTS = """/dev/root / ext4 rw,relatime 0 0
-fs-0123.efs.us-west-2.amazonaws.com:/ /mnt/shared nfs4 rw,vers=4.1 0 0
+fs-0123.efs.us-west-2.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0
 """
 
 
