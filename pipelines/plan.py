@@ -8,11 +8,16 @@ config.json, else a small table of known names, else "unknown"). Nothing is star
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import sami.world.rules  # noqa: F401  registers the built-in world's principle library (what it holds out)
-from sami.config import TrainConfig
+from sami.config import PrinciplesConfig, TrainConfig
+from sami.constitutions import render_constitution
+from sami.groups import draw_constitutions
 from sami.precision import deepspeed_bf16
+from sami.principle_writer import configured_library
+from sami.principles import PrincipleError
 
 WRITER_CPUS = 0.1  # the principle writer calls an endpoint or serves a saved library: a small CPU share
 
@@ -202,6 +207,33 @@ def _principles_lines(cfg: TrainConfig) -> list[str]:
     return lines
 
 
+def principles_section(p: PrinciplesConfig, seed: int) -> list[str]:
+    """The principles the run trains with and one query's constitutions, drawn as training draws them (another
+    query draws others): what the model will be asked to follow, in the words it will read."""
+    where = {"file": f"from {p.path}", "world": "of the built-in world"}.get(p.source, f"of {p.source!r}")
+    if p.source == "writer":
+        return [f"principles: written when the run starts by {p.writer.model} at {p.writer.base_url} "
+                f"({p.writer.num_principles} of them; mode {p.mode}, {p.num_constitutions} constitutions per query)"]
+    try:
+        library = configured_library(p)
+    except PrincipleError as e:
+        return [f"principles: not read ({e})"]
+    lines = [f"principles {where} (mode {p.mode}, {p.num_constitutions} constitutions per query"
+             + (f", {p.principles_per_constitution} principles each" if p.principles_per_constitution else "") + "):"]
+    lines += [f"  {q.name}: {q.definition} | antithesis: {q.antithesis}" for q in library]
+    try:
+        drawn = draw_constitutions(library, p, ["example"], f"plan/{seed}")[0]
+    except ValueError as e:
+        return [*lines, f"  no constitution can be drawn: {e}"]
+    by_name = {q.name: q for q in library}
+    lines.append("an example query's constitutions (the positive one first, then the contrasts it is scored against):")
+    for index, constitution in enumerate(drawn):
+        lines.append(f"  constitution {index + 1} ({'positive' if index == 0 else 'contrast'}):")
+        text = render_constitution(constitution, by_name, random.Random(f"plan/{seed}/{index}"))
+        lines += [f"    {line}" for line in text.splitlines()]
+    return lines
+
+
 def format_plan(cfg: TrainConfig) -> str:
     plan = resource_plan(cfg)
     g = plan["groups"]
@@ -238,4 +270,5 @@ def format_plan(cfg: TrainConfig) -> str:
             lines.append(f"  {kind:<10} {_size(nbytes)} per iteration")
         lines.append(f"  total      {_size(plan['checkpoints']['iteration_bytes'])} per iteration, "
                      f"{_size(plan['checkpoints']['run_bytes'])} for the run")
+    lines += principles_section(cfg.principles, cfg.run.seed)
     return "\n".join(lines)

@@ -53,10 +53,11 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
 
         check_targets(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
     rows = None  # the queries the data yields, where that is known without the hub
-    if cfg.data.source == "jsonl":
+    if cfg.data.source == "jsonl" or (cfg.data.source == "hf" and not hub_name(cfg.data.dataset)):
         from sami.data import load_queries
 
-        rows = len(load_queries(cfg.data, cfg.run.seed))  # the file exists and every line is JSON with a query
+        # a JSONL file, or a data set in a local folder: it loads, and every record has a non-empty query
+        rows = len(load_queries(cfg.data, cfg.run.seed))
     elif cfg.data.source == "world":
         from sami.data import WORLD_QUERIES
 
