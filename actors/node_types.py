@@ -13,12 +13,32 @@ ROLE = "role"  # the label ray_cluster.yaml gives its node types
 LEARNER, ROLLOUT = "learner", "rollout"
 
 
+# The GPU of a cloud machine type, by family (the part before the "."; GCP's by prefix): (model, memory per GPU in GB),
+# from the providers' pages (aws.amazon.com/ec2/instance-types/p4, /p5, /g6e, /g6, /g5; cloud.google.com/compute/docs/
+# gpus). The plan names it beside each role's node type.
+GPU_OF_MACHINE = {"p4d": ("A100", 40), "p4de": ("A100", 80), "p5": ("H100", 80), "p5e": ("H200", 141),
+                  "p5en": ("H200", 141), "g6e": ("L40S", 48), "g6": ("L4", 24), "g5": ("A10G", 24),
+                  "a2-highgpu": ("A100", 40), "a2-ultragpu": ("A100", 80), "a3-highgpu": ("H100", 80),
+                  "g2-standard": ("L4", 24)}
+
+
 @dataclass(frozen=True)
 class NodeType:
     name: str
     resources: dict[str, float]
     labels: dict[str, str]
     max_workers: int
+    machine: str = ""  # node_config's InstanceType (AWS) or machineType (GCP)
+
+    @property
+    def gpu(self) -> str:
+        """'8 x A100 80 GB', '4 x GPU (model unknown)' or 'no GPU'."""
+        count = self.resources.get("GPU", 0)
+        if not count:
+            return "no GPU"
+        family = self.machine.split(".")[0]
+        known = GPU_OF_MACHINE.get(family) or next((v for k, v in GPU_OF_MACHINE.items() if family.startswith(k)), None)
+        return f"{count:g} x {known[0]} {known[1]} GB" if known else f"{count:g} x GPU (model unknown for {self.machine!r})"
 
 
 def node_types(path: Path = CLUSTER_YAML) -> list[NodeType]:
@@ -28,7 +48,9 @@ def node_types(path: Path = CLUSTER_YAML) -> list[NodeType]:
     config = yaml.safe_load(path.read_text())
     head = config.get("head_node_type")
     return [NodeType(name, {k: float(v) for k, v in spec.get("resources", {}).items()}, spec.get("labels", {}),
-                     spec.get("max_workers", 0))
+                     spec.get("max_workers", 0),
+                     str(spec.get("node_config", {}).get("InstanceType") or spec.get("node_config", {}).get("machineType")
+                         or ""))
             for name, spec in config.get("available_node_types", {}).items() if name != head]
 
 

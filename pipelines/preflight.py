@@ -150,9 +150,9 @@ def hub_name(name: str | None) -> bool:
     return bool(name) and not name.startswith("builtin:") and not Path(name).is_absolute() and not Path(name).exists()
 
 
-def unchecked_inputs(cfg: TrainConfig) -> list[str]:
+def unchecked_inputs(cfg: TrainConfig, writer_answered: bool | None = None) -> list[str]:
     """What `--dry-run` could not check from here, one line each: hub names not in the local cache, a hub data set's
-    rows, a principle writer's endpoint that does not answer (the run contacts it before Ray starts)."""
+    rows, a principle writer's endpoint that did not answer (`writer_answers`; the run contacts it before Ray starts)."""
     lines = []
     for field, name in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
         if hub_name(name) and not hub_cached(name, "model"):
@@ -164,15 +164,23 @@ def unchecked_inputs(cfg: TrainConfig) -> list[str]:
             "needs the hub (not in the local cache): that it exists, and its rows are counted"
         lines.append(f"not checked: data.dataset {d.dataset!r} {where} only when the run loads it (data."
                      f"heldout_queries {d.heldout_queries} plus the queries an iteration samples must fit)")
-    writer = cfg.principles.writer
-    if cfg.principles.source == "writer" and writer.backend in ("openai", "vllm"):
-        try:
-            check_endpoint(writer.model_copy(update={"timeout": min(writer.timeout, 5.0)}),
-                           field_prefix="principles.writer", purpose="principles.writer", retries=0)
-        except ChatClientError:
-            lines.append(f"not checked: principles.writer.base_url {writer.base_url} does not answer from here; the "
-                         f"run needs it up before it starts (serve the writer first: docs/cluster.md, step 3)")
+    if writer_answered is False:
+        lines.append(f"not checked: principles.writer.base_url {cfg.principles.writer.base_url} does not answer from "
+                     f"here; the run needs it up before it starts (serve the writer first: docs/cluster.md, step 3)")
     return lines
+
+
+def writer_answers(cfg: TrainConfig) -> bool | None:
+    """Whether a served principle writer answers one request from here (within 5 s); None for no served writer."""
+    writer = cfg.principles.writer
+    if cfg.principles.source != "writer" or writer.backend not in ("openai", "vllm"):
+        return None
+    try:
+        check_endpoint(writer.model_copy(update={"timeout": min(writer.timeout, 5.0)}),
+                       field_prefix="principles.writer", purpose="principles.writer", retries=0)
+    except ChatClientError:
+        return False
+    return True
 
 
 def check_model_folder(field: str, name_or_path: str | None, marker: str) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from pipelines.plan import WRITER_CPUS, format_plan, learner_bundle
 from pipelines.preflight import (check_inputs, check_placements, check_run_dir, check_shared_run_folder, run_folder,
-                                 save_run_config, unchecked_inputs)
+                                 save_run_config, unchecked_inputs, writer_answers)
 from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
@@ -477,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             check_placements(cfg)
             _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
             print(format_plan(cfg))
-            print(dry_run_verdict(unchecked_inputs(cfg), continues_from if args.resume else None))
+            answered = writer_answers(cfg)
+            if answered:
+                print(f"principles.writer.base_url {cfg.principles.writer.base_url} answers")
+            print(dry_run_verdict(unchecked_inputs(cfg, answered), continues_from if args.resume else None))
         else:
             run(cfg, resume=args.resume, override_config=args.override_config)
 

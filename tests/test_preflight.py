@@ -472,3 +472,47 @@ def test_a_writer_endpoint_that_does_not_answer_is_said(capsys, no_ray):
     assert code == 0 and "inputs OK" not in out
     assert ("not checked: principles.writer.base_url http://127.0.0.1:9/v1 does not answer from here; the run needs it "
             "up before it starts") in out
+
+
+def test_a_writer_endpoint_that_answers_is_said_and_the_plan_names_it(capsys, no_ray):
+    from chat_server import ChatServer
+
+    server = ChatServer("OK")
+    try:
+        code, out, _ = dry_run(capsys, "--config", "configs/tldr_mixtral_weak_writer.yaml",
+                               f"principles.writer.base_url={server.url}")
+    finally:
+        server.close()
+    assert code == 0 and len(server.requests) == 1
+    assert (f"  principle writer: 1 x (0 GPU, 0.1 CPU), principles from writer (openai) at {server.url}, model "
+            f"mistralai/Mistral-7B-Instruct-v0.2 (served outside this job: its GPUs are the server's)") in out
+    assert f"principles.writer.base_url {server.url} answers\n" in out and "not checked: principles.writer" not in out
+
+
+def test_the_plan_names_each_roles_node_type_gpus_and_nodes(capsys, no_ray):
+    """ray_cluster.yaml: learner nodes p4de.24xlarge (8 x A100 80 GB, 2 at most), rollout nodes g6e.12xlarge (4 x L40S
+    48 GB, 4 at most). 16 one-GPU learners take both learner nodes; one TP-4 engine fills one rollout node, five
+    one-GPU engines take two."""
+    out = dry_run(capsys, "--config", "configs/tldr_mixtral_weak_writer.yaml")[1].splitlines()
+    assert "  learners: 2 learner node(s) of 2 at most (p4de.24xlarge: 8 x A100 80 GB, 96 CPUs each)" in out
+    assert "  rollout engines: 1 rollout node(s) of 4 at most (g6e.12xlarge: 4 x L40S 48 GB, 48 CPUs each)" in out
+    out = dry_run(capsys, "--config", "configs/hh_mistral7b.yaml", "rollout.num_engines=5")[1].splitlines()
+    assert "  learners: 1 learner node(s) of 2 at most (p4de.24xlarge: 8 x A100 80 GB, 96 CPUs each)" in out
+    assert "  rollout engines: 2 rollout node(s) of 4 at most (g6e.12xlarge: 4 x L40S 48 GB, 48 CPUs each)" in out
+
+
+def test_the_evaluation_plan_counts_the_judges_requests_and_says_whether_its_key_is_set(capsys, monkeypatch, no_ray):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert eval_main(["--config", "configs/eval_hh_mistral7b.yaml", "--dry-run", "judge.base_url=http://127.0.0.1:9/v1"]) == 0
+    out = capsys.readouterr().out
+    assert ("  judge: openai gpt-4-0613 at http://127.0.0.1:9/v1; 1000 requests (win rates 4 model(s) x 250 queries x 1);"
+            " key $OPENAI_API_KEY is not set here (set it where the job runs)") in out.splitlines()
+    assert out.splitlines()[-1].startswith("config OK, ") and "warning(s) above" in out.splitlines()[-1]
+    monkeypatch.setenv("OPENAI_API_KEY", "not-a-real-key")
+    assert eval_main(["--config", "configs/eval_mtbench_multitask.yaml", "--dry-run", "judge.swap=true",
+                      "judge.base_url=http://127.0.0.1:9/v1"]) == 0
+    out = capsys.readouterr().out
+    # win rates 2 models x 250 queries x 2 orders (1000); MT-Bench 3 models x 80 questions x 2 turns (480) + 2 x 80 x 2 (320)
+    assert "; 1800 requests (win rates 2 model(s) x 250 queries x 2; MT-Bench 3 model(s) x 80 questions x 2 turns + " \
+           "2 x 80 pairwise x 2 orders); key $OPENAI_API_KEY is set here" in out
+    assert "not-a-real-key" not in out
