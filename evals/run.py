@@ -37,6 +37,10 @@ def settings_from_run(run: RunDir) -> dict:
     if not run.config.is_file():
         raise ConfigError(f"--run {run.path}: no config.yaml there, so not a pipelines.train run folder")
     train = load_config(run.config, model_cls=TrainConfig)
+    if train.prompt.template != "base":  # the evaluation renders the paper's base format only
+        raise ConfigError(f"--run {run.path}: the run trained with prompt.template {train.prompt.template!r}, and the "
+                          f"evaluation job renders the base format only: its MI bound and responses would not be the "
+                          f"run's prompts")
     exported = [k for k in run.complete_iterations() if run.exported(k)]
     if not exported:
         raise ConfigError(f"--run {run.path}: no complete iteration with an HF export yet "

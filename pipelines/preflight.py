@@ -6,6 +6,7 @@ actors, after Ray and the learners had started, as a long traceback.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
         raise ConfigError(f"principles: {e}") from None
     check_model_folder("model.name_or_path", cfg.model.name_or_path, "config.json")
     check_model_folder("model.tokenizer", cfg.model.tokenizer, "tokenizer_config.json")
+    check_chat_template(cfg)
     if cfg.model.lora.enabled:  # torch and transformers: only for a LoRA run
         from sami.lora import check_targets
 
@@ -181,6 +183,26 @@ def writer_answers(cfg: TrainConfig) -> bool | None:
     except ChatClientError:
         return False
     return True
+
+
+def check_chat_template(cfg: TrainConfig) -> None:
+    """`prompt.template: chat` needs a tokenizer with a chat template: checked where the tokenizer is a local folder
+    (a hub name is read when the run loads it; a built-in model has none)."""
+    if cfg.prompt.template != "chat":
+        return
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    if name.startswith("builtin:"):
+        raise ConfigError(f"prompt.template is 'chat' but {field} {name} is a base model without a chat template: "
+                          f"use prompt.template=base")
+    folder = Path(name)
+    if not (folder.is_absolute() and (folder / "tokenizer_config.json").is_file()):
+        return
+    has_template = "chat_template" in json.loads((folder / "tokenizer_config.json").read_text()) or any(
+        (folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
+    if not has_template:
+        raise ConfigError(f"prompt.template is 'chat' but the tokenizer in {folder} has no chat template (no "
+                          f"chat_template in tokenizer_config.json, no chat_template.jinja): use prompt.template=base")
 
 
 def check_model_folder(field: str, name_or_path: str | None, marker: str) -> None:

@@ -180,6 +180,12 @@ class PrinciplesConfig(Section):
         return () if self.source in ("file", "writer") else builtin_library(self.source).family
 
 
+class PromptConfig(Section):
+    # base: the paper's text format for base models ("System: ... Human: ... Assistant:", sami/prompts.py); chat: the
+    # tokenizer's chat template for instruct models, the constitution as the system message (`ChatPrompts`)
+    template: Literal["base", "chat"] = "base"
+
+
 class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # vLLM refuses > 2 (SamplingParams._verify_args)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -334,6 +340,7 @@ class TrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     principles: PrinciplesConfig = Field(default_factory=PrinciplesConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
