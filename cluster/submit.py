@@ -179,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             uses_gpu, plan = eval_cfg.generation.gpus_per_model > 0, format_eval_plan(eval_cfg)
         else:
             from pipelines.plan import format_plan
+            from pipelines.preflight import check_placements
 
             cfg = load_config(args.config, args.overrides)
+            check_placements(cfg)  # a placement no node type holds would wait scaling.placement_timeout_s for nothing
             uses_gpu, plan = cfg.scaling.gpus_per_learner > 0, format_plan(cfg)
         command = entrypoint(config_path, args.overrides, args.resume, "evals.run" if args.eval else "pipelines.train",
                              args.override_config)

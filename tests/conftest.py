@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN.md §4)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters
 
 REPO = Path(__file__).resolve().parents[1]
 # The vLLM lane runs in its own venv (`make test-vllm`); the main suite's venv has no vLLM.

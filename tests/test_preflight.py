@@ -516,3 +516,10 @@ def test_the_evaluation_plan_counts_the_judges_requests_and_says_whether_its_key
     assert "; 1800 requests (win rates 2 model(s) x 250 queries x 2; MT-Bench 3 model(s) x 80 questions x 2 turns + " \
            "2 x 80 pairwise x 2 orders); key $OPENAI_API_KEY is set here" in out
     assert "not-a-real-key" not in out
+
+
+def test_submitting_a_placement_no_node_type_can_give_is_refused_before_anything_is_sent(capsys, no_ray):
+    from cluster.submit import main as submit_main
+
+    assert submit_main(["--config", "configs/hh_mistral7b.yaml", "rollout.tensor_parallel_size=16", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: rollout.tensor_parallel_size: one vllm engine asks for 16 GPU(s)")
