@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import ray
-import yaml
 
-ROLE = "role"
-LEARNER, ROLLOUT = "learner", "rollout"
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
+from actors.node_types import CLUSTER_YAML, LEARNER, ROLE, ROLLOUT, NodeType, fits, node_types  # noqa: F401  (its API)
 
 
 def roles_in_use() -> bool:
@@ -35,42 +31,6 @@ def roles_in_use() -> bool:
 def role_selector(role: str) -> Optional[dict[str, str]]:
     """The label selector that sends a request to `role` nodes, or None on a cluster without role labels."""
     return {ROLE: role} if roles_in_use() else None
-
-
-@dataclass(frozen=True)
-class NodeType:
-    name: str
-    resources: dict[str, float]
-    labels: dict[str, str]
-    max_workers: int
-    instance_type: str = ""  # node_config's InstanceType (AWS) or machineType (GCP)
-
-
-def node_types(path: Path = CLUSTER_YAML) -> list[NodeType]:
-    """The worker node types a cluster config declares (none when the file is not there)."""
-    if not path.is_file():
-        return []
-    config = yaml.safe_load(path.read_text())
-    head = config.get("head_node_type")
-    return [NodeType(name, {k: float(v) for k, v in spec.get("resources", {}).items()}, spec.get("labels", {}),
-                     spec.get("max_workers", 0), instance_type(spec.get("node_config", {})))
-            for name, spec in config.get("available_node_types", {}).items() if name != head]
-
-
-def instance_type(node_config: dict) -> str:
-    return node_config.get("InstanceType") or node_config.get("machineType") or ""
-
-
-def fits(bundles: list[dict], selector: Optional[dict], node: NodeType, strategy: str = "PACK") -> bool:
-    """Whether nodes of this type (as many as it may start; one under STRICT_PACK) can hold these bundles: the labels
-    match, each bundle fits one node, and all of them fit the type's nodes together."""
-    if any(node.labels.get(k) != v for k, v in (selector or {}).items()):
-        return False
-    if any(amount > node.resources.get(name, 0.0) for bundle in bundles for name, amount in bundle.items()):
-        return False
-    total = {name: sum(b.get(name, 0.0) for b in bundles) for bundle in bundles for name in bundle}
-    nodes = 1 if strategy == "STRICT_PACK" else node.max_workers
-    return all(amount <= node.resources.get(name, 0.0) * nodes for name, amount in total.items())
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Joining or starting Ray, the same way for the training job, the evaluation job and the demo.
 
 Under `ray job submit` (RAY_ADDRESS set) a job joins the cluster; otherwise it starts a local Ray with the
-dashboard on loopback and enough logical CPUs for its actors (the 2-CPU starvation deadlock, DESIGN §4).
+dashboard on loopback and enough logical CPUs for its actors (the 2-CPU starvation deadlock: Ray Train's own
+actors wait for CPUs the workers hold).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Serve an exported checkpoint as an OpenAI-compatible endpoint (for people, or as another job's judge or
 principle writer):
 
-    serve run cluster.serve_app:build_app model_path=/mnt/shared/sami/runs/hh_mistral7b/iteration-3/hf
+    serve run cluster.serve_app:build_app model_path=/mnt/efs/sami/runs/hh_mistral7b/iteration-3/hf
     curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "How do I bake bread?"}], "max_tokens": 64}'
 
@@ -282,7 +282,7 @@ def build_app(raw_args: dict):
     try:
         args = ServeArgs.model_validate(raw_args)
     except ValidationError as e:
-        raise ValueError(format_validation_error(e, "serve arguments")) from None
+        raise ValueError(format_validation_error(e, "serve arguments", ServeArgs)) from None
     return _deployment().options(**replica_options(args)).bind(args)
 
 

@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from pipelines.memory import check_memory
             from pipelines.plan import format_plan
+            from pipelines.preflight import check_placements
 
             cfg = load_config(args.config, args.overrides)
+            check_placements(cfg)  # a placement no node type holds would wait scaling.placement_timeout_s for nothing
             uses_gpu, plan = cfg.scaling.gpus_per_learner > 0, format_plan(cfg)
             check_memory(cfg)  # before any GPU node is paid for
         command = entrypoint(config_path, args.overrides, args.resume, "evals.run" if args.eval else "pipelines.train",

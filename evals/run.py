@@ -37,6 +37,10 @@ def settings_from_run(run: RunDir) -> dict:
     if not run.config.is_file():
         raise ConfigError(f"--run {run.path}: no config.yaml there, so not a pipelines.train run folder")
     train = load_config(run.config, model_cls=TrainConfig)
+    if train.prompt.template != "base":  # the evaluation renders the paper's base format only
+        raise ConfigError(f"--run {run.path}: the run trained with prompt.template {train.prompt.template!r}, and the "
+                          f"evaluation job renders the base format only: its MI bound and responses would not be the "
+                          f"run's prompts")
     exported = [k for k in run.complete_iterations() if run.exported(k)]
     if not exported:
         raise ConfigError(f"--run {run.path}: no complete iteration with an HF export yet "
@@ -91,6 +95,48 @@ def missing_paths(cfg: EvalConfig) -> list[str]:
     return problems
 
 
+MTBENCH_QUESTIONS = 80  # FastChat's question.jsonl: 8 categories x 10
+
+
+def judge_calls(cfg: EvalConfig) -> tuple[int | None, str]:
+    """(requests the judge gets, how they add up): win rates, one per held-out query and model other than the
+    baseline (two with judge.swap); MT-Bench, a grade per question, turn and model and both orders of the first turn
+    against the baseline (evals/judge.py). None where the number of queries is known only once they are loaded."""
+    others, parts, total = len(cfg.models) - 1, [], 0
+    if cfg.win_rates.enabled:
+        queries = cfg.num_queries or cfg.data.heldout_queries or None
+        orders = 2 if cfg.judge.swap else 1
+        if queries is None:
+            return None, f"win rates: {others} model(s) x every query loaded x {orders}"
+        total += others * queries * orders
+        parts.append(f"win rates {others} model(s) x {queries} queries x {orders}")
+    if cfg.mtbench.enabled:
+        path = Path(cfg.mtbench.questions or "")
+        questions = sum(1 for line in path.open() if line.strip()) if path.is_file() else MTBENCH_QUESTIONS
+        questions = min(questions, cfg.mtbench.max_questions or questions)
+        total += len(cfg.models) * questions * 2 + others * questions * 2
+        parts.append(f"MT-Bench {len(cfg.models)} model(s) x {questions} questions x 2 turns + {others} x "
+                     f"{questions} pairwise x 2 orders")
+    return total, "; ".join(parts)
+
+
+def judge_line(cfg: EvalConfig) -> str:
+    """Who judges, how many requests it gets, and whether its key is set here."""
+    j = cfg.judge
+    if not (cfg.win_rates.enabled or cfg.mtbench.enabled):
+        return "  judge: none needed"
+    if j.backend == "world":
+        return "  judge: the world's rule judge" + (", both A/B orders" if j.swap else "")
+    calls, how = judge_calls(cfg)
+    where = f" at {j.base_url}" if j.base_url else ""
+    key = ""
+    if j.backend in ("openai", "vllm"):
+        key = f"; key ${j.api_key_env} " + ("is set here" if os.environ.get(j.api_key_env) else
+                                            "is not set here (set it where the job runs)")
+    return (f"  judge: {j.backend} {j.model}{where}" + (", both A/B orders" if j.swap else "")
+            + f"; {calls if calls is not None else 'an unknown number of'} requests ({how}){key}")
+
+
 def format_plan(cfg: EvalConfig) -> str:
     """What the job would do, from the config alone (no data or model is loaded)."""
     d, g, j, p = cfg.data, cfg.generation, cfg.judge, cfg.principles
@@ -111,8 +157,6 @@ def format_plan(cfg: EvalConfig) -> str:
     if cfg.gsm8k.enabled:
         benchmarks.append(f"GSM8K ({cfg.gsm8k.source} {cfg.gsm8k.split}; greedy" +
                           (f", pass@{cfg.gsm8k.k} from {cfg.gsm8k.num_samples} samples" if cfg.gsm8k.num_samples else "") + ")")
-    judge = "none needed" if not (cfg.win_rates.enabled or cfg.mtbench.enabled) else "the world's rule judge" if j.backend == "world" else (
-        f"{j.backend} {j.model}" + (f" at {j.base_url} (key from ${j.api_key_env})" if j.base_url else ""))
     queries = (f"  queries: {source}, {held}" + (f", at most {cfg.num_queries}" if cfg.num_queries else "")
                + f"; {p.num_constitutions} constitutions each ({p.mode})") if cfg.needs_queries else "  queries: none"
     return "\n".join([
@@ -121,7 +165,7 @@ def format_plan(cfg: EvalConfig) -> str:
         queries,
         f"  generation: {g.engine}, one Ray actor per model with {g.cpus_per_model:g} CPU and {g.gpus_per_model:g} GPU "
         f"(at most {len(cfg.models) * g.gpus_per_model:g} GPUs at once)",
-        f"  judge: {judge}" + (", both A/B orders" if j.swap else ""),
+        judge_line(cfg),
         f"  benchmarks: {'; '.join(benchmarks) or 'none'}",
     ])
 
@@ -194,6 +238,19 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
     return out
 
 
+def dry_run_warnings(cfg: EvalConfig) -> list[str]:
+    """What `--dry-run` cannot find from here: files the config names, the judge's endpoint (one request)."""
+    from sami.chat_clients import ChatClientError, check_endpoint
+
+    warnings = [f"warning: {problem} (fine if it is on the cluster's storage)" for problem in missing_paths(cfg)]
+    if cfg.win_rates.enabled or cfg.mtbench.enabled:
+        try:
+            check_endpoint(cfg.judge, field_prefix="judge", purpose="judge", retries=0)
+        except ChatClientError as e:
+            warnings.append(f"warning: {e} (fine if the endpoint is reachable from the cluster)")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="an evaluation config (configs/eval_*.yaml); with --run, its judge and "
@@ -212,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --config, --run or both")
     from evals.gsm8k import GSM8KError
     from evals.mtbench import MTBenchError
-    from sami.chat_clients import ChatClientError, check_endpoint
+    from sami.chat_clients import ChatClientError
     from sami.principles import PrincipleError
 
     with console.session(verbose=args.verbose):
@@ -221,16 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             check_model_folders(m.path for m in cfg.models)  # before --dry-run's "config OK" and any model loads
             if args.dry_run:
                 print(format_plan(cfg))
-                for problem in missing_paths(cfg):
-                    print(f"warning: {problem} (fine if it is on the cluster's storage)")
                 if cfg.needs_queries and cfg.principles.source == "file" and Path(cfg.principles.path).is_file():
                     library(cfg)  # present but malformed: an error here too
-                if cfg.win_rates.enabled or cfg.mtbench.enabled:
-                    try:
-                        check_endpoint(cfg.judge, field_prefix="judge", purpose="judge", retries=0)
-                    except ChatClientError as e:
-                        print(f"warning: {e} (fine if the endpoint is reachable from the cluster)")
-                print("config OK; nothing started (--dry-run)")
+                warnings = dry_run_warnings(cfg)
+                for warning in warnings:
+                    print(warning)
+                print(f"config OK, {len(warnings)} warning(s) above; nothing started (--dry-run)" if warnings
+                      else "config OK; nothing started (--dry-run)")
                 return 0
             run(cfg, judge_only=args.judge_only)
         except (ConfigError, ChatClientError, MTBenchError, GSM8KError, PrincipleError) as e:

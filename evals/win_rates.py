@@ -12,7 +12,7 @@ Three estimators:
   with a logistic model fitted by Newton/IRLS (ties are 0.5 targets), and read the win rate off at a length
   difference of zero: sigmoid(intercept).
 
-The paper's judge outputs (fixtures/sami-paper-hh-winrates, from janphilippfranken/typo) use this same
+The paper's judge outputs (tests/fixtures/sami-paper-hh-winrates, from janphilippfranken/typo) use this same
 convention: each file is a list of [score, baseline_len, test_len] with score 1 when GPT-4 preferred the test
 model (the judge saw the two in a random order; the script mapped the verdict back to the test model).
 "balanced" is the estimator behind the paper's length-controlled figures (iteration 3): vs base 66.92% (paper

@@ -38,6 +38,7 @@ from sami.learner import GroupStream, Learner, StopRun, control_group, stop_toge
 from sami.objectives import objective_for
 from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
+from sami.prompts import prompt_format
 from sami.run_dir import RunDir
 
 Probe = tuple[list[int], list[int]]
@@ -228,8 +229,13 @@ def generate_phase(loop: Loop, iteration: int, upcoming: Optional[Future]) -> tu
 
 def tokenise(loop: Loop, group: QueryGroup) -> QueryGroup:
     cfg = loop.cfg
-    return tokenise_group(group, loop.learner.tokenizer, cfg.data.task, cfg.model.max_prompt_tokens,
-                          cfg.model.max_response_tokens)
+    return tokenise_group(group, loop.learner.tokenizer, prompts_of(cfg, loop.learner.tokenizer),
+                          cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+
+
+def prompts_of(cfg: TrainConfig, tokenizer):
+    """The run's prompt format (`prompt.template`) over the learner's tokenizer: what groups are planned and scored in."""
+    return prompt_format(cfg.data.task, cfg.prompt.template, tokenizer)
 
 
 def shard_sources(loop: Loop, generation: Generation) -> list:
@@ -323,7 +329,8 @@ def start_generation(loop: Loop, iteration: int, policy_iteration: int) -> Gener
         return generation
     # one_step_off: rank 0 runs every batch in its thread and hands out equal shards, as the direct path
     streams = loop.world if cfg.schedule.rollout == "sync" else 1
-    batches, generation.figures = plan_iteration(cfg, iteration, queries, loop.constitutions, streams)
+    batches, generation.figures = plan_iteration(cfg, iteration, queries, loop.constitutions,
+                                                 prompts_of(cfg, loop.learner.tokenizer), streams)
     ledger = loop.run_dir.batch_ledger(iteration)
     shutil.rmtree(ledger, ignore_errors=True)  # a ledger left by an attempt that died mid-iteration
     ledger.mkdir(parents=True)
@@ -374,14 +381,15 @@ def complete_generation(loop: Loop, generation: Generation) -> list[QueryGroup]:
     return groups
 
 
-def plan_iteration(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable,
+def plan_iteration(cfg: TrainConfig, iteration: int, queries: list[dict], constitutions: Callable, prompts,
                    ranks: int = 1) -> tuple[list[list[QueryGroup]], dict]:
     """(the iteration's generation batches of planned groups, for `ranks` streams; {"time_write_principles"}): queries
-    -> constitutions (`constitutions(query_ids, seed)`: the principle library and each query's C, in one call) -> groups."""
+    -> constitutions (`constitutions(query_ids, seed)`: the principle library and each query's C, in one call) -> groups
+    in `prompts` (`prompts_of`)."""
     started = time.perf_counter()
     library, stances = constitutions([q["query_id"] for q in queries], cfg.run.seed * 1000 + iteration)
     figures = {"time_write_principles": time.perf_counter() - started}
-    groups = plan_groups(queries, library, stances, cfg.data.task, TrainingSeeds(cfg.run.seed, iteration))
+    groups = plan_groups(queries, library, stances, prompts, TrainingSeeds(cfg.run.seed, iteration))
     return generation_batches(groups, cfg.sampling.batch_size, cfg.principles.num_constitutions, ranks), figures
 
 
@@ -393,12 +401,13 @@ def build_groups(cfg: TrainConfig, iteration: int, queries: list[dict], constitu
     `generate(prompt batches, seeds)` returns every batch's completions in order; a prompt's seed is keyed by
     (run seed, iteration, query, constitution), so its sample does not depend on the batch it travels in.
     """
-    batches, figures = plan_iteration(cfg, iteration, queries, constitutions)
+    prompts = prompts_of(cfg, tokenizer)
+    batches, figures = plan_iteration(cfg, iteration, queries, constitutions, prompts)
     groups = [g for b in batches for g in b]
     completions = generate([[p for g in b for p in g.generation_prompts] for b in batches],
                            [[s for g in b for s in generation_seeds(g, cfg.run.seed, iteration)] for b in batches])
     attach_completions(groups, completions)
-    kept, counts = filter_and_tokenise(groups, tokenizer, cfg.filters, cfg.data.task, cfg.model.max_prompt_tokens,
+    kept, counts = filter_and_tokenise(groups, tokenizer, cfg.filters, prompts, cfg.model.max_prompt_tokens,
                                        cfg.model.max_response_tokens)
     return kept, {**figures, **counts}
 

@@ -4,7 +4,7 @@
 [--checkpointing]` prints one learner GPU under each ZeRO stage as a Markdown table (docs/gpu.md holds the presets').
 
 A role's GPU is the one of the `ray_cluster.yaml` node type it lands on (learners on `role: learner` nodes, rollout
-engines on `role: rollout` nodes: actors/placement.py), known by its instance type, or `cluster.gpu_memory_gb` for a
+engines on `role: rollout` nodes: actors/node_types.py), known by its machine type, or `cluster.gpu_memory_gb` for a
 cluster that file does not describe.
 """
 from __future__ import annotations
@@ -14,30 +14,19 @@ import sys
 from dataclasses import replace
 from typing import Optional
 
+from actors.node_types import CLUSTER_YAML, ROLE, node_types
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.memory_plan import PARTITIONED, TODAY, Gpu, LearnerLayout, layout_line, memory_plan, model_config, stage_table
-
-# The GPU and its nominal memory (GB) of each instance type ray_cluster.yaml names or its comments suggest.
-INSTANCE_GPUS = {
-    "p4de.24xlarge": ("A100", 80), "p4d.24xlarge": ("A100", 40), "p5.48xlarge": ("H100", 80),
-    "p5e.48xlarge": ("H200", 141), "p5en.48xlarge": ("H200", 141), "g6e.12xlarge": ("L40S", 48),
-    "g6e.48xlarge": ("L40S", 48), "g6.12xlarge": ("L4", 24), "g5.12xlarge": ("A10G", 24),
-    "a2-ultragpu-8g": ("A100", 80), "a2-highgpu-4g": ("A100", 40), "a2-highgpu-8g": ("A100", 40),
-    "a3-highgpu-8g": ("H100", 80), "g2-standard-48": ("L4", 24),
-}
-
 
 def role_gpu(cfg: TrainConfig, role: str) -> Optional[Gpu]:
     """The GPU a role's actors land on ("learner" or "rollout", the `role` labels of actors/placement.py):
     `cluster.gpu_memory_gb`, else its ray_cluster.yaml node type's; None when neither says."""
-    from actors.placement import CLUSTER_YAML, ROLE, node_types  # ray: not imported by every CLI start
-
     if cfg.cluster.gpu_memory_gb is not None:
         return Gpu(f"{cfg.cluster.gpu_memory_gb:g} GB", cfg.cluster.gpu_memory_gb, "cluster.gpu_memory_gb")
     for node in node_types():
-        if node.labels.get(ROLE) == role and node.instance_type in INSTANCE_GPUS:
-            name, gb = INSTANCE_GPUS[node.instance_type]
-            return Gpu(f"{name} {gb} GB", gb, f"{CLUSTER_YAML.name} node type {node.name}, {node.instance_type}")
+        if node.labels.get(ROLE) == role and node.gpu_model:
+            name, gb = node.gpu_model
+            return Gpu(f"{name} {gb} GB", gb, f"{CLUSTER_YAML.name} node type {node.name}, {node.machine}")
     return None
 
 

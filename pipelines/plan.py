@@ -8,11 +8,21 @@ per GPU of each role (pipelines/memory.py). Nothing is started or downloaded.
 """
 from __future__ import annotations
 
+import json
+import math
+import random
+from pathlib import Path
+
 import sami.world.rules  # noqa: F401  registers the built-in world's principle library (what it holds out)
+from actors.node_types import LEARNER, ROLLOUT, NodeType, fits, node_types, role_types
 from pipelines.memory import memory_lines
-from sami.config import TrainConfig
+from sami.config import PrinciplesConfig, TrainConfig
+from sami.constitutions import render_constitution
+from sami.groups import draw_constitutions
 from sami.memory_plan import count_parameters, lora_parameters, model_config
 from sami.precision import deepspeed_bf16
+from sami.principle_writer import configured_library
+from sami.principles import PrincipleError
 
 WRITER_CPUS = 0.1  # the principle writer calls an endpoint or serves a saved library: a small CPU share
 
@@ -134,6 +144,84 @@ def _principles_lines(cfg: TrainConfig) -> list[str]:
     return lines
 
 
+def writer_endpoint(cfg: TrainConfig) -> str:
+    """Where a served writer is reached (its GPUs are the server's, outside this job's reservation)."""
+    w = cfg.principles.writer
+    if w.backend not in ("openai", "vllm"):
+        return f", model {w.model} loaded in the actor"
+    return f" at {w.base_url}, model {w.model} (served outside this job: its GPUs are the server's)"
+
+
+def nodes_needed(bundles: list[dict], node: NodeType) -> int:
+    """Nodes of this type that hold these bundles together (the sum of each resource over a node's)."""
+    totals = {name: sum(b.get(name, 0.0) for b in bundles) for b in bundles for name in b}
+    return max(1, *(math.ceil(amount / node.resources[name] - 1e-9) for name, amount in totals.items()
+                    if amount and node.resources.get(name)))
+
+
+def role_line(what: str, groups: list[list[dict]], strategy: str, types: list[NodeType], selector) -> str:
+    """Where a role's placement groups land: the first node type that holds one, and how many of its nodes they take
+    (groups packed whole onto nodes, as STRICT_PACK places each)."""
+    node = next((t for t in types if fits(groups[0], selector, t, strategy)), None)
+    if node is None:
+        return f"  {what}: no node type holds it"
+    if strategy == "STRICT_PACK":
+        per_node = max(1, min(int(node.resources.get(name, 0.0) // amount) for name, amount in
+                              {n: sum(b.get(n, 0.0) for b in groups[0]) for b in groups[0] for n in b}.items() if amount))
+        count = math.ceil(len(groups) / per_node)
+    else:
+        count = nodes_needed([b for g in groups for b in g], node)
+    machine = node.machine or "machine type not given"
+    return (f"  {what}: {count} {node.name} node(s) of {node.max_workers} at most ({machine}: {node.gpu}, "
+            f"{node.resources.get('CPU', 0):g} CPUs each)")
+
+
+def nodes_section(cfg: TrainConfig, types: list[NodeType] | None = None) -> list[str]:
+    """Per role, the node type of ray_cluster.yaml it lands on, its GPUs with their memory, and the nodes it takes."""
+    types = node_types() if types is None else types
+    if not types:
+        return []
+    groups = resource_plan(cfg)["groups"]
+    learner_types, selector = role_types(types, LEARNER)
+    lines = ["nodes on a ray_cluster.yaml cluster (the job's driver on its head node; a local Ray runs it all here):",
+             role_line("learners", [groups["learners"]["placement_group"]["bundles"]], "PACK", learner_types, selector)]
+    if cfg.data.replay_groups_from:
+        return lines
+    rollout = groups["rollout"]
+    engine = rollout["placement_group"]["bundles"] if rollout["placement_group"] else [
+        {"CPU": cfg.rollout.cpus_per_engine, **({"GPU": rollout["gpus_each"]} if rollout["gpus_each"] else {})}]
+    engine_types, selector = role_types(types, ROLLOUT)
+    lines.append(role_line("rollout engines", [engine] * rollout["count"], "STRICT_PACK", engine_types, selector))
+    return lines
+
+
+def principles_section(p: PrinciplesConfig, seed: int) -> list[str]:
+    """The principles the run trains with and one query's constitutions, drawn as training draws them (another
+    query draws others): what the model will be asked to follow, in the words it will read."""
+    where = {"file": f"from {p.path}", "world": "of the built-in world"}.get(p.source, f"of {p.source!r}")
+    if p.source == "writer":
+        return [f"principles: written when the run starts by {p.writer.model} at {p.writer.base_url} "
+                f"({p.writer.num_principles} of them; mode {p.mode}, {p.num_constitutions} constitutions per query)"]
+    try:
+        library = configured_library(p)
+    except PrincipleError as e:
+        return [f"principles: not read ({e})"]
+    lines = [f"principles {where} (mode {p.mode}, {p.num_constitutions} constitutions per query"
+             + (f", {p.principles_per_constitution} principles each" if p.principles_per_constitution else "") + "):"]
+    lines += [f"  {q.name}: {q.definition} | antithesis: {q.antithesis}" for q in library]
+    try:
+        drawn = draw_constitutions(library, p, ["example"], f"plan/{seed}")[0]
+    except ValueError as e:
+        return [*lines, f"  no constitution can be drawn: {e}"]
+    by_name = {q.name: q for q in library}
+    lines.append("an example query's constitutions (the positive one first, then the contrasts it is scored against):")
+    for index, constitution in enumerate(drawn):
+        lines.append(f"  constitution {index + 1} ({'positive' if index == 0 else 'contrast'}):")
+        text = render_constitution(constitution, by_name, random.Random(f"plan/{seed}/{index}"))
+        lines += [f"    {line}" for line in text.splitlines()]
+    return lines
+
+
 def format_plan(cfg: TrainConfig) -> str:
     plan = resource_plan(cfg)
     g = plan["groups"]
@@ -155,11 +243,12 @@ def format_plan(cfg: TrainConfig) -> str:
         f"{g['rollout']['cpus_each']:g} CPU, tensor parallel {g['rollout']['tensor_parallel_size']})"
         f"{_bundles(g['rollout']['placement_group'])}",
         (f"  principle writer: 1 x (0 GPU, {g['principle_writer']['cpus_each']:g} CPU), principles from "
-         f"{g['principle_writer']['backend']}" if g["principle_writer"]["count"] else
+         f"{g['principle_writer']['backend']}{writer_endpoint(cfg)}" if g["principle_writer"]["count"] else
          f"  principle writer: in learner rank 0 (principles from {g['principle_writer']['backend']})"),
         *_principles_lines(cfg),
         f"  total:            {plan['total']['gpus']:g} GPU, {plan['total']['cpus']:g} CPU reserved in Ray (the job's "
         f"driver runs on the head node and reserves none)",
+        *nodes_section(cfg),
         f"checkpoints in {plan['checkpoints']['directory']} (estimates):",
     ]
     per = plan["checkpoints"]["per_iteration"]
@@ -170,4 +259,5 @@ def format_plan(cfg: TrainConfig) -> str:
             lines.append(f"  {kind:<10} {_size(nbytes)} per iteration")
         lines.append(f"  total      {_size(plan['checkpoints']['iteration_bytes'])} per iteration, "
                      f"{_size(plan['checkpoints']['run_bytes'])} for the run")
+    lines += principles_section(cfg.principles, cfg.run.seed)
     return "\n".join(lines + memory_lines(cfg)[0])

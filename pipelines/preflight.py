@@ -6,9 +6,12 @@ actors, after Ray and the learners had started, as a long traceback.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
+from actors.node_types import LEARNER, ROLLOUT, NodeType, fits, node_types, role_types
+from pipelines.plan import learner_bundle, resource_plan
 from sami.chat_clients import ChatClientError, check_endpoint
 from sami.config import ConfigError, TrainConfig, config_differences, dump_config, load_config
 from sami.constitutions import sample_constitutions
@@ -46,20 +49,160 @@ def check_inputs(cfg: TrainConfig, contact_endpoints: bool = True, generated_bef
         raise ConfigError(f"principles: {e}") from None
     check_model_folder("model.name_or_path", cfg.model.name_or_path, "config.json")
     check_model_folder("model.tokenizer", cfg.model.tokenizer, "tokenizer_config.json")
+    check_chat_template(cfg)
     if cfg.model.lora.enabled:  # torch and transformers: only for a LoRA run
         from sami.lora import check_targets
 
         check_targets(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
-    if cfg.data.source == "jsonl":
+    rows = None  # the queries the data yields, where that is known without the hub
+    if cfg.data.source == "jsonl" or (cfg.data.source == "hf" and not hub_name(cfg.data.dataset)):
         from sami.data import load_queries
 
-        load_queries(cfg.data, cfg.run.seed)  # the file exists and every line is JSON with a query
+        # a JSONL file, or a data set in a local folder: it loads, and every record has a non-empty query
+        rows = len(load_queries(cfg.data, cfg.run.seed))
+    elif cfg.data.source == "world":
+        from sami.data import WORLD_QUERIES
+
+        rows = (cfg.data.max_queries or WORLD_QUERIES) + cfg.data.heldout_queries
+    check_query_counts(cfg, rows)
     if cfg.data.replay_groups_from and Path(cfg.data.replay_groups_from).resolve() not in generated_before:
         missing = [k for k in range(1, cfg.run.iterations + 1)
                    if not RunDir(cfg.data.replay_groups_from).groups(k).is_file()]
         if missing:
             raise ConfigError(f"data.replay_groups_from: {cfg.data.replay_groups_from} has no groups.parquet for "
                               f"iteration(s) {missing}")
+
+
+def check_query_counts(cfg: TrainConfig, rows: int | None) -> None:
+    """The queries held out and those an iteration samples against the rows the data yields (`rows`; None for a hub
+    data set, bounded by data.max_queries alone): an iteration given fewer rows than it samples trains on fewer
+    groups than its steps ask for."""
+    d = cfg.data
+    if d.replay_groups_from:
+        return  # the groups are replayed, no query is sampled
+    if rows is not None and d.heldout_queries >= rows:
+        raise ConfigError(f"data.heldout_queries ({d.heldout_queries}) leaves no training queries: the data yields "
+                          f"{rows} (data.max_queries plus the held-out ones at most); hold out fewer or add rows")
+    training = rows - d.heldout_queries if rows is not None else d.max_queries
+    if training is None:
+        return
+    pool = training // 2 if cfg.schedule.alternate_splits else training
+    steps = [cfg.steps_for_iteration(i) for i in range(1, cfg.run.iterations + 1)]
+    wanted = [d.queries_per_iteration or n * cfg.optim.groups_per_step for n in steps]
+    if max(wanted) > pool:
+        k = wanted.index(max(wanted)) + 1
+        how = "data.queries_per_iteration" if d.queries_per_iteration else \
+            f"{steps[k - 1]} steps x optim.groups_per_step {cfg.optim.groups_per_step}"
+        split = ", half of them per iteration under schedule.alternate_splits" if cfg.schedule.alternate_splits else ""
+        raise ConfigError(f"data: iteration {k} samples {max(wanted)} queries ({how}), but there are {pool} to train "
+                          f"on ({training} after data.heldout_queries {d.heldout_queries}{split}); add rows (or raise "
+                          f"data.max_queries), or set data.queries_per_iteration={pool} or lower")
+
+
+def check_placements(cfg: TrainConfig, types: list[NodeType] | None = None) -> None:
+    """Every placement group the run asks for against the node types of ray_cluster.yaml (`types`): one that no node
+    type can hold would wait scaling.placement_timeout_s for nothing. No ray_cluster.yaml: nothing to check."""
+    types = node_types() if types is None else types
+    if not types:
+        return
+    groups = resource_plan(cfg)["groups"]
+    learners, selector = role_types(types, LEARNER)
+    one = learner_bundle(cfg)
+    if not any(fits([one], selector, t) for t in types):
+        raise ConfigError(f"scaling.gpus_per_learner: one learner asks for {one}, more than any {LEARNER} node type of "
+                          f"ray_cluster.yaml has ({largest(learners)}); lower scaling.gpus_per_learner / "
+                          f"cpus_per_learner or add a node type that big")
+    if not any(fits(groups["learners"]["placement_group"]["bundles"], selector, t) for t in types):
+        gpus = [t.max_workers * t.resources.get("GPU", 0) for t in learners]
+        raise ConfigError(f"scaling.num_learners: {cfg.scaling.num_learners} learners ask for {one} each, more than "
+                          f"the {LEARNER} node types of ray_cluster.yaml can start together (max_workers x GPUs: "
+                          f"{max(gpus, default=0):g} GPUs); lower scaling.num_learners or raise max_workers there")
+    if cfg.data.replay_groups_from:
+        return  # no rollout engine
+    engines, selector = role_types(types, ROLLOUT)
+    rollout = groups["rollout"]
+    group = rollout["placement_group"] or {"strategy": "PACK", "bundles": [
+        {"CPU": cfg.rollout.cpus_per_engine, **({"GPU": rollout["gpus_each"]} if rollout["gpus_each"] else {})}]}
+    if not any(fits(group["bundles"], selector, t, "STRICT_PACK") for t in types):
+        field = "rollout.tensor_parallel_size" if cfg.rollout.tensor_parallel_size > 1 else "rollout.gpus_per_engine"
+        raise ConfigError(f"{field}: one {rollout['engine']} engine asks for {rollout['gpus_each']:g} GPU(s) and "
+                          f"{rollout['cpus_each']:g} CPU(s) on one node, more than the largest {ROLLOUT} node type of "
+                          f"ray_cluster.yaml has ({largest(engines)}); lower {field} to fit it, or add a node type "
+                          f"that big to ray_cluster.yaml")
+
+
+def largest(types: list[NodeType]) -> str:
+    """The node type with the most GPUs (then CPUs), as the messages name it."""
+    if not types:
+        return "none"
+    t = max(types, key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
+    return f"{t.name}: {t.resources.get('GPU', 0):g} GPUs, {t.resources.get('CPU', 0):g} CPUs"
+
+
+def hub_cached(name: str, repo_type: str) -> bool:
+    """Whether a hub repository (`model` or `dataset`) has a snapshot in the local Hugging Face cache."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    snapshots = Path(HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def hub_name(name: str | None) -> bool:
+    """A name `from_pretrained` / `load_dataset` would look up on the hub (not built in, not a local path)."""
+    return bool(name) and not name.startswith("builtin:") and not Path(name).is_absolute() and not Path(name).exists()
+
+
+def unchecked_inputs(cfg: TrainConfig, writer_answered: bool | None = None) -> list[str]:
+    """What `--dry-run` could not check from here, one line each: hub names not in the local cache, a hub data set's
+    rows, a principle writer's endpoint that did not answer (`writer_answers`; the run contacts it before Ray starts)."""
+    lines = []
+    for field, name in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+        if hub_name(name) and not hub_cached(name, "model"):
+            lines.append(f"not checked: {field} {name!r} needs the hub (not in the local cache): that it exists, and "
+                         f"its size")
+    d = cfg.data
+    if d.source == "hf" and not d.replay_groups_from and hub_name(d.dataset):
+        where = "is in the local cache, but its rows are counted" if hub_cached(d.dataset, "dataset") else \
+            "needs the hub (not in the local cache): that it exists, and its rows are counted"
+        lines.append(f"not checked: data.dataset {d.dataset!r} {where} only when the run loads it (data."
+                     f"heldout_queries {d.heldout_queries} plus the queries an iteration samples must fit)")
+    if writer_answered is False:
+        lines.append(f"not checked: principles.writer.base_url {cfg.principles.writer.base_url} does not answer from "
+                     f"here; the run needs it up before it starts (serve the writer first: docs/cluster.md, step 3)")
+    return lines
+
+
+def writer_answers(cfg: TrainConfig) -> bool | None:
+    """Whether a served principle writer answers one request from here (within 5 s); None for no served writer."""
+    writer = cfg.principles.writer
+    if cfg.principles.source != "writer" or writer.backend not in ("openai", "vllm"):
+        return None
+    try:
+        check_endpoint(writer.model_copy(update={"timeout": min(writer.timeout, 5.0)}),
+                       field_prefix="principles.writer", purpose="principles.writer", retries=0)
+    except ChatClientError:
+        return False
+    return True
+
+
+def check_chat_template(cfg: TrainConfig) -> None:
+    """`prompt.template: chat` needs a tokenizer with a chat template: checked where the tokenizer is a local folder
+    (a hub name is read when the run loads it; a built-in model has none)."""
+    if cfg.prompt.template != "chat":
+        return
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    if name.startswith("builtin:"):
+        raise ConfigError(f"prompt.template is 'chat' but {field} {name} is a base model without a chat template: "
+                          f"use prompt.template=base")
+    folder = Path(name)
+    if not (folder.is_absolute() and (folder / "tokenizer_config.json").is_file()):
+        return
+    has_template = "chat_template" in json.loads((folder / "tokenizer_config.json").read_text()) or any(
+        (folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
+    if not has_template:
+        raise ConfigError(f"prompt.template is 'chat' but the tokenizer in {folder} has no chat template (no "
+                          f"chat_template in tokenizer_config.json, no chat_template.jinja): use prompt.template=base")
 
 
 def check_model_folder(field: str, name_or_path: str | None, marker: str) -> None:

@@ -22,7 +22,8 @@ from typing import Callable
 
 from pipelines.memory import check_memory
 from pipelines.plan import WRITER_CPUS, format_plan, learner_bundle
-from pipelines.preflight import check_inputs, check_run_dir, check_shared_run_folder, run_folder, save_run_config
+from pipelines.preflight import (check_inputs, check_placements, check_run_dir, check_shared_run_folder, run_folder,
+                                 save_run_config, unchecked_inputs, writer_answers)
 from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
@@ -474,15 +475,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides).with_absolute_paths()  # --dry-run checks what a run reads
         if args.dry_run:
             check_inputs(cfg, contact_endpoints=False)
+            check_placements(cfg)
             _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
             print(format_plan(cfg))
             check_memory(cfg)  # after the plan, which shows the figures the refusal names
-            print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
+            answered = writer_answers(cfg)
+            if answered:
+                print(f"principles.writer.base_url {cfg.principles.writer.base_url} answers")
+            print(dry_run_verdict(unchecked_inputs(cfg, answered), continues_from if args.resume else None))
         else:
             run(cfg, resume=args.resume, override_config=args.override_config)
 
     with console.session(verbose=args.verbose):
         return exit_code(job)
+
+
+def dry_run_verdict(unchecked: list[str], continues_from: str | None) -> str:
+    """`inputs OK` only when everything was checked; else what was not, one line each."""
+    resumed = f"; would continue from {continues_from}" if continues_from else ""
+    if not unchecked:
+        return f"inputs OK{resumed}"
+    return "\n".join([*unchecked, f"the inputs checked here are fine, {len(unchecked)} not checked (above){resumed}"])
 
 
 def exit_code(job: Callable[[], None]) -> int:

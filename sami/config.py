@@ -5,10 +5,11 @@ the key, and every validation error names the dotted field and the bad value (se
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -179,6 +180,12 @@ class PrinciplesConfig(Section):
         return () if self.source in ("file", "writer") else builtin_library(self.source).family
 
 
+class PromptConfig(Section):
+    # base: the paper's text format for base models ("System: ... Human: ... Assistant:", sami/prompts.py); chat: the
+    # tokenizer's chat template for instruct models, the constitution as the system message (`ChatPrompts`)
+    template: Literal["base", "chat"] = "base"
+
+
 class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # vLLM refuses > 2 (SamplingParams._verify_args)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -339,6 +346,7 @@ class TrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     principles: PrinciplesConfig = Field(default_factory=PrinciplesConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
@@ -475,33 +483,95 @@ def _deep_merge(base: dict | list, update: dict) -> dict | list:
     return out
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, schema: Optional[type[BaseModel]] = None) -> str:
+    """One line per problem, each naming its dotted field; an unknown field names the nearest field of `schema` at
+    that place."""
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown field (check the spelling)")
+            lines.append(f"  {field}: unknown field{nearest_field(schema, e['loc'])}")
         elif e["type"] == "missing":
             lines.append(f"  {field}: required field is missing")
         elif not e["loc"]:  # a check across sections names its fields itself; the input is the whole config
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+    if len(lines) == 2:  # one problem: one line
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
+
+
+def fields_at(schema: Optional[type], loc: tuple) -> Optional[list[str]]:
+    """The field names of the section at `loc` (a pydantic location: names, and indexes into lists) of `schema`."""
+    for part in loc:
+        if schema is None:
+            return None
+        if isinstance(part, int):
+            args = [a for a in get_args(schema) if a is not type(None)]
+            schema = args[0] if args else None
+            continue
+        field = getattr(schema, "model_fields", {}).get(part)
+        schema = field.annotation if field is not None else None
+        while get_origin(schema) is Union:  # Optional[Section]
+            schema = next(a for a in get_args(schema) if a is not type(None))
+    return list(schema.model_fields) if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+
+
+def nearest_field(schema: Optional[type], loc: tuple) -> str:
+    """'; did you mean x.y?' for the field nearest in spelling, else the fields there (or the old hint)."""
+    known = fields_at(schema, loc[:-1])
+    if not known:
+        return " (check the spelling)"
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f" (the fields of {prefix.rstrip('.') or 'the top level'}: {', '.join(known)})"
+
+
+# The evaluation job's own top-level sections (evals/config.py's EvalConfig; tests/test_config.py keeps the two in
+# step): a training command given a config of them was given an evaluation config.
+EVALUATION_SECTIONS = ("models", "baseline", "num_queries", "generation", "judge", "win_rates", "mi_bound", "adherence",
+                       "mtbench", "gsm8k")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        inside = " (a run folder: give its config.yaml)" if (p / "config.yaml").is_file() else ""
+        raise ConfigError(f"--config {p} is a directory, not a config file{inside}: give a YAML file such as "
+                          f"configs/tiny.yaml")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if data is None:  # a run of nothing but defaults would be planned without a word: say so instead
+        raise ConfigError(f"config file {p} is empty (or only comments): give at least one section (configs/tiny.yaml "
+                          f"is a small example), or leave out --config to run on the built-in world")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def wrong_kind(model_cls: type[BaseModel], data: dict[str, Any], source: str) -> Optional[str]:
+    """The line for a config of the other job (an evaluation config given to training, or the reverse): its unknown
+    top-level sections all belong to the other job."""
+    unknown = sorted(set(data) - set(model_cls.model_fields))
+    if not unknown:
+        return None
+    named = ", ".join(unknown[:4]) + (", ..." if len(unknown) > 4 else "")
+    if model_cls is TrainConfig and set(unknown) <= set(EVALUATION_SECTIONS):
+        return (f"{source} is an evaluation config (it has {named}), not a training config: run it with "
+                f"python -m evals.run --config {source}")
+    if model_cls is not TrainConfig and set(unknown) <= set(TrainConfig.model_fields):
+        return (f"{source} is a training config (it has {named}), not an evaluation config: train with "
+                f"python -m pipelines.train --config {source}, then evaluate the run with "
+                f"python -m evals.run --run <its run.output_dir>")
+    return None
 
 
 def build_config(model_cls: type[BaseModel], data: dict[str, Any], overrides: list[str], source: str):
@@ -509,7 +579,8 @@ def build_config(model_cls: type[BaseModel], data: dict[str, Any], overrides: li
     try:
         return model_cls.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(wrong_kind(model_cls, merged, source) or format_validation_error(e, source, model_cls)) \
+            from None
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,

@@ -12,6 +12,8 @@ from pathlib import Path
 from sami.config import ConfigError, DataConfig
 from sami.jsonl import JSONLError, numbered_jsonl
 
+WORLD_QUERIES = 1024  # the built-in world's training queries when data.max_queries is not set
+
 
 def first_human_turn(dialogue: str) -> str:
     """HH-RLHF stores whole dialogues ("\n\nHuman: ... \n\nAssistant: ..."); SAMI uses the first query."""
@@ -64,7 +66,7 @@ def load_queries(cfg: DataConfig, seed: int) -> list[dict]:
         from sami.world.grammar import sample_query
 
         rng = random.Random(f"world-queries-{seed}")
-        n = cfg.max_queries or 1024
+        n = cfg.max_queries or WORLD_QUERIES
         return [{"query_id": f"w{i}", "query": q.text, "subject": q.subject} for i, q in
                 ((i, sample_query(rng)) for i in range(n + cfg.heldout_queries))]
     if cfg.source == "jsonl":

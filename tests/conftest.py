@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny model saved like a hub model, and the real-data fixtures beside the repo."""
+"""Shared fixtures: a tiny model saved like a hub model, and the real-data fixtures (tests/fixtures)."""
 import importlib.util
 import os
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters (DESIGN.md §4)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters
 
 REPO = Path(__file__).resolve().parents[1]
 # The vLLM lane runs in its own venv (`make test-vllm`); the main suite's venv has no vLLM.
@@ -57,7 +57,5 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    path = REPO.parent / "shared" / "fixtures"
-    if not path.is_dir():
-        pytest.skip(f"real-data fixtures not found at {path}")
-    return path
+    """The real data in tests/fixtures (sources and licences in its README.md)."""
+    return REPO / "tests" / "fixtures"

@@ -150,7 +150,24 @@ def test_gauge_values_split_record():
 
 
 def test_the_shared_folder_is_not_world_writable():
-    """A resume unpickles DeepSpeed checkpoints from /mnt/shared: only the containers' user may write there."""
+    """A resume unpickles DeepSpeed checkpoints from /mnt/efs: only the containers' user may write there."""
     commands = " ".join(cluster_config()["initialization_commands"])
     assert "777" not in commands and "o+w" not in commands and "a+w" not in commands
-    assert "sudo chown 1000:100 /mnt/shared && sudo chmod 0750 /mnt/shared" in commands
+    assert "sudo chown 1000:100 /mnt/efs && sudo chmod 0750 /mnt/efs" in commands
+
+
+def test_the_cluster_extra_loads_rays_aws_provider():
+    """`ray up ray_cluster.yaml` loads the node provider its `provider.type` names; Ray's AWS provider imports boto3 and
+    botocore at module level, which the project's dependencies do not bring. The `cluster` extra does, the `test` extra
+    includes it and the cluster's head installs it: so this import runs in every test environment and fails, rather
+    than skips, where the extra is missing."""
+    import tomllib
+
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+    from ray.autoscaler.node_provider import NodeProvider
+
+    assert cluster_config()["provider"]["type"] == "aws"
+    assert issubclass(_get_node_provider_cls(cluster_config()["provider"]), NodeProvider)  # what `ray up` resolves
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cluster"] == ["boto3>=1.4.8"] and "sami-on-ray[cluster]" in extras["test"]
+    assert cluster_config()["head_setup_commands"] == ['pip install -q -e "$HOME/sami-on-ray[cluster]"']

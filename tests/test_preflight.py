@@ -315,7 +315,7 @@ def test_evaluation_refuses_a_truncated_hf_export_in_its_dry_run_and_before_load
 
 
 MOUNTS = """/dev/root / ext4 rw,relatime 0 0
-fs-0123.efs.us-west-2.amazonaws.com:/ /mnt/shared nfs4 rw,vers=4.1 0 0
+fs-0123.efs.us-west-2.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0
 """
 
 
@@ -339,3 +339,187 @@ def test_a_node_local_run_folder_is_refused_only_across_machines(tmp_path):
     check_shared_run_folder(run, {"10.0.0.1"}, mounts(MOUNTS))  # one machine: its disk is everyone's
     check_shared_run_folder(run, two, mounts(MOUNTS + f"efs:/ {tmp_path} nfs4 rw 0 0\n"))
     check_shared_run_folder(run, two, mounts(MOUNTS + f"bucket {tmp_path} fuse.gcsfuse rw 0 0\n"))
+
+
+# --- what --dry-run checks offline, and says it could not ---------------------------------------------------------
+
+def dry_run(capsys, *args) -> tuple[int, str, str]:
+    code = train_main([*args, "--dry-run"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_config_mistakes_are_one_line_that_says_what_to_do(tmp_path, capsys, no_ray):
+    cases = [
+        (train_main, ["--config", "configs/eval_world.yaml", "--dry-run"],
+         "error: configs/eval_world.yaml is an evaluation config (it has adherence, baseline, generation, judge, ...), "
+         "not a training config: run it with python -m evals.run --config configs/eval_world.yaml"),
+        (eval_main, ["--config", "configs/tiny.yaml", "--dry-run"],
+         "error: configs/tiny.yaml is a training config (it has deepspeed, model, objective, optim, ...), not an "
+         "evaluation config: train with python -m pipelines.train --config configs/tiny.yaml, then evaluate the run "
+         "with python -m evals.run --run <its run.output_dir>"),
+        (train_main, ["--config", "configs", "--dry-run"],
+         "error: --config configs is a directory, not a config file: give a YAML file such as configs/tiny.yaml"),
+        (train_main, ["--config", "configs/tiny.yaml", "optim.lrr=1e-4", "--dry-run"],
+         "error: invalid config (configs/tiny.yaml): optim.lrr: unknown field; did you mean optim.lr?"),
+        (train_main, ["--config", "configs/tiny.yaml", "optimm.lr=1e-4", "--dry-run"],
+         "error: invalid config (configs/tiny.yaml): optimm: unknown field; did you mean optim?"),
+        (eval_main, ["--config", "configs/eval_world.yaml", "models.0.pth=x", "--dry-run"],
+         "error: invalid config (configs/eval_world.yaml): models.0.pth: unknown field; did you mean models.0.path?"),
+    ]
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    cases.append((train_main, ["--config", str(empty), "--dry-run"],
+                  f"error: config file {empty} is empty (or only comments): give at least one section "
+                  f"(configs/tiny.yaml is a small example), or leave out --config to run on the built-in world"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {iterations: 1}\n")
+    cases.append((eval_main, ["--config", str(run), "--dry-run"],
+                  f"error: --config {run} is a directory, not a config file (a run folder: give its config.yaml): "
+                  f"give a YAML file such as configs/tiny.yaml"))
+    for main, argv, line in cases:
+        assert main(argv) == 2, argv
+        assert one_error_line(capsys) == line
+
+
+def test_an_unknown_field_with_nothing_near_lists_the_fields_there():
+    with pytest.raises(ConfigError, match=r"run.zzz: unknown field \(the fields of run: name, output_dir, seed, "
+                                          r"iterations\)$"):
+        load_config(None, ["run.zzz=1"])
+
+
+def test_the_training_config_knows_the_evaluation_configs_sections():
+    from evals.config import EvalConfig
+    from sami.config import EVALUATION_SECTIONS, TrainConfig
+
+    assert set(EVALUATION_SECTIONS) == set(EvalConfig.model_fields) - set(TrainConfig.model_fields)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["data.heldout_queries=100000", "data.max_queries=10"],
+     "error: data: iteration 1 samples 64 queries (4 steps x optim.groups_per_step 16), but there are 10 to train on "
+     "(10 after data.heldout_queries 100000); add rows (or raise data.max_queries), or set "
+     "data.queries_per_iteration=10 or lower"),
+    (["data.max_queries=100", "data.queries_per_iteration=60", "schedule.alternate_splits=true"],
+     "error: data: iteration 1 samples 60 queries (data.queries_per_iteration), but there are 50 to train on (100 "
+     "after data.heldout_queries 32, half of them per iteration under schedule.alternate_splits); add rows (or raise "
+     "data.max_queries), or set data.queries_per_iteration=50 or lower"),
+])
+def test_counts_are_checked_against_the_data(tmp_path, capsys, no_ray, overrides, line):
+    code, out, err = dry_run(capsys, "--config", "configs/tiny.yaml", f"run.output_dir={tmp_path / 'run'}", *overrides)
+    assert (code, out, err) == (2, "", line + "\n")
+
+
+def test_a_small_jsonl_file_is_checked_against_what_an_iteration_samples(tmp_path, capsys, no_ray):
+    path = tmp_path / "queries.jsonl"
+    path.write_text("".join(f'{{"query": "question {i}?"}}\n' for i in range(3)))
+    data = ["data.source=jsonl", "data.task=dialogue", f"data.path={path}", "data.max_queries=null"]
+    assert train(tmp_path, *data, "data.heldout_queries=3", "--dry-run") == 2
+    assert one_error_line(capsys) == ("error: data.heldout_queries (3) leaves no training queries: the data yields 3 "
+                                      "(data.max_queries plus the held-out ones at most); hold out fewer or add rows")
+    assert train(tmp_path, *data, "data.heldout_queries=0", "--dry-run") == 2  # 4 steps x 16 groups: 64 queries
+    assert one_error_line(capsys).startswith("error: data: iteration 1 samples 64 queries (4 steps x "
+                                             "optim.groups_per_step 16), but there are 3 to train on")
+    assert train(tmp_path, *data, "data.heldout_queries=0", "data.queries_per_iteration=3", "--dry-run") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "inputs OK"
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["rollout.tensor_parallel_size=16"],
+     "error: rollout.tensor_parallel_size: one vllm engine asks for 16 GPU(s) and 16 CPU(s) on one node, more than the "
+     "largest rollout node type of ray_cluster.yaml has (rollout: 4 GPUs, 48 CPUs); lower "
+     "rollout.tensor_parallel_size to fit it, or add a node type that big to ray_cluster.yaml"),
+    (["scaling.num_learners=32"],
+     "error: scaling.num_learners: 32 learners ask for {'CPU': 8.0, 'GPU': 1.0} each, more than the learner node types "
+     "of ray_cluster.yaml can start together (max_workers x GPUs: 16 GPUs); lower scaling.num_learners or raise "
+     "max_workers there"),
+    (["scaling.gpus_per_learner=9"],
+     "error: scaling.gpus_per_learner: one learner asks for {'CPU': 8.0, 'GPU': 9.0}, more than any learner node type "
+     "of ray_cluster.yaml has (learner: 8 GPUs, 96 CPUs); lower scaling.gpus_per_learner / cpus_per_learner or add a "
+     "node type that big"),
+])
+def test_a_placement_no_node_type_can_give_is_refused(capsys, no_ray, overrides, line):
+    """ray_cluster.yaml: learner nodes of 8 GPUs (2 at most), rollout nodes of 4: the run would wait
+    scaling.placement_timeout_s (1800 s) for nothing."""
+    assert dry_run(capsys, "--config", "configs/hh_mistral7b.yaml", *overrides) == (2, "", line + "\n")
+
+
+def test_what_needs_the_hub_is_said_instead_of_inputs_ok(tmp_path, capsys, no_ray, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, out, _ = dry_run(capsys, "--config", "configs/hh_mistral7b.yaml", "model.name_or_path=my-org/not-a-real-model",
+                           "data.dataset=my-org/not-a-dataset")
+    tail = out.splitlines()[-3:]
+    assert code == 0 and "inputs OK" not in out
+    assert tail[0] == ("not checked: model.name_or_path 'my-org/not-a-real-model' needs the hub (not in the local "
+                       "cache): that it exists, and its size")
+    assert tail[1].startswith("not checked: data.dataset 'my-org/not-a-dataset' needs the hub (not in the local cache)")
+    assert tail[2] == "the inputs checked here are fine, 2 not checked (above)"
+    for kind, name in (("models", "my-org--not-a-real-model"), ("datasets", "my-org--not-a-dataset")):
+        (tmp_path / "hub" / f"{kind}--{name}" / "snapshots" / "abc").mkdir(parents=True)
+    out = dry_run(capsys, "--config", "configs/hh_mistral7b.yaml", "model.name_or_path=my-org/not-a-real-model",
+                  "data.dataset=my-org/not-a-dataset")[1]
+    assert "model.name_or_path" not in out.split("checkpoints in")[-1]  # cached: checked
+    assert "data.dataset 'my-org/not-a-dataset' is in the local cache, but its rows are counted only when the run " \
+           "loads it" in out
+
+
+def test_a_writer_endpoint_that_does_not_answer_is_said(capsys, no_ray):
+    code, out, _ = dry_run(capsys, "--config", "configs/tldr_mixtral_weak_writer.yaml",
+                           "principles.writer.base_url=http://127.0.0.1:9/v1")
+    assert code == 0 and "inputs OK" not in out
+    assert ("not checked: principles.writer.base_url http://127.0.0.1:9/v1 does not answer from here; the run needs it "
+            "up before it starts") in out
+
+
+def test_a_writer_endpoint_that_answers_is_said_and_the_plan_names_it(capsys, no_ray):
+    from chat_server import ChatServer
+
+    server = ChatServer("OK")
+    try:
+        code, out, _ = dry_run(capsys, "--config", "configs/tldr_mixtral_weak_writer.yaml",
+                               f"principles.writer.base_url={server.url}")
+    finally:
+        server.close()
+    assert code == 0 and len(server.requests) == 1
+    assert (f"  principle writer: 1 x (0 GPU, 0.1 CPU), principles from writer (openai) at {server.url}, model "
+            f"mistralai/Mistral-7B-Instruct-v0.2 (served outside this job: its GPUs are the server's)") in out
+    assert f"principles.writer.base_url {server.url} answers\n" in out and "not checked: principles.writer" not in out
+
+
+def test_the_plan_names_each_roles_node_type_gpus_and_nodes(capsys, no_ray):
+    """ray_cluster.yaml: learner nodes p4de.24xlarge (8 x A100 80 GB, 2 at most), rollout nodes g6e.12xlarge (4 x L40S
+    48 GB, 4 at most). 16 one-GPU learners take both learner nodes; one TP-4 engine fills one rollout node, five
+    one-GPU engines take two."""
+    out = dry_run(capsys, "--config", "configs/tldr_mixtral_weak_writer.yaml")[1].splitlines()
+    assert "  learners: 2 learner node(s) of 2 at most (p4de.24xlarge: 8 x A100 80 GB, 96 CPUs each)" in out
+    assert "  rollout engines: 1 rollout node(s) of 4 at most (g6e.12xlarge: 4 x L40S 48 GB, 48 CPUs each)" in out
+    out = dry_run(capsys, "--config", "configs/hh_mistral7b.yaml", "rollout.num_engines=5")[1].splitlines()
+    assert "  learners: 1 learner node(s) of 2 at most (p4de.24xlarge: 8 x A100 80 GB, 96 CPUs each)" in out
+    assert "  rollout engines: 2 rollout node(s) of 4 at most (g6e.12xlarge: 4 x L40S 48 GB, 48 CPUs each)" in out
+
+
+def test_the_evaluation_plan_counts_the_judges_requests_and_says_whether_its_key_is_set(capsys, monkeypatch, no_ray):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert eval_main(["--config", "configs/eval_hh_mistral7b.yaml", "--dry-run", "judge.base_url=http://127.0.0.1:9/v1"]) == 0
+    out = capsys.readouterr().out
+    assert ("  judge: openai gpt-4-0613 at http://127.0.0.1:9/v1; 1000 requests (win rates 4 model(s) x 250 queries x 1);"
+            " key $OPENAI_API_KEY is not set here (set it where the job runs)") in out.splitlines()
+    assert out.splitlines()[-1].startswith("config OK, ") and "warning(s) above" in out.splitlines()[-1]
+    monkeypatch.setenv("OPENAI_API_KEY", "not-a-real-key")
+    assert eval_main(["--config", "configs/eval_mtbench_multitask.yaml", "--dry-run", "judge.swap=true",
+                      "judge.base_url=http://127.0.0.1:9/v1"]) == 0
+    out = capsys.readouterr().out
+    # win rates 2 models x 250 queries x 2 orders (1000); MT-Bench 3 models x 80 questions x 2 turns (480) + 2 x 80 x 2 (320)
+    assert "; 1800 requests (win rates 2 model(s) x 250 queries x 2; MT-Bench 3 model(s) x 80 questions x 2 turns + " \
+           "2 x 80 pairwise x 2 orders); key $OPENAI_API_KEY is set here" in out
+    assert "not-a-real-key" not in out
+
+
+def test_submitting_a_placement_no_node_type_can_give_is_refused_before_anything_is_sent(capsys, no_ray):
+    from cluster.submit import main as submit_main
+
+    assert submit_main(["--config", "configs/hh_mistral7b.yaml", "rollout.tensor_parallel_size=16", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: rollout.tensor_parallel_size: one vllm engine asks for 16 GPU(s)")

@@ -22,7 +22,7 @@ def test_training_preset_plans(name):
     plan = resource_plan(cfg)
     assert plan["total"]["gpus"] > 0 and cfg.rollout.engine == "vllm"
     assert "learners:" in format_plan(cfg)
-    assert cfg.principles.num_constitutions == 2  # C = 2 in every published run (DESIGN.md §1)
+    assert cfg.principles.num_constitutions == 2  # C = 2 in every published run
     if cfg.principles.source == "file":
         assert (REPO / cfg.principles.path).is_file()
 

@@ -11,7 +11,7 @@ import pytest
 from evals.win_rates import (Judgements, assign_order, bootstrap_interval, combine_swapped, judge_against_baseline,
                              main, summarise, to_test_scores, win_rate)
 
-PAPER_LENGTH_CONTROLLED = {  # SAMI paper, mistral-7b iteration 3 (DESIGN.md §1)
+PAPER_LENGTH_CONTROLLED = {  # SAMI paper (arXiv 2404.14313), HH-RLHF, mistral-7b iteration 3
     "3-vs-base-epoch-0.38-helpful.json": 66,
     "3-vs-base-epoch-0.38-harmless.json": 77,
     "3-vs-instruct-epoch-0.38-helpful.json": 55,
