@@ -65,12 +65,19 @@ def time_breakdown(started: float, trained: float, evaluated: float, finished: f
             "overhead_share": round(overhead / (total - base_model), 3)}
 
 
+def tracking_overrides(out: Path, name: str) -> list[str]:
+    """Every model of the demo in one place per tracker (tracking.trackers, when set): runs of one MLflow
+    experiment in one store, one TensorBoard folder (`tensorboard --logdir <out>/tensorboard`), one W&B project."""
+    return ["tracking.experiment=world-demo", f"tracking.mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            f"tracking.tensorboard.log_dir={out / 'tensorboard' / name}"]
+
+
 def train_all(names: list[str], args, seed: int, out: Path, extra: list[str]) -> dict[str, Path]:
     """SAMI and the baselines, one after another in one Ray Train worker group (one start-up, not four)."""
     from pipelines.train import run_sequence
 
     cfgs = [load_config(CONFIG, [f"run.seed={seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
-                                 f"run.output_dir={out / name}"] + extra + args.overrides
+                                 f"run.output_dir={out / name}"] + extra + tracking_overrides(out, name) + args.overrides
                         + baseline_overrides(name, out / "sami"))
             for name in names]
     t = time.time()
@@ -93,6 +100,8 @@ def evaluation_config(args, seed: int, out: Path, models: dict[str, str]):
     data["data"] = {**data["data"], "max_queries": load_config(CONFIG, args.overrides).data.max_queries,
                     "heldout_queries": args.eval_queries + heldout_principle}
     data["adherence"] = {**data["adherence"], "heldout_principle_queries": heldout_principle}
+    data["tracking"] = {**load_config(CONFIG, tracking_overrides(out, "eval") + args.overrides).tracking.model_dump(
+        mode="json"), "training_run": str(out / "sami")}
     return build_config(EvalConfig, data, [], str(EVAL_CONFIG))
 
 

@@ -26,6 +26,7 @@ from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
 from sami.run_dir import RunDir, RunDirInUse
+from sami.tracking import check_tracking
 
 
 class RunStopped(RuntimeError):
@@ -473,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides).with_absolute_paths()  # --dry-run checks what a run reads
         if args.dry_run:
             check_inputs(cfg, contact_endpoints=False)
+            check_tracking(cfg.tracking)
             _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
             print(format_plan(cfg))
             print(f"inputs OK; would continue from {continues_from}" if args.resume else "inputs OK")
