@@ -19,7 +19,7 @@ import pytest
 
 from sami.run_dir import RunDir
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+slow = pytest.mark.slow  # the tests with a Ray session; the others take well under a second
 
 MARKERS = {"WANDB_API_KEY": "wandb-key-marker-5f1c0e", "MLFLOW_TRACKING_TOKEN": "mlflow-token-marker-9a7d42"}
 EXPERIMENT = "tracking-test"
@@ -116,6 +116,8 @@ def expected_steps(rows: list[dict]) -> list[tuple[int, float]]:
     return list(enumerate(losses, start=1))
 
 
+@slow
+@pytest.mark.timeout(900)
 def test_tensorboard_event_files_hold_the_config_every_step_and_every_iteration(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -134,6 +136,8 @@ def test_tensorboard_event_files_hold_the_config_every_step_and_every_iteration(
     assert f"output_dir: {tracked_run}" in config.tensor_proto.string_val[0].decode()
 
 
+@slow
+@pytest.mark.timeout(900)
 def test_mlflow_server_holds_the_config_every_step_and_every_iteration(tracked_run, mlflow_server):
     from mlflow import MlflowClient
 
@@ -169,6 +173,8 @@ def wandb_records(run_dir: Path) -> tuple[list[str], list[dict]]:
     return [f.name for f in folders], records
 
 
+@slow
+@pytest.mark.timeout(900)
 def test_wandb_offline_files_hold_the_config_every_step_and_every_iteration(tracked_run):
     rows = metrics(tracked_run)
     state = json.loads(RunDir(tracked_run).tracking_state.read_text())
@@ -187,6 +193,8 @@ def test_wandb_offline_files_hold_the_config_every_step_and_every_iteration(trac
     assert config["optim.lr"] == 0.0003 and config["run.output_dir"] == str(tracked_run)
 
 
+@slow
+@pytest.mark.timeout(900)
 def test_the_evaluation_lands_in_the_same_experiment_linked_to_the_training_run(tracked_run, mlflow_server):
     from mlflow import MlflowClient
 
@@ -227,6 +235,36 @@ def test_dry_run_names_the_field_and_the_extra(tmp_path, capsys, monkeypatch):
                                                "pip install 'sami-on-ray[wandb]'")
 
 
+def test_a_tracker_that_cannot_start_is_one_warning_and_a_resume_logs_only_what_is_missing(tmp_path):
+    """No Ray: Trackers as learner rank 0 drives it, with TensorBoard and an MLflow URI that cannot be parsed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sami.config import load_config
+    from sami.tracking import Trackers
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "tracking.trackers=[mlflow,tensorboard]",
+                             "tracking.mlflow.tracking_uri=http://127.0.0.1:port"])
+    rows = [{"iteration": 1, "loss_per_step": [0.5, 0.4], "loss": 0.45, "objective": "sami", "kl": None},
+            {"iteration": 2, "loss_per_step": [0.3, 0.2], "loss": 0.25, "objective": "sami", "kl": 0.01}]
+    lines = []
+    first = Trackers.start(cfg.tracking, tmp_path, "r", cfg, lines.append, rows[:1])
+    first.close(completed=False)  # the run stopped after iteration 1
+    assert lines == ["warning: tracking: mlflow: could not start (ValueError: tracking.mlflow.tracking_uri cannot "
+                     "be parsed (Port could not be cast to integer value as 'port')); the run goes on without it "
+                     "(metrics.jsonl has every figure)"]
+    resumed = Trackers.start(cfg.tracking, tmp_path, "r", cfg, lines.append, rows)  # logs iteration 2 only
+    resumed.close(completed=True)
+    assert json.loads(RunDir(tmp_path).tracking_state.read_text()) == {
+        "tensorboard": {"log_dir": str(RunDir(tmp_path).tensorboard), "logged_through": 2}}
+    events = EventAccumulator(str(RunDir(tmp_path).tensorboard))
+    events.Reload()
+    losses = events.Scalars("step/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4]  # iteration 2 at steps 3 and 4; iteration 1 not again
+    assert [e.value for e in losses] == pytest.approx([0.5, 0.4, 0.3, 0.2])
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("iteration/kl")] == [(2, 0.01)]  # none for 1's null
+    assert len(events.Tensors("config/text_summary")) == 1
+
+
 def test_a_tracking_uri_with_a_password_is_refused():
     from sami.config import ConfigError, load_config
 
@@ -235,6 +273,8 @@ def test_a_tracking_uri_with_a_password_is_refused():
         load_config(None, ["tracking.mlflow.tracking_uri=https://me:hunter2@mlflow.example.com"])
 
 
+@slow
+@pytest.mark.timeout(900)
 def test_the_mlflow_server_killed_mid_run_costs_one_warning_and_no_key_is_written(
         tracked_run, mlflow_server, tmp_path, capsys):
     """Last in the module: it kills the module's server. The run goes on (exit 0) with one warning line, every
