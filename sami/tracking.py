@@ -343,8 +343,9 @@ class Trackers:
         `history` a tracker has not logged yet (a resume, a restart, a tracker that failed before). `links`: per
         tracker, what ties the run to another (the evaluation's to the training run it evaluated); `continue_runs`
         False: new tracker runs whatever tracking.json holds (each evaluation is a run of its own)."""
-        state_file = RunDir(folder).tracking_state
-        saved = json.loads(state_file.read_text()) if continue_runs and state_file.is_file() else {}
+        if not tracking.trackers:  # nothing is written, nor git asked
+            return cls(folder, log, [], {})
+        saved = read_state(RunDir(folder).tracking_state, log) if continue_runs else {}
         trackers = cls(folder, log, [], saved)
         name = tracking.run_name or run_name
         text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
@@ -397,6 +398,8 @@ class Trackers:
     def log_rows(self, history: list[dict]) -> None:
         """Every complete iteration of `history` (metrics.jsonl's rows, in order) that a tracker has not logged:
         its per-step losses at their global steps, then its figures at its iteration."""
+        if not self.live:
+            return
         offsets, step = [], 0
         for row in history:
             offsets.append(step)
@@ -425,13 +428,23 @@ class Trackers:
         self.live.clear()
 
 
+def read_state(path: Path, log: Callable[[str], None]) -> dict:
+    """tracking.json's contents; none (new tracker runs, with a warning) where it cannot be read."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log(f"warning: tracking: {path} cannot be read ({one_line(e)}); the trackers start new runs")
+        return {}
+
+
 def evaluation_links(tracking: TrackingConfig) -> dict:
     """What ties an evaluation's tracker runs to the training run it evaluated (`tracking.training_run`, whose
     tracking.json names that run's ids): MLflow's parent run, W&B's group and the training run's id."""
     if not tracking.training_run:
         return {"mlflow": {"tags": {"sami.job": "evaluation"}}, "wandb": {"link": {"job_type": "eval"}}}
-    state_file = RunDir(tracking.training_run).tracking_state
-    trained = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    trained = read_state(RunDir(tracking.training_run).tracking_state, lambda line: None)  # unlinked if unreadable
     mlflow_run, wandb_run = trained.get("mlflow", {}).get("run_id"), trained.get("wandb", {}).get("run_id")
     tags = {"sami.job": "evaluation", "sami.training_run": str(tracking.training_run)}
     if mlflow_run:
