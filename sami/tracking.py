@@ -320,7 +320,7 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if completed else 1)
 
     def abandon(self) -> None:
-        self.run.finish(exit_code=1, quiet=True)
+        self.run.finish(exit_code=1)
 
 
 TRACKERS = {t.name: t for t in (TensorBoardTracker, MLflowTracker, WandbTracker)}
