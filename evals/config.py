@@ -6,7 +6,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from sami.config import ChatClientConfig, DataConfig, EngineConfig, PrinciplesConfig, SamplingConfig, Section
+from sami.config import (ChatClientConfig, DataConfig, EngineConfig, PrinciplesConfig, SamplingConfig, Section,
+                         TrackingConfig)
 
 
 class EvalRunConfig(Section):
@@ -123,6 +124,7 @@ class EvalConfig(Section):
     adherence: AdherenceConfig = Field(default_factory=AdherenceConfig)
     mtbench: MTBenchConfig = Field(default_factory=MTBenchConfig)
     gsm8k: GSM8KConfig = Field(default_factory=GSM8KConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -26,9 +26,10 @@ from evals.plan import EvalPlan, library
 from sami.config import ConfigError, TrainConfig, build_config, dump_config, load_config, load_yaml
 from sami.console import VERBOSE_HELP, console
 from sami.run_dir import RunDir, check_model_folders
+from sami.tracking import Trackers, check_tracking, evaluation_links, mlflow_uri
 
 
-DEFAULTS_FROM_RUN = ("generation", "adherence", "judge")  # what --config may set instead of the run
+DEFAULTS_FROM_RUN = ("generation", "adherence", "judge", "tracking")  # what --config may set instead of the run
 
 
 def settings_from_run(run: RunDir) -> dict:
@@ -63,7 +64,17 @@ def settings_from_run(run: RunDir) -> dict:
             # defaults an evaluation config's sections replace: only the world's rules judge without an endpoint
             "generation": {"sampling": train.sampling.model_dump(mode="json"), "dtype": train.model.dtype,
                            "max_prompt_tokens": train.model.max_prompt_tokens},
-            "adherence": {"enabled": world}, "judge": {"backend": "world" if world else "openai"}}
+            "adherence": {"enabled": world}, "judge": {"backend": "world" if world else "openai"},
+            "tracking": tracking_of(train, run)}
+
+
+def tracking_of(train: TrainConfig, run: RunDir) -> dict:
+    """The training run's trackers, for its evaluation: the same MLflow store and experiment, W&B project and
+    group, linked to the run (`tracking.training_run`); TensorBoard's files under the evaluation's folder."""
+    tracking = train.tracking.model_dump(mode="json")
+    tracking.update(run_name=None, training_run=str(run.path), tensorboard={"log_dir": None})
+    tracking["mlflow"]["tracking_uri"] = mlflow_uri(train.tracking, run.path)
+    return tracking
 
 
 def load_eval_config(config: str | None, run: str | None, overrides: list[str]) -> EvalConfig:
@@ -233,6 +244,7 @@ def run(cfg: EvalConfig, judge_only: bool = False) -> Path:
     dump_config(cfg, out / "config.yaml.tmp")
     report = write_report(out, results)
     os.replace(out / "config.yaml.tmp", out / "config.yaml")
+    track(cfg, results, out)
     metrics.set_phase("idle")
     log(f"done: {report} (results.json, responses/, judgments/)")
     return out
@@ -249,6 +261,15 @@ def dry_run_warnings(cfg: EvalConfig) -> list[str]:
         except ChatClientError as e:
             warnings.append(f"warning: {e} (fine if the endpoint is reachable from the cluster)")
     return warnings
+def track(cfg: EvalConfig, results: dict, out: Path) -> None:
+    """The results (every model's figures) and the report files in the trackers `tracking.trackers` names, as a
+    new tracker run linked to the training run evaluated; a tracker that fails is one warning."""
+    if not cfg.tracking.trackers:
+        return
+    trackers = Trackers.start(cfg.tracking, out, cfg.run.name, cfg, log, links=evaluation_links(cfg.tracking),
+                              continue_runs=False)
+    trackers.log_results(results["models"], [out / "report.md", out / "results.json", *sorted(out.glob("*.png"))])
+    trackers.close(completed=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_eval_config(args.config, args.run, args.overrides)
             check_model_folders(m.path for m in cfg.models)  # before --dry-run's "config OK" and any model loads
             if args.dry_run:
+                check_tracking(cfg.tracking)
                 print(format_plan(cfg))
                 if cfg.needs_queries and cfg.principles.source == "file" and Path(cfg.principles.path).is_file():
                     library(cfg)  # present but malformed: an error here too

@@ -65,12 +65,22 @@ def time_breakdown(started: float, trained: float, evaluated: float, finished: f
             "overhead_share": round(overhead / (total - base_model), 3)}
 
 
+def tracking_overrides(args, out: Path, name: str) -> list[str]:
+    """With `tracking.trackers` among the overrides, every model of the demo in one place per tracker: runs of one
+    MLflow experiment in one store, one TensorBoard folder (`tensorboard --logdir <out>/tensorboard`), one W&B
+    project. Without, none (the runs' config.yaml stays as before, so an older demo folder still continues)."""
+    if not load_config(CONFIG, args.overrides).tracking.trackers:
+        return []
+    return ["tracking.experiment=world-demo", f"tracking.mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            f"tracking.tensorboard.log_dir={out / 'tensorboard' / name}"]
+
+
 def train_all(names: list[str], args, seed: int, out: Path, extra: list[str]) -> dict[str, Path]:
     """SAMI and the baselines, one after another in one Ray Train worker group (one start-up, not four)."""
     from pipelines.train import run_sequence
 
     cfgs = [load_config(CONFIG, [f"run.seed={seed}", f"run.iterations={args.iterations}", f"run.name=world-{name}",
-                                 f"run.output_dir={out / name}"] + extra + args.overrides
+                                 f"run.output_dir={out / name}"] + extra + tracking_overrides(args, out, name) + args.overrides
                         + baseline_overrides(name, out / "sami"))
             for name in names]
     t = time.time()
@@ -93,6 +103,10 @@ def evaluation_config(args, seed: int, out: Path, models: dict[str, str]):
     data["data"] = {**data["data"], "max_queries": load_config(CONFIG, args.overrides).data.max_queries,
                     "heldout_queries": args.eval_queries + heldout_principle}
     data["adherence"] = {**data["adherence"], "heldout_principle_queries": heldout_principle}
+    tracking = tracking_overrides(args, out, "eval")
+    if tracking:
+        data["tracking"] = {**load_config(CONFIG, tracking + args.overrides).tracking.model_dump(mode="json"),
+                            "training_run": str(out / "sami")}
     return build_config(EvalConfig, data, [], str(EVAL_CONFIG))
 
 

@@ -40,6 +40,7 @@ from sami.metrics import RunMetrics, health_warnings
 from sami.principle_writer import PrincipleWriterCore
 from sami.prompts import prompt_format
 from sami.run_dir import RunDir
+from sami.tracking import Trackers
 
 Probe = tuple[list[int], list[int]]
 
@@ -64,6 +65,7 @@ def train_run(run: RunSpec) -> bool:
     the sync: engines never take weights mid-generation.
     """
     upcoming: Optional[Future] = None  # rank 0: iteration k+1's generation, running while k trains
+    loop, completed = None, False
     try:
         loop = setup(run)
         for iteration in range(loop.start, loop.cfg.run.iterations + 1):
@@ -81,6 +83,7 @@ def train_run(run: RunSpec) -> bool:
             loop.engine_weights = iteration
             checkpoint_phase(loop, iteration, record, probe, started)
         loop.phase("idle")
+        completed = True
         return True
     except StopRun as stop:  # an orderly stop: Ray Train must not restart the group into the same error
         if ray.train.get_context().get_world_rank() == 0:
@@ -89,6 +92,8 @@ def train_run(run: RunSpec) -> bool:
         return False
     finally:
         finish_generation(upcoming)  # a stop or failure mid-iteration: the engines finish before the run ends
+        if loop is not None and loop.rank0 is not None:
+            loop.rank0.trackers.close(completed)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Rank0:
 
     metrics: RunMetrics  # the dashboard's gauges
     history: list[dict]  # metrics.jsonl rows so far (health warnings compare with them)
+    trackers: Trackers  # the experiment trackers (tracking.trackers), fed each complete metrics.jsonl row
     local_writer: Optional[PrincipleWriterCore] = None  # when the principles come from a file or the world
 
 
@@ -161,7 +167,11 @@ def setup(run: RunSpec) -> Loop:
     if rank == 0:  # a run that died between an iteration's metrics row and its COMPLETE trains it again
         run.run_dir.drop_metrics_after(start - 1)
     restarts = count_learner_starts(run.run_dir, run.attempt, rank) - 1
-    rank0 = Rank0(RunMetrics("train", cfg.run.name), run.run_dir.read_metrics()) if rank == 0 else None
+    rank0 = None
+    if rank == 0:  # a resume or restart continues the tracker runs, and logs the rows they lack
+        history = run.run_dir.read_metrics()
+        rank0 = Rank0(RunMetrics("train", cfg.run.name), history,
+                      Trackers.start(cfg.tracking, run.run_dir.path, cfg.run.name, cfg, log, history))
     # A resumed run re-syncs the engines below, so its first generation is on-policy.
     loop = Loop(run, rank, world, learner, sync, start, restarts, start - 1, rank0)
     if start > 1:
@@ -479,6 +489,7 @@ def checkpoint_phase(loop: Loop, iteration: int, record: dict, probe: Probe, sta
         loop.run_dir.mark_complete(iteration, record, probe)
         history.append(record)
         loop.rank0.metrics.record(iteration, record)
+        loop.rank0.trackers.log_rows(history)
         mi = record["mi_lower_bound"]
         log(f"iteration {iteration} done: loss {record['loss_first_step']:.4f} -> {record['loss_last_step']:.4f}"
             + (f", MI bound {mi:.3f}" if mi is not None else "")

@@ -28,6 +28,7 @@ from pipelines.run_spec import LearnerJob, RunSpec
 from sami.config import ConfigError, TrainConfig, load_config
 from sami.console import VERBOSE_HELP, console
 from sami.run_dir import RunDir, RunDirInUse
+from sami.tracking import check_tracking
 
 
 class RunStopped(RuntimeError):
@@ -476,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             check_inputs(cfg, contact_endpoints=False)
             check_placements(cfg)
+            check_tracking(cfg.tracking)
             _, continues_from = check_run_dir(cfg, args.resume, args.override_config)
             print(format_plan(cfg))
             check_memory(cfg)  # after the plan, which shows the figures the refusal names

@@ -341,6 +341,47 @@ class CheckpointConfig(Section):
     export_hf: bool = True
 
 
+class TensorBoardSettings(Section):
+    log_dir: Optional[str] = None  # default <run.output_dir>/tensorboard (`tensorboard --logdir` opens it)
+
+
+class MLflowSettings(Section):
+    # None: a SQLite store under the run folder (sqlite:///<run.output_dir>/mlflow.db); else a server
+    # (http://127.0.0.1:5000) or any store URI MLflow takes. A token or password comes from MLFLOW_TRACKING_TOKEN /
+    # MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, never from here.
+    tracking_uri: Optional[str] = None
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, uri):
+        if uri and "@" in uri.partition("://")[2].split("/")[0]:
+            raise ValueError("holds credentials; give them in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                             "MLFLOW_TRACKING_TOKEN instead (a config file is saved with the run)")
+        return uri
+
+
+class WandbSettings(Section):
+    project: Optional[str] = None  # default tracking.experiment
+    entity: Optional[str] = None  # a team or user; default the API key's user
+    mode: Literal["online", "offline"] = "online"  # offline: run files under <run.output_dir>/wandb (`wandb sync`)
+
+
+class TrackingConfig(Section):
+    """Experiment trackers the figures also go to (metrics.jsonl stays the record): learner rank 0 of training and
+    the evaluation job's driver log there (sami/tracking.py). Keys come from the environment the trackers read
+    (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from a config file."""
+
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    experiment: str = Field("sami", min_length=1)  # MLflow's experiment; W&B's project unless wandb.project is set
+    run_name: Optional[str] = None  # default run.name
+    tags: dict[str, str] = Field(default_factory=dict)
+    # The training run folder this job's tracker runs are linked to (`evals.run --run DIR` sets it)
+    training_run: Optional[str] = None
+    tensorboard: TensorBoardSettings = Field(default_factory=TensorBoardSettings)
+    mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+
+
 class TrainConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -357,6 +398,7 @@ class TrainConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -419,6 +461,7 @@ class TrainConfig(Section):
         cfg.data.dataset = absolute(cfg.data.dataset, only_if_local=True)
         cfg.data.replay_groups_from = absolute(cfg.data.replay_groups_from)
         cfg.principles.path = absolute(cfg.principles.path)
+        cfg.tracking.tensorboard.log_dir = absolute(cfg.tracking.tensorboard.log_dir)
         return cfg
 
     def steps_for_iteration(self, iteration: int) -> int:

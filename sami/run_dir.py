@@ -21,6 +21,11 @@
     <run>/base_model/                      a built-in base model, copied from the driver's cache: what the learner
                                            and engine nodes load (they share the run folder, not the driver's disk)
     <run>/eval/                            `python -m evals.run --run <run>`'s results (its run.output_dir)
+    <run>/tracking.json                    the experiment trackers' run ids (a resume continues them) and the last
+                                           iteration each has logged (sami/tracking.py)
+    <run>/tensorboard/                     TensorBoard's event files (tracking.tensorboard.log_dir's default)
+    <run>/mlflow.db, <run>/mlartifacts/    MLflow's default store and its artifacts (tracking.mlflow.tracking_uri unset)
+    <run>/wandb/                           W&B's local run files
 
 The checksum manifest in each DeepSpeed checkpoint and HF export, written once the iteration is saved, shows that
 nothing was truncated or lost since. It is no signature (whoever can write the folder can rewrite it): what keeps a
@@ -192,6 +197,23 @@ class RunDir:
     @property
     def evaluation(self) -> Path:
         return self.path / "eval"
+
+    @property
+    def tracking_state(self) -> Path:
+        return self.path / "tracking.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def mlflow_store(self) -> Path:
+        return self.path / "mlflow.db"
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's `dir`: it writes its run files into a `wandb/` folder under it."""
+        return self.path
 
     @property
     def lock(self) -> Path:
