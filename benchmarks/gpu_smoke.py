@@ -9,7 +9,9 @@
   C^2 path, bf16 and fp32, at C = 2, 4, 8; `HFEngine` generation at batch 64 and 256 and its probe log-prob
   against the learner's.
 - B, with ray and deepspeed: `pipelines.train.run`, 2 iterations, one HF engine and one DeepSpeed bf16 learner
-  on the one GPU, weight sync through the object store.
+  on the one GPU, weight sync through the object store, at the paper presets' learner settings: ZeRO-3,
+  `init: base` (iteration 2 re-trains the base), gradient accumulation (4 micro-batches a step); then the same
+  under LoRA (`run_lora`).
 - C, with vllm: the same run with a vLLM engine (over NCCL where there are 2 GPUs).
 A stage whose packages or GPU are missing is recorded as skipped, with the reason; a step that fails is recorded
 with its error and the rest goes on; the JSON is rewritten after every step. `--tiny` shrinks every stage to a
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGES = {"A": ("torch", "transformers", "pydantic"), "B": ("ray", "deepspeed"), "C": ("vllm",)}
+LORA = ["model.lora.enabled=true", "model.lora.rank=16"]  # stage B's second run: how a 70B learner fits
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 # actors/weight_sync.py PROBE_TOLERANCE[torch.bfloat16], not imported: that module imports ray, which stage A must
@@ -417,7 +420,8 @@ def stage_a(report: Report, out: Path, sizes: Sizes, tiny: bool) -> None:
 # ---- stages B and C: the training job -------------------------------------------------------------------------
 
 def smoke_config(model_dir: Path, out: Path, engine: str, gpus: int, overrides: list[str]):
-    """The 2-iteration SAMI run: one `engine` rollout engine, one DeepSpeed ZeRO-2 learner; on one GPU both share
+    """The 2-iteration SAMI run: one `engine` rollout engine, one DeepSpeed ZeRO-3 learner that re-trains the base
+    every iteration (`init: base`, as the paper's presets) and accumulates micro-batches; on one GPU both share
     it and the weights go through the object store (NCCL refuses two ranks on one device): a vLLM engine and the
     learner each reserve half of it (one Ray GPU id, 0, for both), an HF engine reserves none and sees the device
     (`start_ray`)."""
@@ -433,8 +437,8 @@ def smoke_config(model_dir: Path, out: Path, engine: str, gpus: int, overrides: 
         "sampling.temperature=1.0", f"rollout.engine={engine}", "rollout.num_engines=1",
         f"rollout.gpu_memory_utilization={0.35 if shared else 0.8}",
         f"rollout.weight_sync={'object_store' if shared or engine == 'hf' else 'auto'}",
-        "objective.name=sami", "optim.lr=1.0e-6", "schedule.init=previous",
-        "deepspeed.zero_stage=2", "checkpoint.deepspeed=false",
+        "objective.name=sami", "optim.lr=1.0e-6", "schedule.init=base",
+        "deepspeed.zero_stage=3", "checkpoint.deepspeed=false",
         # the first failure is the figure: no restarts of the learner into it (each would cost a minute or more)
         "scaling.num_learners=1", "scaling.cpus_per_learner=1", "scaling.max_learner_failures=0",
         # 0 GPUs on a CPU dry run: the hf engine takes rollout.gpus_per_engine too (a GPU it asked for never comes)
@@ -554,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
             stage_a(report, args.out, sizes, args.tiny)
         else:
             report.step(stage, "run", child_stage, stage, args.out / f"stage-{stage}", args.tiny, args.overrides)
+            if stage == "B":
+                report.step(stage, "run_lora", child_stage, stage, args.out / "stage-B-lora", args.tiny,
+                            [*LORA, *args.overrides])
     report.data["wall_seconds"] = round(time.perf_counter() - started, 1)
     report.write()
     print(f"written: {report.path}")

@@ -152,3 +152,7 @@ def test_stage_b_dry_run_trains_two_iterations_through_ray_and_deepspeed(tmp_pat
     assert first["trained_tokens"] == expected
     assert first["sync_bytes"] == 4 * run["parameters"]  # fp32 on a CPU, every parameter once
     assert first["probe_abs_diff"] < 1e-4 and 0.0 < first["mfu"] < 1.0
+    # the same paper settings (ZeRO-3, init: base, 2 micro-batches a step) under LoRA: the adapter alone moves
+    lora = json.loads((tmp_path / "gpu_smoke.json").read_text())["stages"]["B"]["run_lora"]
+    assert "error" not in lora, lora
+    assert all(it["probe_abs_diff"] < 1e-4 and 0 < it["sync_bytes"] < run["parameters"] for it in lora["iterations"])

@@ -118,6 +118,24 @@ def test_resume_continues_at_iteration_three(sami_run):
     assert rows[2]["probe_abs_diff"] <= 1e-4
 
 
+def test_the_papers_settings_zero3_init_base_two_learners_then_resume(ray_session, tmp_path):
+    """The paper presets' learner: ZeRO-3, `init: base` (each iteration re-trains the base), gradient accumulation (2
+    micro-batches a step per learner), a KL to the reference, 2 learners; 3 iterations, every sync probe-checked,
+    then a resume to 4 from the DeepSpeed checkpoint."""
+    from pipelines.train import run
+
+    settings = ("deepspeed.zero_stage=3", "schedule.init=base", "optim.micro_batch_groups=4",
+                "schedule.steps_per_iteration=2")
+    out = run(tiny(tmp_path / "paper", "run.iterations=3", *settings))
+    lines = []
+    run(tiny(out, "run.iterations=4", *settings), resume=True, log=lines.append)
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["probe_abs_diff"] <= 1e-4 and math.isfinite(r["loss"]) for r in rows)
+    assert any("from iteration 3 (DeepSpeed checkpoint" in line for line in lines)
+    # (that each iteration starts from the base, same groups -> same weights: tests/test_zero3.py)
+
+
 @pytest.fixture(scope="module")
 def hf_only_lora_run(ray_session, tmp_path_factory):
     """The demo's setting, under LoRA and `one_step_off`: 3 iterations with no DeepSpeed checkpoint, then a resume to 4
