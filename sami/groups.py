@@ -163,14 +163,15 @@ def padding_id(tokenizer) -> int:
 def prompt_token_ids(tokenizer, prompts: list[str], max_tokens: int | None = None) -> list[list[int]]:
     """Every prompt's token ids, as the engines generate from them and the learner scores them: the special tokens
     the tokenizer itself puts in front of a text (a Llama or Mistral tokenizer's BOS; none for GPT-2's), then the
-    text's tokens, of which the end is kept when the whole is longer than `max_tokens`. A text that starts with them
-    already (a chat template that writes its own BOS) gets no second copy."""
+    text's tokens, of which the end is kept when the whole is longer than `max_tokens`. A text that already starts
+    with them (a chat template renders Llama 2's or Mistral's BOS into the text) gets no second copy."""
     bare = tokenizer(list(prompts), add_special_tokens=False).input_ids
     full = tokenizer(list(prompts)).input_ids
     out = []
     for text_ids, ids in zip(bare, full):
         front = ids[: len(ids) - len(text_ids)] if ids[len(ids) - len(text_ids):] == text_ids else []
-        front = [] if text_ids[: len(front)] == front else front
+        if front and text_ids[: len(front)] == front:  # the text renders them itself: kept once, in front
+            text_ids = text_ids[len(front):]
         keep = len(text_ids) if max_tokens is None else min(len(text_ids), max(max_tokens - len(front), 0))
         out.append(front + text_ids[len(text_ids) - keep:])
     return out

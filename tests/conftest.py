@@ -31,6 +31,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sentencepiece_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with a SentencePiece-style tokenizer (Llama's and Mistral's kind: byte fallback, BOS)."""
+    from sami.tiny_model import build_tiny_model, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-sentencepiece-model")
+    tokenizer = train_tokenizer(TINY_TEXTS, vocab_size=500, kind="sentencepiece")
+    return build_tiny_model(out, tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
 def process_group():
     """One CPU learner rank's process group (gloo, world size 1) for the tests that build a `Learner` outside Ray, made
     once per session: DeepSpeed's comm layer keeps the first group it saw, so a second one after a teardown fails

@@ -35,3 +35,17 @@ def test_saved_model_loads_from_folder_like_a_hub_model(tiny_model_dir):
 def test_rejects_small_heads(tmp_path):
     with pytest.raises(ValueError, match="head_dim >= 32"):
         build_tiny_model(tmp_path, train_tokenizer(["a b"]), hidden_size=64, num_heads=4)
+
+
+def test_sentencepiece_tokenizer_is_shaped_like_llamas():
+    tok = train_tokenizer(["Tell me about the river.", "The river is long."] * 5, vocab_size=300, kind="sentencepiece")
+    assert tok.convert_ids_to_tokens(tok("the river").input_ids) == ["<s>", "▁the", "▁river"]  # BOS, "▁" prefixes
+    assert tok("the river", add_special_tokens=False).input_ids == tok("the river").input_ids[1:]
+    assert [f"<0x{b:02X}>" for b in range(256)] == tok.convert_ids_to_tokens(list(range(4, 260)))
+    # a character outside the vocabulary goes to its UTF-8 bytes (byte fallback, never <unk>) and decodes back
+    ids = tok("river é😀", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids)[-6:] == ["<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert tok.decode(ids) == "river é😀" and tok.unk_token_id not in ids
+    # ids are not a function of the text: "▁" "t" "he" decodes like "▁the", which the text tokenises to
+    pieces = tok.convert_tokens_to_ids(["▁", "t", "he"])
+    assert tok.decode(pieces) == "the" and tok("the", add_special_tokens=False).input_ids != pieces
