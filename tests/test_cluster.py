@@ -169,5 +169,5 @@ def test_the_cluster_extra_loads_rays_aws_provider():
     assert cluster_config()["provider"]["type"] == "aws"
     assert issubclass(_get_node_provider_cls(cluster_config()["provider"]), NodeProvider)  # what `ray up` resolves
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["cluster"] == ["boto3>=1.4.8"] and "sami-on-ray[cluster]" in extras["test"]
+    assert extras["cluster"] == ["boto3>=1.4.8"] and "sami-on-ray[cluster,tracking]" in extras["test"]
     assert cluster_config()["head_setup_commands"] == ['pip install -q -e "$HOME/sami-on-ray[cluster]"']

@@ -85,8 +85,7 @@ def test_a_share_of_a_gpu_with_several_learners_is_refused():
     assert load_config(None, shared).scaling.num_learners == 1  # one learner on a share: allowed
     with pytest.raises(ConfigError) as refused:
         load_config(None, [*shared, "scaling.num_learners=2"])
-    line = str(refused.value).splitlines()[1].strip()
-    assert line.startswith("scaling.gpus_per_learner is 0.5, a share of a GPU, with scaling.num_learners 2")
+    assert "scaling.gpus_per_learner is 0.5, a share of a GPU, with scaling.num_learners 2" in str(refused.value)
     assert load_config(None, ["scaling.gpus_per_learner=1", "scaling.num_learners=2", "optim.groups_per_step=4"])
 
 
