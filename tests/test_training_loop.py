@@ -81,7 +81,10 @@ def test_two_iterations_train_sync_and_export(sami_run):
         assert row["probe_abs_diff"] <= 1e-4  # the synced engine scores the probe as the learner does
         assert row["sync_bytes"] > 0 and row["groups"] > 0
     first, last = epoch_means(rows[0]["loss_per_step"])
-    assert last < first - 0.02, rows[0]["loss_per_step"]  # the loss falls within iteration 1
+    # the loss falls within iteration 1: by 0.021 before the loss moved into DeepSpeed's forward, 0.016 since (step 1
+    # identical, step 2 5e-5 apart: two ranks' gradients reduced in another order; one rank is identical to the
+    # bit, and two ZeRO-3 ranks equal one rank on both groups to 1e-5: tests/test_zero3.py)
+    assert last < first - 0.01, rows[0]["loss_per_step"]
     for k in (1, 2):
         assert RunDir(sami_run).groups(k).is_file() and not RunDir(sami_run).batch_ledger(k).exists()
     # The data plane: each rank trained on its first micro-batch while the engines still generated the iteration
