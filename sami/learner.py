@@ -278,6 +278,7 @@ class Learner:
                               if p.requires_grad} if self.lora else None
         zero3_ranks = cfg.deepspeed.zero_stage == 3 and world_size > 1
         self.loss = PolicyLoss(self.model, self.base, cfg, self.pad_id, device, max_over_ranks if zero3_ranks else None)
+        self.engine = None
         self.engine = self._deepspeed_engine()
 
     def _deepspeed_engine(self):
@@ -285,7 +286,7 @@ class Learner:
         first: its hooks would stay on the same parameters)."""
         import deepspeed
 
-        if getattr(self, "engine", None) is not None:
+        if self.engine is not None:
             self.engine.destroy()
             forget_zero3_module_functions(self.loss)
         trained = [p for p in self.loss.parameters() if p.requires_grad]  # under LoRA the adapter's only
